@@ -159,11 +159,7 @@ impl DirtyBitmap {
         let head = u64::MAX << (range.start % WORD_BITS);
         let tail = u64::MAX >> (WORD_BITS - 1 - (range.end - 1) % WORD_BITS);
         let op = |w: &mut u64, m: u64| {
-            if set {
-                *w |= m
-            } else {
-                *w &= !m
-            }
+            if set { *w |= m } else { *w &= !m }
         };
         if first == last {
             op(&mut self.words[first], head & tail);
@@ -271,13 +267,20 @@ impl DirtyBitmap {
             "{nbits} bits at page {at} do not fit a bitmap of {} pages",
             self.len
         );
-        assert!(src.len() >= words_for(nbits), "source holds fewer than {nbits} bits");
+        assert!(
+            src.len() >= words_for(nbits),
+            "source holds fewer than {nbits} bits"
+        );
         if nbits == 0 {
             return;
         }
         let nwords = words_for(nbits);
         let rem = nbits % WORD_BITS;
-        let last_mask = if rem == 0 { u64::MAX } else { (1u64 << rem) - 1 };
+        let last_mask = if rem == 0 {
+            u64::MAX
+        } else {
+            (1u64 << rem) - 1
+        };
         let shift = at % WORD_BITS;
         let base = at / WORD_BITS;
         for (i, &w) in src[..nwords].iter().enumerate() {
@@ -574,7 +577,10 @@ mod tests {
 
     fn check_against(b: &DirtyBitmap, m: &BTreeSet<usize>) -> Result<(), TestCaseError> {
         prop_assert_eq!(b.count(), m.len());
-        prop_assert_eq!(b.iter_ones().collect::<Vec<_>>(), m.iter().copied().collect::<Vec<_>>());
+        prop_assert_eq!(
+            b.iter_ones().collect::<Vec<_>>(),
+            m.iter().copied().collect::<Vec<_>>()
+        );
         prop_assert_eq!(b.iter_runs().collect::<Vec<_>>(), runs_of(m));
         prop_assert_eq!(b.is_clear(), m.is_empty());
         for p in 0..b.len() + 3 {
@@ -582,7 +588,11 @@ mod tests {
         }
         let from_words: Vec<usize> = b
             .iter_words()
-            .flat_map(|(wi, w)| (0..64).filter(move |i| w >> i & 1 == 1).map(move |i| wi * 64 + i))
+            .flat_map(|(wi, w)| {
+                (0..64)
+                    .filter(move |i| w >> i & 1 == 1)
+                    .map(move |i| wi * 64 + i)
+            })
             .collect();
         prop_assert_eq!(from_words, m.iter().copied().collect::<Vec<_>>());
         Ok(())

@@ -27,7 +27,9 @@ pub enum LayoutError {
     #[error("page size {0} is not a power of two")]
     BadPageSize(u64),
     /// A region does not start or end on a page boundary.
-    #[error("RAM region {index} at {base:#x} of {size:#x} bytes is not aligned to the {page_size}-byte page")]
+    #[error(
+        "RAM region {index} at {base:#x} of {size:#x} bytes is not aligned to the {page_size}-byte page"
+    )]
     Unaligned {
         /// Region index in ascending address order.
         index: usize,
@@ -39,7 +41,9 @@ pub enum LayoutError {
         page_size: u64,
     },
     /// A region is empty, overlaps the one before it, or wraps the address space.
-    #[error("RAM region {index} at {base:#x} of {size:#x} bytes is empty, wraps, or overlaps the region before it")]
+    #[error(
+        "RAM region {index} at {base:#x} of {size:#x} bytes is empty, wraps, or overlaps the region before it"
+    )]
     Overlap {
         /// Region index in ascending address order.
         index: usize,
@@ -244,7 +248,10 @@ impl RamLayout {
     /// Runs of consecutive page indices that are also contiguous in guest-physical space,
     /// split at region boundaries: `runs` from a dirty bitmap become `(gpa, pages)` pieces
     /// that each map to one host mapping.
-    pub fn split_at_regions(&self, run: Range<usize>) -> impl Iterator<Item = (GuestAddress, Range<usize>)> + '_ {
+    pub fn split_at_regions(
+        &self,
+        run: Range<usize>,
+    ) -> impl Iterator<Item = (GuestAddress, Range<usize>)> + '_ {
         let end = run.end.min(self.pages);
         let mut pos = run.start.min(end);
         std::iter::from_fn(move || {
@@ -254,7 +261,8 @@ impl RamLayout {
             let r = self.region_of_page(pos)?;
             let region_end = r.page_range(self.page_size).end;
             let stop = end.min(region_end);
-            let gpa = GuestAddress(r.guest_base + (((pos - r.first_page) as u64) << self.page_shift));
+            let gpa =
+                GuestAddress(r.guest_base + (((pos - r.first_page) as u64) << self.page_shift));
             let piece = pos..stop;
             pos = stop;
             Some((gpa, piece))
@@ -391,13 +399,19 @@ mod tests {
         let pieces: Vec<_> = l.split_at_regions(1..5).collect();
         assert_eq!(
             pieces,
-            vec![(GuestAddress(0x1000), 1..3), (GuestAddress(0x1_0000_0000), 3..5)]
+            vec![
+                (GuestAddress(0x1000), 1..3),
+                (GuestAddress(0x1_0000_0000), 3..5)
+            ]
         );
     }
 
     #[test]
     fn layout_rejects_bad_regions() {
-        assert_eq!(RamLayout::new(3000, &[]), Err(LayoutError::BadPageSize(3000)));
+        assert_eq!(
+            RamLayout::new(3000, &[]),
+            Err(LayoutError::BadPageSize(3000))
+        );
         assert!(matches!(
             RamLayout::new(4096, &[(0x800, 0x1000)]),
             Err(LayoutError::Unaligned { index: 0, .. })
@@ -441,9 +455,11 @@ mod tests {
 
     #[test]
     fn guest_ram_reads_and_writes_through_the_mapping() {
-        let mem: GuestMemoryMmap =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10_0000), 0x2000)])
-                .unwrap();
+        let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x4000),
+            (GuestAddress(0x10_0000), 0x2000),
+        ])
+        .unwrap();
         let ram = GuestRam::new(&mem).unwrap();
         assert_eq!(ram.layout().page_count(), 6);
         let page = vec![0xabu8; 4096];

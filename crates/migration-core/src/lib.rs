@@ -26,4 +26,4 @@ pub mod transport;
 pub mod vm;
 
 pub use bitmap::DirtyBitmap;
-pub use geometry::{GuestRam, RamLayout, PAGE_SIZE};
+pub use geometry::{GuestRam, PAGE_SIZE, RamLayout};
