@@ -12,6 +12,8 @@
 use std::ops::Range;
 
 const WORD_BITS: usize = 64;
+/// Words tested together when skipping clean stretches: 256 bytes, four cache lines.
+const SCAN_CHUNK: usize = 32;
 
 /// A fixed-length bitset with one bit per page.
 ///
@@ -201,7 +203,20 @@ impl DirtyBitmap {
 
     /// Number of marked pages.
     pub fn count(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
+        // Skip clean stretches eight words at a time: popcount is not vectorised on the
+        // baseline x86-64 target, the OR is.
+        let mut chunks = self.words.chunks_exact(8);
+        let mut n = 0usize;
+        for chunk in &mut chunks {
+            if chunk.iter().fold(0u64, |acc, &w| acc | w) != 0 {
+                n += chunk.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            }
+        }
+        n + chunks
+            .remainder()
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum::<usize>()
     }
 
     /// Number of marked pages in `range` (clamped to the bitmap).
@@ -314,22 +329,20 @@ impl DirtyBitmap {
 
     /// Index of the first word at or after `from` that is not zero.
     ///
-    /// Eight words are ORed together per step so the compiler can vectorise the test and
-    /// a clean bitmap is scanned at memory speed.
+    /// Clean stretches are tested `SCAN_CHUNK` words at a time with an OR the compiler
+    /// vectorises, so a clean bitmap is scanned at memory speed.
     #[inline]
     fn next_nonzero_word(&self, from: usize) -> Option<usize> {
         let words = self.words.get(from..)?;
-        let mut chunks = words.chunks_exact(8);
+        let mut chunks = words.chunks_exact(SCAN_CHUNK);
         let mut base = from;
         for chunk in &mut chunks {
-            let any = chunk.iter().fold(0u64, |acc, &w| acc | w);
-            if any != 0 {
-                return chunk.iter().position(|&w| w != 0).map(|p| base + p);
+            if chunk.iter().fold(0u64, |acc, &w| acc | w) != 0 {
+                break;
             }
-            base += 8;
+            base += SCAN_CHUNK;
         }
-        chunks
-            .remainder()
+        self.words[base..]
             .iter()
             .position(|&w| w != 0)
             .map(|p| base + p)
