@@ -58,7 +58,7 @@ pub fn transfer_time(bytes: u64, bytes_per_sec: f64) -> Duration {
     if bytes == 0 {
         return Duration::ZERO;
     }
-    if !(bytes_per_sec > 0.0) {
+    if bytes_per_sec.is_nan() || bytes_per_sec <= 0.0 {
         return Duration::MAX;
     }
     Duration::try_from_secs_f64(bytes as f64 / bytes_per_sec).unwrap_or(Duration::MAX)
