@@ -466,7 +466,11 @@ impl fmt::Display for Report {
                 wrap(f, "    detected: ", "              ", detail)?;
             }
             for fd in &d.findings {
-                let head = format!("  {:<7} ", fd.severity.label());
+                let label = match (fd.severity, fd.basis) {
+                    (Severity::Info, None) => "note",
+                    (s, _) => s.label(),
+                };
+                let head = format!("  {label:<7} ");
                 wrap(
                     f,
                     &head,
