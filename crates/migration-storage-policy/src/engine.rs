@@ -608,8 +608,9 @@ fn libvirt_fs(d: &DiskInputs) -> (bool, bool, String) {
     (shared, cluster, kind.to_string())
 }
 
-/// What libvirt's `qemuMigrationSrcIsSafe()` decides for one disk, branch by branch.
-pub fn libvirt_decide(d: &DiskInputs) -> (bool, bool, LibvirtBranch, String) {
+/// What libvirt's `qemuMigrationSrcIsSafe()` decides for one disk, branch by branch:
+/// (safe with drop-cache, safe without it, branch, message).
+fn libvirt_decide(d: &DiskInputs) -> (bool, bool, LibvirtBranch, String) {
     use LibvirtBranch as B;
     let safe = |b: LibvirtBranch, m: String| (true, true, b, m);
     if d.empty || d.read_only {

@@ -66,7 +66,7 @@ mod model;
 mod report;
 mod rules;
 
-pub use engine::{check_plan, evaluate, evaluate_disk, libvirt_decide, resolve_disk, verdict_of};
+pub use engine::{check_plan, evaluate, evaluate_disk, resolve_disk, verdict_of};
 pub use error::Error;
 pub use model::{
     CacheMode, DiskSpec, HostSpec, ImageFormat, MAX_PLAN_BYTES, NfsExport, Plan, StorageKind,

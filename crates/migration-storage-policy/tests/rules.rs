@@ -764,26 +764,21 @@ fn libvirt_decides_from_the_detected_filesystem() {
         i.filesystem = Some(f);
         i
     };
+    let lv = |i: migration_storage_policy::DiskInputs| {
+        let r = evaluate(vec![i], None, None);
+        (r.disks[0].libvirt.safe, r.disks[0].libvirt.branch)
+    };
     // An SMB3 mount reports SMB2_SUPER_MAGIC, which libvirt's list lacks.
-    let (safe, _, branch, _) =
-        migration_storage_policy::libvirt_decide(&detected(K::Smb, fs(magic::SMB2, "cifs")));
+    let (safe, branch) = lv(detected(K::Smb, fs(magic::SMB2, "cifs")));
     assert_eq!((safe, branch), (false, LibvirtBranch::NotSharedFilesystem));
-    let (safe, _, branch, _) =
-        migration_storage_policy::libvirt_decide(&detected(K::Smb, fs(magic::CIFS, "cifs")));
+    let (safe, branch) = lv(detected(K::Smb, fs(magic::CIFS, "cifs")));
     assert_eq!((safe, branch), (true, LibvirtBranch::QemuDropsPageCache));
     // ceph-fuse is not in libvirt's FUSE list; fuse.glusterfs is a cluster filesystem.
-    let (safe, _, branch, _) = migration_storage_policy::libvirt_decide(&detected(
-        K::Cephfs,
-        fs(magic::FUSE, "fuse.ceph-fuse"),
-    ));
+    let (safe, branch) = lv(detected(K::Cephfs, fs(magic::FUSE, "fuse.ceph-fuse")));
     assert_eq!((safe, branch), (false, LibvirtBranch::NotSharedFilesystem));
-    let (safe, _, branch, _) = migration_storage_policy::libvirt_decide(&detected(
-        K::Glusterfs,
-        fs(magic::FUSE, "fuse.glusterfs"),
-    ));
+    let (safe, branch) = lv(detected(K::Glusterfs, fs(magic::FUSE, "fuse.glusterfs")));
     assert_eq!((safe, branch), (true, LibvirtBranch::ClusterFilesystem));
-    let (_, _, branch, _) =
-        migration_storage_policy::libvirt_decide(&detected(K::Cephfs, fs(magic::CEPH, "ceph")));
+    let (_, branch) = lv(detected(K::Cephfs, fs(magic::CEPH, "ceph")));
     assert_eq!(branch, LibvirtBranch::ClusterFilesystem);
 }
 
