@@ -410,6 +410,110 @@ fn block_device_without_a_shared_transport_asks_for_the_kind() {
     assert!(!r.libvirt.agrees && r.disks[0].libvirt.why_different.is_some());
 }
 
+/// A real FUSE mount: nbdfuse serving an nbdkit memory disk, with an optional subtype so the
+/// mount table says `fuse.SUBTYPE`. Unmounted and reaped on drop.
+struct FuseMount {
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl FuseMount {
+    fn new(subtype: Option<&str>) -> Result<FuseMount, String> {
+        use std::time::{Duration, Instant};
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse is missing".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("nbdfuse");
+        if let Some(s) = subtype {
+            cmd.arg("-o").arg(format!("subtype={s}"));
+        }
+        cmd.arg(dir.path())
+            .args(["--command", "nbdkit", "-s", "memory", "1M"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("nbdfuse (Debian package libnbd-bin): {e}"))?;
+        let canonical = std::fs::canonicalize(dir.path()).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mounts =
+                parse_mounts(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default());
+            if mounts
+                .iter()
+                .any(|m| Path::new(&m.mount_point) == canonical)
+            {
+                return Ok(FuseMount { dir, child });
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("nbdfuse exited before mounting: {status}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("nbdfuse did not mount within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("nbd")
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        use std::time::{Duration, Instant};
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn fuse_subtype_comes_from_the_mount_table() {
+    let gluster = match FuseMount::new(Some("glusterfs")) {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: cannot make a FUSE mount here: {why}");
+            return;
+        }
+    };
+    let fs = detect::detect_filesystem(&gluster.file()).unwrap();
+    assert_eq!(fs.magic, magic::FUSE);
+    assert_eq!(fs.fuse_subtype(), Some("fuse.glusterfs"));
+    assert_eq!(fs.class(), FsClass::Kind(StorageKind::Glusterfs));
+    let mut d = DiskSpec::named("vda");
+    d.path = Some(gluster.file().display().to_string());
+    let r = check_plan(&Plan::single(d.clone())).unwrap();
+    assert_eq!(
+        r.disks[0].inputs.storage.as_ref().unwrap().value,
+        StorageKind::Glusterfs
+    );
+    assert_eq!(r.verdict, Verdict::Safe, "{:#?}", r.findings);
+    assert!(r.has(RuleId::ClusterFilesystem));
+    assert_eq!(r.disks[0].libvirt.branch, LibvirtBranch::ClusterFilesystem);
+    drop(gluster);
+
+    // A FUSE filesystem without a subtype this checker knows: bad input, asking for --storage.
+    let plain = FuseMount::new(None).unwrap();
+    d.path = Some(plain.file().display().to_string());
+    let e = resolve_disk(&d).unwrap_err();
+    assert!(
+        e.to_string().contains("FUSE") && e.to_string().contains("--storage"),
+        "{e}"
+    );
+}
+
 fn arb_plan() -> impl Strategy<Value = Plan> {
     let kind = proptest::sample::select(StorageKind::ALL.to_vec());
     let cache = proptest::option::of(proptest::sample::select(CacheMode::ALL.to_vec()));
