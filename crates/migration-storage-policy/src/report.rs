@@ -386,7 +386,7 @@ impl fmt::Display for Report {
             Verdict::Safe => "SAFE: every disk is coherent between the two hosts by guarantee.".to_string(),
             Verdict::SafeInPractice => "SAFE IN PRACTICE: safety rests on implementation behaviour, not on a protocol guarantee.".to_string(),
             Verdict::Unsafe => format!(
-                "UNSAFE: {unsafe_disks} of {} disk(s) could let the destination read stale or missing data.",
+                "UNSAFE: {unsafe_disks} of {} disk(s) break a live-migration safety rule.",
                 self.disks.len()
             ),
         };
