@@ -110,7 +110,7 @@ impl Default for VmConfig {
             vcpus: 1,
             working_set_bytes: 4 << 20,
             fill: Fill::Random,
-            seed: 0x5eed_0f_0ac1e,
+            seed: 0x5eed_0f0a_c1e5,
         }
     }
 }
