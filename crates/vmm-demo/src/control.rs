@@ -144,7 +144,7 @@ impl RunControl {
     }
 
     /// Sleeps as the throttle says, given that the vCPU has run since `*slice_start`.
-    /// Wakes early if the VMM wants something else than running.
+    /// Wakes early if the VMM wants something else than running, or lifts the throttle.
     pub(crate) fn throttle(&self, slice_start: &mut Instant, counters: &VcpuCounters) {
         let pct = u32::from(self.throttle.load(Ordering::Relaxed));
         if pct == 0 {
@@ -159,7 +159,9 @@ impl RunControl {
         let st = self.lock();
         let _st = self
             .cv
-            .wait_timeout_while(st, sleep, |s| s.want == Want::Run)
+            .wait_timeout_while(st, sleep, |s| {
+                s.want == Want::Run && self.throttle.load(Ordering::Relaxed) > 0
+            })
             .unwrap_or_else(|e| e.into_inner());
         let slept = t0.elapsed();
         counters
