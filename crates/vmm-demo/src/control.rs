@@ -40,6 +40,7 @@ pub(crate) struct RunControl {
     state: Mutex<State>,
     cv: Condvar,
     throttle: AtomicU8,
+    pace_ns: AtomicU64,
 }
 
 /// What a vCPU thread does after a park point.
@@ -103,6 +104,7 @@ impl RunControl {
             }),
             cv: Condvar::new(),
             throttle: AtomicU8::new(0),
+            pace_ns: AtomicU64::new(0),
         }
     }
 
@@ -174,6 +176,16 @@ impl RunControl {
     /// The throttle in percent.
     pub(crate) fn throttle_pct(&self) -> u8 {
         self.throttle.load(Ordering::Relaxed)
+    }
+
+    /// Least time a software vCPU spends per page, in nanoseconds (0: as fast as it can).
+    pub(crate) fn software_pace_ns(&self) -> u64 {
+        self.pace_ns.load(Ordering::Relaxed)
+    }
+
+    /// Sets [`software_pace_ns`](Self::software_pace_ns).
+    pub(crate) fn set_software_pace_ns(&self, ns: u64) {
+        self.pace_ns.store(ns, Ordering::Relaxed);
     }
 
     // ---- the VMM side ----

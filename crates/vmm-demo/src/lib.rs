@@ -30,4 +30,6 @@ pub use control::VcpuStats;
 pub use layout::{Fill, VmConfig, Workload};
 pub use oracle::{OracleError, OracleReport};
 pub use serial::{Console, ConsoleLine};
-pub use vm::{GuestKind, HostRange, MemorySlot, Vm, VmHandle, VmmError, kvm_available};
+pub use vm::{
+    GuestKind, HostRange, MachineInfo, MemorySlot, Vm, VmHandle, VmmError, kvm_available,
+};

@@ -116,11 +116,43 @@ pub struct HostRange {
     pub host_addr: u64,
 }
 
-/// The content of the `machine` blob.
+/// What a VM is: its guest kind and configuration. The content of the `machine` blob
+/// (JSON), which a destination checks against itself before loading anything else; a
+/// migration engine may also send it ahead of RAM so that the destination can build a
+/// matching [`Vm::new_incoming`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct MachineBlob {
-    guest: GuestKind,
-    config: VmConfig,
+pub struct MachineInfo {
+    /// Which vCPUs run the guest.
+    pub guest: GuestKind,
+    /// The VM's shape and workload.
+    pub config: VmConfig,
+}
+
+impl MachineInfo {
+    /// The JSON bytes of the `machine` blob.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses the `machine` blob, bounded to 64 KiB.
+    pub fn from_bytes(b: &[u8]) -> Result<MachineInfo, String> {
+        if b.len() > 64 << 10 {
+            return Err(format!(
+                "machine description of {} bytes is too large",
+                b.len()
+            ));
+        }
+        serde_json::from_slice(b).map_err(|e| format!("not a machine description: {e}"))
+    }
+
+    /// Finds and parses the `machine` blob among saved states.
+    pub fn from_states(states: &[DeviceState]) -> Result<MachineInfo, String> {
+        let blob = states
+            .iter()
+            .find(|s| s.id == state::MACHINE_ID)
+            .ok_or("no machine blob among the device states")?;
+        Self::from_bytes(&blob.data)
+    }
 }
 
 enum Machine {
@@ -360,8 +392,8 @@ impl Inner {
         ids
     }
 
-    fn machine_blob(&self) -> MachineBlob {
-        MachineBlob {
+    fn machine_blob(&self) -> MachineInfo {
+        MachineInfo {
             guest: self.kind,
             config: self.workload.config().clone(),
         }
@@ -375,8 +407,7 @@ impl Inner {
             ));
         }
         let err = |id: &str, e: String| VmError::new(VmOp::SaveState, e).for_device(id);
-        let machine = serde_json::to_vec(&self.machine_blob())
-            .map_err(|e| err(state::MACHINE_ID, e.to_string()))?;
+        let machine = self.machine_blob().to_bytes();
         let mut out = vec![
             DeviceState::new(state::MACHINE_ID, BLOB_VERSION, machine),
             DeviceState::new(state::SERIAL_ID, BLOB_VERSION, self.serial.save()),
@@ -448,8 +479,8 @@ impl Inner {
         let blobs: Vec<&DeviceState> = by_id.into_iter().flatten().collect();
         // Until every blob is in, the vCPUs hold a mix of states: never run that.
         self.runnable.store(false, Ordering::SeqCst);
-        let machine: MachineBlob = serde_json::from_slice(&blobs[0].data)
-            .map_err(|e| err(state::MACHINE_ID, format!("not a machine description: {e}")))?;
+        let machine =
+            MachineInfo::from_bytes(&blobs[0].data).map_err(|e| err(state::MACHINE_ID, e))?;
         if machine != self.machine_blob() {
             return Err(err(
                 state::MACHINE_ID,
@@ -514,6 +545,11 @@ macro_rules! accessors {
             /// Which kind of vCPU runs the guest.
             pub fn kind(&self) -> GuestKind {
                 self.inner.kind
+            }
+
+            /// The guest kind and configuration, as the `machine` blob carries them.
+            pub fn machine_info(&self) -> MachineInfo {
+                self.inner.machine_blob()
             }
 
             /// The VM's configuration.
@@ -603,6 +639,14 @@ macro_rules! accessors {
             /// Is the VM paused (every vCPU parked)?
             pub fn is_paused(&self) -> bool {
                 self.inner.ctl.all_parked()
+            }
+
+            /// Makes a software vCPU spend at least `per_page` on each page (zero: as fast
+            /// as it can, the default). No effect on KVM vCPUs.
+            pub fn set_software_pace(&self, per_page: Duration) {
+                self.inner
+                    .ctl
+                    .set_software_pace_ns(per_page.as_nanos().min(u128::from(u64::MAX)) as u64);
             }
 
             /// The throttle in force, in percent.

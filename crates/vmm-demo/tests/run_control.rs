@@ -201,3 +201,23 @@ fn a_broken_guest_is_reported_and_does_not_block_a_pause() {
         assert!(vm.wait_for_passes(1_000_000, WAIT).is_err());
     }
 }
+
+#[test]
+fn software_pace_sets_a_floor_on_time_per_page() {
+    let cfg = VmConfig {
+        working_set_bytes: 64 * 4096,
+        ..small_config(1)
+    };
+    let mut vm = Vm::new(&cfg, GuestKind::Software, Console::Discard).unwrap();
+    vm.set_software_pace(Duration::from_micros(200));
+    vm.resume().unwrap();
+    vm.wait_for_passes(1, WAIT).unwrap();
+    let (p0, t0) = (vm.passes()[0], Instant::now());
+    vm.wait_for_passes(p0 + 5, WAIT).unwrap();
+    // 320 pages at 200 us: 64 ms, less what one catch-up burst and one check interval
+    // (64 pages) may gain.
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(40), "5 passes in {took:?}");
+    vm.pause().unwrap();
+    vm.check().unwrap();
+}

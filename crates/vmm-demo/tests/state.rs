@@ -199,6 +199,9 @@ fn round_trip(kind: GuestKind) {
     let hash = src.ram_hash().unwrap();
     let saved = src.save_device_state().unwrap();
     assert_eq!(saved.len(), if kind == GuestKind::Kvm { 9 } else { 4 });
+    let info = vmm_demo::MachineInfo::from_states(&saved).unwrap();
+    assert_eq!(info, src.machine_info());
+    assert_eq!((info.guest, &info.config), (kind, &cfg));
     if kind == GuestKind::Kvm {
         // The guest ran with them: they are still there, and so a restore must keep them.
         perturb::check(&saved, 0);
