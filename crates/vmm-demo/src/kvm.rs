@@ -44,7 +44,8 @@ pub struct MemorySlot {
     pub size: u64,
     /// Host virtual address of the first byte (the `userspace_addr` KVM was given).
     pub host_addr: u64,
-    /// The flags the slot was registered with (`KVM_MEM_LOG_DIRTY_PAGES` etc.).
+    /// The flags the VMM registered the slot with (0: no dirty logging). A tracker that
+    /// re-registers the slot with `KVM_MEM_LOG_DIRTY_PAGES` owns the flags from then on.
     pub flags: u32,
 }
 
@@ -142,9 +143,9 @@ pub(crate) struct KvmMachine {
     xsave2: bool,
 }
 
-/// Is `/dev/kvm` there and usable?
+/// Is `/dev/kvm` there and usable: can this process open it and create a VM?
 pub fn kvm_available() -> bool {
-    Kvm::new().is_ok()
+    Kvm::new().and_then(|k| k.create_vm()).is_ok()
 }
 
 impl KvmMachine {

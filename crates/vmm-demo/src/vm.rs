@@ -477,8 +477,6 @@ impl Inner {
             return Err(err(missing.0, "missing from the saved state".into()));
         }
         let blobs: Vec<&DeviceState> = by_id.into_iter().flatten().collect();
-        // Until every blob is in, the vCPUs hold a mix of states: never run that.
-        self.runnable.store(false, Ordering::SeqCst);
         let machine =
             MachineInfo::from_bytes(&blobs[0].data).map_err(|e| err(state::MACHINE_ID, e))?;
         if machine != self.machine_blob() {
@@ -493,6 +491,8 @@ impl Inner {
                 ),
             ));
         }
+        // Until every blob is in, the vCPUs hold a mix of states: never run that.
+        self.runnable.store(false, Ordering::SeqCst);
         for s in &blobs[1..] {
             self.load_one(s).map_err(|e| err(&s.id, e))?;
         }
