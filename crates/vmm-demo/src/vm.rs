@@ -707,3 +707,47 @@ macro_rules! accessors {
 
 accessors!(Vm);
 accessors!(VmHandle);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Fill;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn machine_info_round_trips(mem in 1u64..1 << 40, regions in 0u32..100, vcpus in 0u32..100,
+                                    ws in any::<u64>(), zero in any::<bool>(), seed in any::<u64>(), kvm in any::<bool>()) {
+            let m = MachineInfo {
+                guest: if kvm { GuestKind::Kvm } else { GuestKind::Software },
+                config: VmConfig {
+                    mem_bytes: mem,
+                    ram_regions: regions,
+                    vcpus,
+                    working_set_bytes: ws,
+                    fill: if zero { Fill::Zero } else { Fill::Random },
+                    seed,
+                },
+            };
+            prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()), Ok(m.clone()));
+            let states = vec![DeviceState::new(state::MACHINE_ID, BLOB_VERSION, m.to_bytes())];
+            prop_assert_eq!(MachineInfo::from_states(&states), Ok(m));
+        }
+
+        #[test]
+        fn machine_info_never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = MachineInfo::from_bytes(&data);
+        }
+    }
+
+    #[test]
+    fn oversized_machine_info_is_refused_before_parsing() {
+        let big = vec![b' '; (64 << 10) + 1];
+        assert!(
+            MachineInfo::from_bytes(&big)
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(MachineInfo::from_states(&[]).is_err());
+    }
+}
