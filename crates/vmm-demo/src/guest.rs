@@ -1,0 +1,208 @@
+//! The guest: a hand-assembled 64-bit program, and the RAM image the VMM builds around it
+//! (GDT, identity-mapped page tables, control blocks, initial data).
+//!
+//! Each vCPU enters [`PROGRAM`] in long mode with `rsi` pointing at its control block
+//! (see [`layout::control_block`]) and `rsp` at the end of that page, interrupts off. It
+//! then walks its share of the working set forever: one `add qword [page], 1` per page,
+//! and after each full pass it increments its pass counter and prints
+//! `"vcpuN pass <decimal>\n"` on the serial port 0x3f8, one `out` per byte.
+//!
+//! The software vCPU ([`crate::software`]) does the same thing step for step from Rust.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::{self, PAGE_SIZE, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
+
+/// The serial port the guest prints on.
+pub const SERIAL_PORT: u16 = 0x3f8;
+
+/// The guest program, assembled from the listing beside each line (Intel syntax; checked
+/// with GNU as and objdump).
+#[rustfmt::skip]
+pub const PROGRAM: [u8; 110] = [
+    // pass_loop (0x00):
+    0x48, 0x8d, 0x5e, 0x40,                   // lea  rbx, [rsi+0x40]    first segment
+    0x48, 0x8b, 0x4e, 0x08,                   // mov  rcx, [rsi+0x08]    segment count
+    // seg_loop (0x08):
+    0x48, 0x8b, 0x3b,                         // mov  rdi, [rbx]         segment start
+    0x48, 0x8b, 0x53, 0x08,                   // mov  rdx, [rbx+8]       segment end
+    // page_loop (0x0f):
+    0x48, 0x83, 0x07, 0x01,                   // add  qword [rdi], 1     the counter (COUNTER_OFFSET 0)
+    0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add  rdi, 0x1000        next page
+    0x48, 0x39, 0xd7,                         // cmp  rdi, rdx
+    0x72, 0xf0,                               // jb   page_loop
+    0x48, 0x83, 0xc3, 0x10,                   // add  rbx, 16            next segment
+    0x48, 0xff, 0xc9,                         // dec  rcx
+    0x75, 0xe0,                               // jnz  seg_loop
+    0x48, 0xff, 0x06,                         // inc  qword [rsi]        pass += 1
+    0x48, 0x8d, 0x5e, 0x18,                   // lea  rbx, [rsi+0x18]    report prefix
+    0x48, 0x8b, 0x4e, 0x10,                   // mov  rcx, [rsi+0x10]    its length
+    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
+    // prefix_loop (0x37):
+    0x8a, 0x03,                               // mov  al, [rbx]
+    0xee,                                     // out  dx, al
+    0x48, 0xff, 0xc3,                         // inc  rbx
+    0x48, 0xff, 0xc9,                         // dec  rcx
+    0x75, 0xf5,                               // jnz  prefix_loop
+    0x48, 0x8b, 0x06,                         // mov  rax, [rsi]         the pass number
+    0xb9, 0x0a, 0x00, 0x00, 0x00,             // mov  ecx, 10
+    0x45, 0x31, 0xc0,                         // xor  r8d, r8d           digit count
+    // div_loop (0x4d):
+    0x31, 0xd2,                               // xor  edx, edx
+    0x48, 0xf7, 0xf1,                         // div  rcx                rax = q, rdx = r
+    0x80, 0xc2, 0x30,                         // add  dl, '0'
+    0x52,                                     // push rdx                digits, last first
+    0x49, 0xff, 0xc0,                         // inc  r8
+    0x48, 0x85, 0xc0,                         // test rax, rax
+    0x75, 0xef,                               // jnz  div_loop
+    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
+    // digit_loop (0x62):
+    0x58,                                     // pop  rax
+    0xee,                                     // out  dx, al
+    0x49, 0xff, 0xc8,                         // dec  r8
+    0x75, 0xf9,                               // jnz  digit_loop
+    0xb0, 0x0a,                               // mov  al, '\n'
+    0xee,                                     // out  dx, al
+    0xeb, 0x92,                               // jmp  pass_loop
+];
+
+/// GDT selector of the 64-bit code segment.
+pub const CODE_SELECTOR: u16 = 0x08;
+/// GDT selector of the data segment.
+pub const DATA_SELECTOR: u16 = 0x10;
+/// GDT selector of the TSS.
+pub const TSS_SELECTOR: u16 = 0x18;
+
+/// Packs a GDT descriptor from its base, limit (20 bits) and the 12 bits of flags and
+/// access byte (`0xa09b` for 64-bit code: G, L, present, code exec/read accessed).
+pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0x0000_ffff)
+        | (((limit as u64) & 0x000f_0000) << 32)
+        | (((flags as u64) & 0x0000_f0ff) << 40)
+}
+
+/// The GDT: null, code, data, TSS.
+pub const GDT: [u64; 4] = [
+    0,
+    gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code, DPL 0
+    gdt_entry(0xc093, 0, 0xfffff), // data, read/write
+    gdt_entry(0x808b, 0, 0xfffff), // busy 64-bit TSS (VMX wants a usable TR)
+];
+
+/// Page-table entry bits.
+pub mod pte {
+    /// Present.
+    pub const P: u64 = 1 << 0;
+    /// Writable.
+    pub const RW: u64 = 1 << 1;
+    /// Accessed: the CPU sets it.
+    pub const A: u64 = 1 << 5;
+    /// Dirty: the CPU sets it on leaf entries.
+    pub const D: u64 = 1 << 6;
+    /// Leaf: a 2 MiB page in a page directory.
+    pub const PS: u64 = 1 << 7;
+}
+
+/// Number of page directories (GiB of identity map) a layout needs.
+pub fn page_directories(w: &Workload) -> u64 {
+    let end = w.regions().last().map(|&(b, s)| b + s).unwrap_or(0);
+    end.div_ceil(1 << 30).max(1)
+}
+
+/// The page-table entries the VMM writes: `(guest-physical address of the entry, value)`.
+/// The guest's page walks may later set the accessed and dirty bits, nothing else.
+pub fn page_table_entries(w: &Workload) -> Vec<(u64, u64)> {
+    let pds = page_directories(w);
+    let mut out = Vec::with_capacity(1 + pds as usize * 513);
+    out.push((PML4_ADDR, PDPT_ADDR | pte::P | pte::RW));
+    for g in 0..pds {
+        let pd = layout::PD_ADDR + g * PAGE_SIZE;
+        out.push((PDPT_ADDR + 8 * g, pd | pte::P | pte::RW));
+        for j in 0..512u64 {
+            let addr = (g << 30) | (j << 21);
+            out.push((pd + 8 * j, addr | pte::P | pte::RW | pte::PS));
+        }
+    }
+    out
+}
+
+/// The fixed part of vCPU `index`'s control block, from its first byte to its last
+/// segment, with the pass counter at zero. The stack at the end of the page is not in it.
+pub fn control_block_config(w: &Workload, index: u32) -> Vec<u8> {
+    let segs = w.segments(index);
+    let prefix = Workload::report_prefix(index);
+    let mut b = vec![0u8; (cb::SEGMENTS as usize) + 16 * segs.len()];
+    let put = |b: &mut [u8], off: u64, v: u64| {
+        b[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes())
+    };
+    put(&mut b, cb::SEGMENT_COUNT, segs.len() as u64);
+    put(&mut b, cb::PREFIX_LEN, prefix.len() as u64);
+    b[cb::PREFIX as usize..cb::PREFIX as usize + prefix.len()].copy_from_slice(prefix.as_bytes());
+    for (i, &(s, e)) in segs.iter().enumerate() {
+        put(&mut b, cb::SEGMENTS + 16 * i as u64, s);
+        put(&mut b, cb::SEGMENTS + 16 * i as u64 + 8, e);
+    }
+    b
+}
+
+/// Writes the whole initial RAM image: GDT, page tables, program, control blocks (pass 0)
+/// and the initial content of every data page.
+pub fn write_image(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), vm_memory::GuestMemoryError> {
+    for (i, e) in GDT.iter().enumerate() {
+        mem.write_obj(*e, GuestAddress(layout::GDT_ADDR + 8 * i as u64))?;
+    }
+    for (addr, v) in page_table_entries(w) {
+        mem.write_obj(v, GuestAddress(addr))?;
+    }
+    mem.write_slice(&PROGRAM, GuestAddress(layout::CODE_ADDR))?;
+    for i in 0..w.vcpus() {
+        let base = layout::control_block_addr(i);
+        mem.write_slice(&control_block_config(w, i), GuestAddress(base))?;
+    }
+    if w.config().fill == layout::Fill::Zero {
+        // Fresh anonymous memory is already zero, and so are the counters: leaving it
+        // untouched keeps it unallocated.
+        return Ok(());
+    }
+    let mut page = vec![0u8; PAGE_SIZE as usize];
+    for (idx, gpa) in w.ram().pages() {
+        if idx < w.first_data_page() {
+            continue;
+        }
+        w.initial_page(gpa.0, &mut page);
+        mem.write_slice(&page, gpa)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_match_the_usual_encodings() {
+        assert_eq!(GDT[1], 0x00af_9b00_0000_ffff);
+        assert_eq!(GDT[2], 0x00cf_9300_0000_ffff);
+        assert_eq!(GDT[3], 0x008f_8b00_0000_ffff);
+    }
+
+    #[test]
+    fn program_jumps_land_on_their_labels() {
+        // Each rel8 jump: (offset of the displacement byte, target label).
+        for (disp_at, target) in [
+            (0x1e, 0x0f),
+            (0x27, 0x08),
+            (0x41, 0x37),
+            (0x5d, 0x4d),
+            (0x68, 0x62),
+            (0x6d, 0x00),
+        ] {
+            let next = disp_at + 1;
+            let rel = PROGRAM[disp_at] as i8 as isize;
+            assert_eq!(next as isize + rel, target as isize, "jump at {disp_at:#x}");
+        }
+        assert_eq!(PROGRAM.len(), 0x6e);
+    }
+}

@@ -1,0 +1,416 @@
+//! Where everything lives in guest-physical memory, and what the workload is.
+//!
+//! ```text
+//! 0x0000_0000  (unused, so that a null pointer faults nowhere useful)
+//! 0x0000_1000  GDT: null, 64-bit code, data, TSS descriptors
+//! 0x0000_2000  PML4
+//! 0x0000_3000  PDPT
+//! 0x0000_4000  page directories, one per GiB mapped (2 MiB pages), up to 16 GiB
+//! 0x0001_4000  the guest program (one page)
+//! 0x0002_0000  one control block page per vCPU (pass counter, segments, stack), up to 64
+//! 0x0010_0000  data pages: the working set first, then pages that keep their initial content
+//! ```
+//!
+//! RAM may be split into several regions with a hole between them (as real machines have
+//! around the PCI hole), so that page numbering, memory slots and a vCPU's share that
+//! straddles two regions are all exercised. Everything below [`DATA_START`] is the
+//! *reserved* area the VMM builds; everything above is *data*, whose content the oracle
+//! knows exactly.
+
+use std::ops::Range;
+
+use migration_core::geometry::{LayoutError, RamLayout};
+use serde::{Deserialize, Serialize};
+
+/// The page size the guest walks and the VMM tracks.
+pub const PAGE_SIZE: u64 = 4096;
+/// Guest-physical address of the GDT.
+pub const GDT_ADDR: u64 = 0x1000;
+/// Guest-physical address of the PML4 (CR3).
+pub const PML4_ADDR: u64 = 0x2000;
+/// Guest-physical address of the PDPT.
+pub const PDPT_ADDR: u64 = 0x3000;
+/// Guest-physical address of the first page directory.
+pub const PD_ADDR: u64 = 0x4000;
+/// Guest-physical memory the identity map covers: the end of RAM must lie below.
+pub const MAX_GUEST_PHYS: u64 = 16 << 30;
+/// Guest-physical address of the guest program.
+pub const CODE_ADDR: u64 = 0x1_4000;
+/// Guest-physical address of vCPU 0's control block; vCPU `i`'s is one page further per `i`.
+pub const CONTROL_BASE: u64 = 0x2_0000;
+/// Most vCPUs a VM may have (their control blocks must fit below [`DATA_START`]).
+pub const MAX_VCPUS: u32 = 64;
+/// First guest-physical address of data pages.
+pub const DATA_START: u64 = 0x10_0000;
+/// Offset, in every working-set page, of the u64 counter the guest increments.
+pub const COUNTER_OFFSET: u64 = 0;
+/// Guest-physical hole left between two RAM regions.
+pub const REGION_GAP: u64 = 2 << 20;
+/// Most RAM regions a VM may have.
+pub const MAX_REGIONS: u32 = 8;
+
+/// Offsets inside a vCPU control block (see `guest::PROGRAM` for the code that reads it).
+pub mod control_block {
+    /// u64: passes completed so far.
+    pub const PASS: u64 = 0x00;
+    /// u64: number of segments of the vCPU's share.
+    pub const SEGMENT_COUNT: u64 = 0x08;
+    /// u64: length of the report prefix.
+    pub const PREFIX_LEN: u64 = 0x10;
+    /// The report prefix, `"vcpuN pass "`.
+    pub const PREFIX: u64 = 0x18;
+    /// Room for the prefix.
+    pub const PREFIX_MAX: u64 = 0x28;
+    /// The segments: `(start, end)` guest-physical address pairs, 16 bytes each.
+    pub const SEGMENTS: u64 = 0x40;
+    /// The guest's stack grows down from the end of the page and needs at most 20 pushes.
+    pub const STACK_RESERVE: u64 = 0x100;
+    /// Most segments a share may have.
+    pub const MAX_SEGMENTS: u64 = (super::PAGE_SIZE - STACK_RESERVE - SEGMENTS) / 16;
+}
+
+/// Guest-physical address of vCPU `index`'s control block.
+pub fn control_block_addr(index: u32) -> u64 {
+    CONTROL_BASE + u64::from(index) * PAGE_SIZE
+}
+
+/// What data pages hold before the guest starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Fill {
+    /// All zero: RAM a migration can send as zero pages (counters aside).
+    Zero,
+    /// Pseudo-random from the seed and the address: RAM no compressor can shrink.
+    Random,
+}
+
+/// The shape of the VM and of its workload. Source and destination of a migration must
+/// agree on it; the `machine` device-state blob carries it so the destination can check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Bytes of guest RAM, a multiple of 2 MiB per region.
+    pub mem_bytes: u64,
+    /// Number of RAM regions, each its own memory slot, with a hole between two.
+    pub ram_regions: u32,
+    /// Number of vCPUs, each walking its own share of the working set.
+    pub vcpus: u32,
+    /// Bytes of the working set the vCPUs keep dirtying, a multiple of the page size.
+    pub working_set_bytes: u64,
+    /// Initial content of data pages.
+    pub fill: Fill,
+    /// Seed of the pseudo-random content.
+    pub seed: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            mem_bytes: 64 << 20,
+            ram_regions: 1,
+            vcpus: 1,
+            working_set_bytes: 4 << 20,
+            fill: Fill::Random,
+            seed: 0x5eed_0f0a_c1e5,
+        }
+    }
+}
+
+/// A [`VmConfig`] that cannot be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// vCPU count out of range.
+    #[error("{0} vCPUs: a VM has 1 to {MAX_VCPUS}")]
+    Vcpus(u32),
+    /// Region count out of range.
+    #[error("{0} RAM regions: a VM has 1 to {MAX_REGIONS}")]
+    Regions(u32),
+    /// RAM does not split into 2 MiB-aligned regions.
+    #[error(
+        "{mem_bytes} bytes of RAM do not split into {regions} regions of a whole number of 2 MiB"
+    )]
+    RamSplit {
+        /// Requested RAM.
+        mem_bytes: u64,
+        /// Requested regions.
+        regions: u32,
+    },
+    /// RAM too small for the reserved area plus one data page per vCPU.
+    #[error("the first RAM region of {0} bytes leaves no data pages above {DATA_START:#x}")]
+    TooSmall(u64),
+    /// RAM ends above what the identity map covers.
+    #[error("RAM would end at {0:#x}, above the {MAX_GUEST_PHYS:#x} the page tables map")]
+    TooLarge(u64),
+    /// Working set not page aligned, empty, smaller than one page per vCPU, or larger than
+    /// the data pages.
+    #[error(
+        "working set of {bytes} bytes: it must be a non-zero multiple of {PAGE_SIZE}, at least one page per vCPU, and at most the {data_bytes} bytes of data pages"
+    )]
+    WorkingSet {
+        /// Requested working set.
+        bytes: u64,
+        /// Bytes of data pages available.
+        data_bytes: u64,
+    },
+    /// A share would cross more region boundaries than a control block has room for.
+    #[error("vCPU {0}'s share needs more segments than its control block holds")]
+    Segments(u32),
+    /// The resulting RAM layout is invalid.
+    #[error("RAM layout: {0}")]
+    Layout(#[from] LayoutError),
+}
+
+/// The validated layout of a VM built from a [`VmConfig`]: RAM regions, each vCPU's share
+/// of the working set, and the initial content of every data page. Everything the oracle
+/// needs to judge guest RAM, on either side of a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    config: VmConfig,
+    ram: RamLayout,
+    regions: Vec<(u64, u64)>,
+    first_data_page: usize,
+    working_set: Range<usize>,
+    shares: Vec<Range<usize>>,
+    segments: Vec<Vec<(u64, u64)>>,
+}
+
+impl Workload {
+    /// Validates `config` and lays the VM out.
+    pub fn new(config: &VmConfig) -> Result<Workload, ConfigError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(config.vcpus));
+        }
+        if config.ram_regions == 0 || config.ram_regions > MAX_REGIONS {
+            return Err(ConfigError::Regions(config.ram_regions));
+        }
+        let n = u64::from(config.ram_regions);
+        let two_mib = 2u64 << 20;
+        if config.mem_bytes == 0 || config.mem_bytes % (n * two_mib) != 0 {
+            return Err(ConfigError::RamSplit {
+                mem_bytes: config.mem_bytes,
+                regions: config.ram_regions,
+            });
+        }
+        let region_size = config.mem_bytes / n;
+        if region_size <= DATA_START {
+            return Err(ConfigError::TooSmall(region_size));
+        }
+        let regions: Vec<(u64, u64)> = (0..n)
+            .map(|k| (k * (region_size + REGION_GAP), region_size))
+            .collect();
+        let end = regions.last().map(|&(b, s)| b + s).unwrap_or(0);
+        if end > MAX_GUEST_PHYS {
+            return Err(ConfigError::TooLarge(end));
+        }
+        let ram = RamLayout::new(PAGE_SIZE, &regions)?;
+        let first_data_page = (DATA_START / PAGE_SIZE) as usize;
+        let data_pages = ram.page_count() - first_data_page;
+        let ws = config.working_set_bytes;
+        let ws_pages = (ws / PAGE_SIZE) as usize;
+        if ws == 0
+            || ws % PAGE_SIZE != 0
+            || ws_pages > data_pages
+            || ws_pages < config.vcpus as usize
+        {
+            return Err(ConfigError::WorkingSet {
+                bytes: ws,
+                data_bytes: data_pages as u64 * PAGE_SIZE,
+            });
+        }
+        let working_set = first_data_page..first_data_page + ws_pages;
+        let vcpus = config.vcpus as usize;
+        let (per, extra) = (ws_pages / vcpus, ws_pages % vcpus);
+        let mut shares = Vec::with_capacity(vcpus);
+        let mut segments = Vec::with_capacity(vcpus);
+        let mut start = working_set.start;
+        for i in 0..vcpus {
+            let len = per + usize::from(i < extra);
+            let share = start..start + len;
+            start += len;
+            let segs: Vec<(u64, u64)> = ram
+                .split_at_regions(share.clone())
+                .map(|(gpa, pages)| (gpa.0, gpa.0 + pages.len() as u64 * PAGE_SIZE))
+                .collect();
+            if segs.len() as u64 > control_block::MAX_SEGMENTS {
+                return Err(ConfigError::Segments(i as u32));
+            }
+            shares.push(share);
+            segments.push(segs);
+        }
+        Ok(Workload {
+            config: config.clone(),
+            ram,
+            regions,
+            first_data_page,
+            working_set,
+            shares,
+            segments,
+        })
+    }
+
+    /// The configuration this layout was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Page geometry of guest RAM.
+    pub fn ram(&self) -> &RamLayout {
+        &self.ram
+    }
+
+    /// RAM regions as `(guest base, size)`, ascending.
+    pub fn regions(&self) -> &[(u64, u64)] {
+        &self.regions
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.config.vcpus
+    }
+
+    /// Dense page index of the first data page.
+    pub fn first_data_page(&self) -> usize {
+        self.first_data_page
+    }
+
+    /// Dense page indices of the working set.
+    pub fn working_set(&self) -> Range<usize> {
+        self.working_set.clone()
+    }
+
+    /// Dense page indices of vCPU `index`'s share, in the order it walks them.
+    pub fn share(&self, index: u32) -> Range<usize> {
+        self.shares[index as usize].clone()
+    }
+
+    /// vCPU `index`'s share as guest-physical `(start, end)` segments, one per region it
+    /// touches, in walking order.
+    pub fn segments(&self, index: u32) -> &[(u64, u64)] {
+        &self.segments[index as usize]
+    }
+
+    /// The prefix vCPU `index` prints before its pass number.
+    pub fn report_prefix(index: u32) -> String {
+        format!("vcpu{index} pass ")
+    }
+
+    /// Fills `buf` (one page) with the initial content of the data page at `gpa`,
+    /// counter included (zero in working-set pages).
+    pub fn initial_page(&self, gpa: u64, buf: &mut [u8]) {
+        fill_page(self.config.fill, self.config.seed, gpa, buf);
+        let in_ws = self
+            .ram
+            .gpa_to_page(vm_memory::GuestAddress(gpa))
+            .is_some_and(|p| self.working_set.contains(&p));
+        if in_ws {
+            let off = COUNTER_OFFSET as usize;
+            buf[off..off + 8].fill(0);
+        }
+    }
+}
+
+/// SplitMix64: a fast, well-mixed function of its input, enough to make RAM that no
+/// compressor shrinks and that the oracle can regenerate anywhere.
+#[inline]
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Fills `buf` with the content `fill` gives the bytes starting at guest-physical `gpa`
+/// (8-byte aligned; `buf`'s length a multiple of 8).
+pub fn fill_page(fill: Fill, seed: u64, gpa: u64, buf: &mut [u8]) {
+    match fill {
+        Fill::Zero => buf.fill(0),
+        Fill::Random => {
+            for (i, word) in buf.chunks_exact_mut(8).enumerate() {
+                let v = splitmix64(seed ^ (gpa + 8 * i as u64));
+                word.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_lays_out() {
+        let w = Workload::new(&VmConfig::default()).unwrap();
+        assert_eq!(w.ram().ram_bytes(), 64 << 20);
+        assert_eq!(w.working_set().len(), 1024);
+        assert_eq!(w.segments(0), &[(DATA_START, DATA_START + (4 << 20))]);
+    }
+
+    #[test]
+    fn shares_split_at_region_holes() {
+        let cfg = VmConfig {
+            mem_bytes: 8 << 20,
+            ram_regions: 2,
+            vcpus: 3,
+            working_set_bytes: 5 << 20,
+            ..VmConfig::default()
+        };
+        let w = Workload::new(&cfg).unwrap();
+        assert_eq!(w.regions(), &[(0, 4 << 20), ((6 << 20), 4 << 20)]);
+        let total: usize = (0..3).map(|i| w.share(i).len()).sum();
+        assert_eq!(total, 1280);
+        // The share running from 2.7 MiB over the 4 MiB boundary has two segments.
+        let crossing = (0..3).find(|&i| w.segments(i).len() == 2).unwrap();
+        let segs = w.segments(crossing);
+        assert_eq!(segs[0].1, 4 << 20);
+        assert_eq!(segs[1].0, 6 << 20);
+        let pages: u64 = segs.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
+        assert_eq!(pages as usize, w.share(crossing).len());
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        let base = VmConfig::default();
+        let bad = [
+            VmConfig {
+                vcpus: 0,
+                ..base.clone()
+            },
+            VmConfig {
+                mem_bytes: 3 << 20,
+                ..base.clone()
+            },
+            VmConfig {
+                mem_bytes: 1 << 20,
+                ram_regions: 1,
+                ..base.clone()
+            },
+            VmConfig {
+                working_set_bytes: 100,
+                ..base.clone()
+            },
+            VmConfig {
+                working_set_bytes: 64 << 20,
+                ..base.clone()
+            },
+            VmConfig {
+                mem_bytes: 32 << 30,
+                ..base.clone()
+            },
+        ];
+        for cfg in bad {
+            assert!(Workload::new(&cfg).is_err(), "{cfg:?} accepted");
+        }
+    }
+
+    #[test]
+    fn random_fill_is_deterministic_and_address_dependent() {
+        let mut a = [0u8; 4096];
+        let mut b = [0u8; 4096];
+        fill_page(Fill::Random, 1, 0x20_0000, &mut a);
+        fill_page(Fill::Random, 1, 0x20_0000, &mut b);
+        assert_eq!(a, b);
+        fill_page(Fill::Random, 1, 0x20_1000, &mut b);
+        assert_ne!(a, b);
+        fill_page(Fill::Zero, 1, 0x20_0000, &mut b);
+        assert!(b.iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,192 @@
+//! The software vCPU: where `/dev/kvm` is missing (or when asked), a thread runs the guest
+//! program's workload itself, over the same `GuestMemoryMmap`, with the same layout: it
+//! reads its segments from its control block, adds one to the counter of each page in
+//! turn, bumps its pass counter in RAM after each pass and prints the same report on the
+//! same serial line buffer. Its only state outside RAM is its position (segment index and
+//! next page), which is what its `swcpuN` blob carries.
+//!
+//! It stops at page boundaries only, so a pause never splits an increment, and it looks
+//! at the clock every few pages to honour the throttle the way a KVM vCPU does. Unpaced,
+//! it walks pages a hundred times faster than a KVM guest under nested virtualisation;
+//! [`Vm::set_software_pace`](crate::Vm::set_software_pace) slows it to a given time per
+//! page, e.g. to mimic the KVM guest or to keep its console readable.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::control::{Parked, RunControl, TIMESLICE, VcpuCounters};
+use crate::layout::{self, COUNTER_OFFSET, PAGE_SIZE, Workload, control_block as cb};
+use crate::serial::Serial;
+use crate::state::SoftPosition;
+
+/// Pages between two looks at the clock and at the kick flag's slow path.
+const CHECK_EVERY: u32 = 64;
+
+/// A software vCPU, shared between its thread and the VMM.
+pub(crate) struct SoftVcpu {
+    pub(crate) index: u32,
+    /// Where the vCPU is; current while it is parked.
+    pub(crate) pos: Mutex<SoftPosition>,
+    kick: AtomicBool,
+    pub(crate) counters: VcpuCounters,
+}
+
+impl SoftVcpu {
+    pub(crate) fn new(index: u32, w: &Workload) -> SoftVcpu {
+        SoftVcpu {
+            index,
+            pos: Mutex::new(SoftPosition {
+                segment: 0,
+                addr: w.segments(index)[0].0,
+            }),
+            kick: AtomicBool::new(false),
+            counters: VcpuCounters::default(),
+        }
+    }
+
+    pub(crate) fn kick(&self) {
+        self.kick.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn position(&self) -> SoftPosition {
+        *self.pos.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks `p` against the vCPU's share and takes it as its position.
+    pub(crate) fn set_position(&self, p: SoftPosition, w: &Workload) -> Result<(), String> {
+        let segs = w.segments(self.index);
+        let seg = usize::try_from(p.segment)
+            .ok()
+            .and_then(|i| segs.get(i))
+            .ok_or_else(|| {
+                format!(
+                    "segment {} out of the {} of vCPU {}'s share",
+                    p.segment,
+                    segs.len(),
+                    self.index
+                )
+            })?;
+        if p.addr < seg.0 || p.addr >= seg.1 || p.addr % PAGE_SIZE != 0 {
+            return Err(format!(
+                "position {:#x} is not a page of segment {} ({:#x}..{:#x})",
+                p.addr, p.segment, seg.0, seg.1
+            ));
+        }
+        *self.pos.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        Ok(())
+    }
+}
+
+fn load(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, String> {
+    mem.load::<u64>(GuestAddress(gpa), Ordering::Relaxed)
+        .map_err(|e| format!("reading {gpa:#x}: {e}"))
+}
+
+fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
+    mem.store(v, GuestAddress(gpa), Ordering::Relaxed)
+        .map_err(|e| format!("writing {gpa:#x}: {e}"))
+}
+
+/// One iteration of the guest's page loop, with the end-of-segment and end-of-pass work
+/// the program does after it (see `guest::PROGRAM`).
+fn step(
+    mem: &GuestMemoryMmap,
+    index: u32,
+    pos: &mut SoftPosition,
+    serial: &Serial,
+) -> Result<(), String> {
+    let block = layout::control_block_addr(index);
+    let seg_at = |s: u64| block + cb::SEGMENTS + 16 * s;
+    let end = load(mem, seg_at(pos.segment) + 8)?;
+    let counter = pos.addr + COUNTER_OFFSET;
+    store(mem, counter, load(mem, counter)?.wrapping_add(1))?;
+    pos.addr += PAGE_SIZE;
+    if pos.addr < end {
+        return Ok(());
+    }
+    pos.segment += 1;
+    if pos.segment >= load(mem, block + cb::SEGMENT_COUNT)? {
+        let pass = load(mem, block + cb::PASS)?.wrapping_add(1);
+        store(mem, block + cb::PASS, pass)?;
+        let len = load(mem, block + cb::PREFIX_LEN)?.min(cb::PREFIX_MAX) as usize;
+        let mut line = vec![0u8; len];
+        mem.read_slice(&mut line, GuestAddress(block + cb::PREFIX))
+            .map_err(|e| format!("reading the report prefix: {e}"))?;
+        line.extend_from_slice(pass.to_string().as_bytes());
+        line.push(b'\n');
+        serial.write(index, &line);
+        pos.segment = 0;
+    }
+    pos.addr = load(mem, seg_at(pos.segment))?;
+    Ok(())
+}
+
+/// The body of a software vCPU thread.
+pub(crate) fn vcpu_thread(
+    vcpu: Arc<SoftVcpu>,
+    mem: Arc<GuestMemoryMmap>,
+    ctl: Arc<RunControl>,
+    serial: Arc<Serial>,
+) {
+    let n = vcpu.index;
+    if ctl.park_point() == Parked::Exit {
+        return;
+    }
+    let mut pos = vcpu.position();
+    let mut slice_start = Instant::now();
+    let mut run_start = Instant::now();
+    let mut since_check = 0u32;
+    // Pacing: `paced` pages done since `pace_start`.
+    let mut pace_start = Instant::now();
+    let mut paced = 0u64;
+    loop {
+        if let Err(e) = step(&mem, n, &mut pos, &serial) {
+            *vcpu.pos.lock().unwrap_or_else(|e| e.into_inner()) = pos;
+            ctl.fail(format!("software vcpu{n} stopped: {e}"));
+            return;
+        }
+        since_check += 1;
+        let kicked = vcpu.kick.load(Ordering::Relaxed);
+        if !kicked && since_check < CHECK_EVERY {
+            continue;
+        }
+        paced += u64::from(since_check);
+        since_check = 0;
+        let pace = ctl.software_pace_ns();
+        if pace > 0 {
+            let due = pace_start + Duration::from_nanos(pace.saturating_mul(paced));
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            } else if now - due > TIMESLICE {
+                // Far behind (descheduled): start over rather than run flat out.
+                (pace_start, paced) = (now, 0);
+            }
+        }
+        vcpu.counters.add_run(run_start.elapsed());
+        if kicked {
+            vcpu.kick.store(false, Ordering::SeqCst);
+            vcpu.counters.exits.fetch_add(1, Ordering::Relaxed);
+            *vcpu.pos.lock().unwrap_or_else(|e| e.into_inner()) = pos;
+            match ctl.park_point() {
+                Parked::Exit => return,
+                Parked::Resumed => {
+                    pos = vcpu.position();
+                    slice_start = Instant::now();
+                    (pace_start, paced) = (slice_start, 0);
+                }
+                Parked::Continue => {}
+            }
+        }
+        if ctl.throttle_pct() == 0 {
+            slice_start = Instant::now();
+        } else if slice_start.elapsed() >= TIMESLICE {
+            ctl.throttle(&mut slice_start, &vcpu.counters);
+            (pace_start, paced) = (slice_start, 0);
+        }
+        run_start = Instant::now();
+    }
+}

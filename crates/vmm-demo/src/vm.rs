@@ -1,0 +1,753 @@
+//! The VM a migration engine drives: RAM, vCPUs (KVM or software), serial console, and
+//! [`VmControl`].
+//!
+//! What an engine gets from a [`Vm`]:
+//! - guest RAM: [`Vm::memory`] (an `Arc<GuestMemoryMmap>` to read pages from or write
+//!   them into) and [`Vm::ram_layout`] (the dense page numbering of `migration-core`);
+//! - dirty tracking inputs: for KVM, [`Vm::vm_fd`] and [`Vm::memory_slots`]; for any
+//!   guest, [`Vm::host_ranges`], the host mappings of guest RAM;
+//! - control: [`Vm`] and its cheap clone [`VmHandle`] implement [`VmControl`];
+//! - the oracle: [`Vm::check`] and [`Vm::ram_hash`], or [`crate::oracle`] directly over
+//!   any guest memory and the [`Workload`].
+//!
+//! A source is made with [`Vm::new`] and starts paused: call `resume` to run it. A
+//! destination is made with [`Vm::new_incoming`]: its RAM is left empty for the
+//! migration to fill and it refuses to run until `load_device_state` succeeded.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use migration_core::geometry::RamLayout;
+use migration_core::vm::{DeviceState, VmControl, VmError, VmOp};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::control::{RunControl, VcpuStats, Want};
+use crate::kvm::{KvmError, KvmMachine};
+pub use crate::kvm::{MemorySlot, kvm_available};
+use crate::layout::{ConfigError, VmConfig, Workload};
+use crate::oracle::{self, OracleError, OracleReport};
+use crate::serial::{Console, Serial};
+use crate::software::SoftVcpu;
+use crate::state::{self, BLOB_VERSION, SoftPosition, VcpuState};
+
+/// How long a pause may take before it is reported as failed.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which kind of vCPU runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestKind {
+    /// KVM vCPUs running the guest program.
+    Kvm,
+    /// Software vCPU threads doing the same work.
+    Software,
+}
+
+impl GuestKind {
+    /// `"kvm"` or `"software"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GuestKind::Kvm => "kvm",
+            GuestKind::Software => "software",
+        }
+    }
+
+    /// KVM if `/dev/kvm` can be used, software otherwise.
+    pub fn best_available() -> GuestKind {
+        if kvm_available() {
+            GuestKind::Kvm
+        } else {
+            GuestKind::Software
+        }
+    }
+}
+
+impl std::fmt::Display for GuestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A VM could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The configuration is invalid.
+    #[error("VM configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// Guest RAM could not be mapped.
+    #[error("mapping {bytes} bytes of guest RAM: {message}")]
+    Memory {
+        /// Bytes asked for.
+        bytes: u64,
+        /// What vm-memory said.
+        message: String,
+    },
+    /// The initial RAM image could not be written.
+    #[error("writing the initial RAM image: {0}")]
+    Image(String),
+    /// A KVM call failed.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// A thread could not be started.
+    #[error("starting thread {name}: {source}")]
+    Thread {
+        /// The thread.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The vCPU threads did not reach their first park point.
+    #[error("vCPU threads did not start: {0}")]
+    Start(String),
+}
+
+/// A host mapping of guest RAM: what a dirty tracker without KVM watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostRange {
+    /// Guest-physical address of the first byte.
+    pub guest_base: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Host virtual address of the first byte.
+    pub host_addr: u64,
+}
+
+/// What a VM is: its guest kind and configuration. The content of the `machine` blob
+/// (JSON), which a destination checks against itself before loading anything else; a
+/// migration engine may also send it ahead of RAM so that the destination can build a
+/// matching [`Vm::new_incoming`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    /// Which vCPUs run the guest.
+    pub guest: GuestKind,
+    /// The VM's shape and workload.
+    pub config: VmConfig,
+}
+
+impl MachineInfo {
+    /// The JSON bytes of the `machine` blob.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses the `machine` blob, bounded to 64 KiB.
+    pub fn from_bytes(b: &[u8]) -> Result<MachineInfo, String> {
+        if b.len() > 64 << 10 {
+            return Err(format!(
+                "machine description of {} bytes is too large",
+                b.len()
+            ));
+        }
+        serde_json::from_slice(b).map_err(|e| format!("not a machine description: {e}"))
+    }
+
+    /// Finds and parses the `machine` blob among saved states.
+    pub fn from_states(states: &[DeviceState]) -> Result<MachineInfo, String> {
+        let blob = states
+            .iter()
+            .find(|s| s.id == state::MACHINE_ID)
+            .ok_or("no machine blob among the device states")?;
+        Self::from_bytes(&blob.data)
+    }
+}
+
+enum Machine {
+    Kvm(KvmMachine),
+    Software(Vec<Arc<SoftVcpu>>),
+}
+
+struct Inner {
+    // Declared first so it is dropped first: KVM lets go of guest RAM before it is unmapped.
+    machine: Machine,
+    kind: GuestKind,
+    workload: Workload,
+    layout: RamLayout,
+    mem: Arc<GuestMemoryMmap>,
+    ctl: Arc<RunControl>,
+    serial: Arc<Serial>,
+    /// The vCPUs hold a complete state they may run from.
+    runnable: AtomicBool,
+}
+
+/// A VM: guest RAM, vCPU threads, the serial console. Dropping it stops the threads.
+pub struct Vm {
+    inner: Arc<Inner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// A cheap, cloneable handle on a [`Vm`], for an engine or a monitor on another thread.
+/// Once the `Vm` is dropped, its vCPUs are gone and `pause`/`resume` fail.
+#[derive(Clone)]
+pub struct VmHandle {
+    inner: Arc<Inner>,
+}
+
+impl Vm {
+    /// A VM running the workload from its start, paused: call `resume` to run it.
+    pub fn new(config: &VmConfig, kind: GuestKind, console: Console) -> Result<Vm, VmmError> {
+        Self::build(config, kind, console, false)
+    }
+
+    /// A VM to receive a migration: RAM empty (never touched, so all zero), vCPUs paused
+    /// with no state. It runs only once `load_device_state` has succeeded.
+    pub fn new_incoming(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+    ) -> Result<Vm, VmmError> {
+        Self::build(config, kind, console, true)
+    }
+
+    fn build(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+        incoming: bool,
+    ) -> Result<Vm, VmmError> {
+        let workload = Workload::new(config)?;
+        let ranges: Vec<(GuestAddress, usize)> = workload
+            .regions()
+            .iter()
+            .map(|&(b, s)| (GuestAddress(b), s as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+            bytes: config.mem_bytes,
+            message: e.to_string(),
+        })?;
+        if !incoming {
+            crate::guest::write_image(&mem, &workload)
+                .map_err(|e| VmmError::Image(e.to_string()))?;
+        }
+        let machine = match kind {
+            GuestKind::Kvm => Machine::Kvm(KvmMachine::create(&mem, &workload, !incoming)?),
+            GuestKind::Software => Machine::Software(
+                (0..workload.vcpus())
+                    .map(|i| Arc::new(SoftVcpu::new(i, &workload)))
+                    .collect(),
+            ),
+        };
+        let layout = workload.ram().clone();
+        let n = workload.vcpus();
+        let inner = Arc::new(Inner {
+            kind,
+            layout,
+            mem: Arc::new(mem),
+            ctl: Arc::new(RunControl::new(n)),
+            serial: Arc::new(Serial::new(n, console)),
+            machine,
+            runnable: AtomicBool::new(!incoming),
+            workload,
+        });
+        let mut vm = Vm {
+            inner,
+            threads: Vec::new(),
+        };
+        vm.spawn_threads()?;
+        let i = &vm.inner;
+        i.ctl
+            .wait_parked(&|| i.kick_all(), PAUSE_TIMEOUT)
+            .map_err(VmmError::Start)?;
+        tracing::info!(
+            guest = %kind,
+            mem_bytes = config.mem_bytes,
+            vcpus = n,
+            incoming,
+            "VM ready"
+        );
+        Ok(vm)
+    }
+
+    fn spawn_threads(&mut self) -> Result<(), VmmError> {
+        let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(f)
+                .map_err(|source| VmmError::Thread { name, source })
+        };
+        let i = self.inner.clone();
+        match &i.machine {
+            Machine::Kvm(k) => {
+                let vcpus = k.vcpus.clone();
+                let ctl = i.ctl.clone();
+                self.threads.push(spawn(
+                    "throttle".into(),
+                    Box::new(move || {
+                        while ctl.next_tick() {
+                            for v in &vcpus {
+                                v.kick();
+                            }
+                        }
+                    }),
+                )?);
+                for v in &k.vcpus {
+                    let (v, ctl, serial) = (v.clone(), i.ctl.clone(), i.serial.clone());
+                    let name = format!("vcpu{}", v.index);
+                    self.threads.push(spawn(
+                        name,
+                        Box::new(move || crate::kvm::vcpu_thread(v, ctl, serial)),
+                    )?);
+                }
+            }
+            Machine::Software(vcpus) => {
+                for v in vcpus {
+                    let (v, mem, ctl, serial) =
+                        (v.clone(), i.mem.clone(), i.ctl.clone(), i.serial.clone());
+                    let name = format!("swcpu{}", v.index);
+                    self.threads.push(spawn(
+                        name,
+                        Box::new(move || crate::software::vcpu_thread(v, mem, ctl, serial)),
+                    )?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A cloneable handle implementing [`VmControl`] and the read-only accessors.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.inner.ctl.request(Want::Exit);
+        self.inner.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Inner {
+    fn kick_all(&self) {
+        match &self.machine {
+            Machine::Kvm(k) => k.kick_all(),
+            Machine::Software(v) => v.iter().for_each(|v| v.kick()),
+        }
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        self.ctl.request(Want::Pause);
+        self.kick_all();
+        self.ctl
+            .wait_parked(&|| self.kick_all(), PAUSE_TIMEOUT)
+            .map_err(|e| VmError::new(VmOp::Pause, e))
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        if !self.runnable.load(Ordering::SeqCst) {
+            return Err(VmError::new(
+                VmOp::Resume,
+                "the vCPUs have no complete state: an incoming VM runs only after its device state loaded",
+            ));
+        }
+        let failures = self.ctl.failures();
+        if !failures.is_empty() {
+            return Err(VmError::new(VmOp::Resume, failures.join("; ")));
+        }
+        if self.ctl.wanted() == Want::Exit {
+            return Err(VmError::new(VmOp::Resume, "the VM has been shut down"));
+        }
+        self.ctl.request(Want::Run);
+        Ok(())
+    }
+
+    fn set_throttle(&self, pct: u8) -> Result<(), VmError> {
+        if pct > 99 {
+            return Err(VmError::new(
+                VmOp::Throttle,
+                format!("{pct} % is over the 99 % maximum"),
+            ));
+        }
+        self.ctl.set_throttle(pct);
+        Ok(())
+    }
+
+    fn device_ids(&self) -> Vec<String> {
+        let mut ids = vec![state::MACHINE_ID.to_string(), state::SERIAL_ID.to_string()];
+        let n = self.workload.vcpus();
+        match self.kind {
+            GuestKind::Kvm => {
+                ids.extend((0..n).map(state::vcpu_id));
+                ids.extend(
+                    [
+                        state::PIC_MASTER_ID,
+                        state::PIC_SLAVE_ID,
+                        state::IOAPIC_ID,
+                        state::PIT_ID,
+                        state::KVMCLOCK_ID,
+                    ]
+                    .map(String::from),
+                );
+            }
+            GuestKind::Software => ids.extend((0..n).map(state::swcpu_id)),
+        }
+        ids
+    }
+
+    fn machine_blob(&self) -> MachineInfo {
+        MachineInfo {
+            guest: self.kind,
+            config: self.workload.config().clone(),
+        }
+    }
+
+    fn save(&self) -> Result<Vec<DeviceState>, VmError> {
+        if !self.ctl.all_parked() {
+            return Err(VmError::new(
+                VmOp::SaveState,
+                "the VM is running: pause it first",
+            ));
+        }
+        let err = |id: &str, e: String| VmError::new(VmOp::SaveState, e).for_device(id);
+        let machine = self.machine_blob().to_bytes();
+        let mut out = vec![
+            DeviceState::new(state::MACHINE_ID, BLOB_VERSION, machine),
+            DeviceState::new(state::SERIAL_ID, BLOB_VERSION, self.serial.save()),
+        ];
+        match &self.machine {
+            Machine::Kvm(k) => {
+                for (i, v) in k.vcpus.iter().enumerate() {
+                    let id = state::vcpu_id(v.index);
+                    let s = k.save_vcpu(i).map_err(|e| err(&id, e.to_string()))?;
+                    out.push(DeviceState::new(id, BLOB_VERSION, s.to_bytes()));
+                }
+                let devices = k
+                    .save_devices()
+                    .map_err(|e| VmError::new(VmOp::SaveState, e))?;
+                for (id, data) in devices {
+                    out.push(DeviceState::new(id, BLOB_VERSION, data));
+                }
+            }
+            Machine::Software(vcpus) => {
+                for v in vcpus {
+                    out.push(DeviceState::new(
+                        state::swcpu_id(v.index),
+                        BLOB_VERSION,
+                        v.position().to_bytes(),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn load(&self, states: &[DeviceState]) -> Result<(), VmError> {
+        let err = |id: &str, e: String| VmError::new(VmOp::LoadState, e).for_device(id);
+        if !self.ctl.all_parked() {
+            return Err(VmError::new(
+                VmOp::LoadState,
+                "the VM is running: pause it first",
+            ));
+        }
+        let ids = self.device_ids();
+        let mut by_id: Vec<Option<&DeviceState>> = vec![None; ids.len()];
+        for s in states {
+            let Some(slot) = ids.iter().position(|id| *id == s.id) else {
+                return Err(err(
+                    &s.id,
+                    format!(
+                        "unknown device for a {} VM with {} vCPUs",
+                        self.kind,
+                        self.workload.vcpus()
+                    ),
+                ));
+            };
+            if s.version != BLOB_VERSION {
+                return Err(err(
+                    &s.id,
+                    format!(
+                        "blob version {} is not the supported {BLOB_VERSION}",
+                        s.version
+                    ),
+                ));
+            }
+            if by_id[slot].replace(s).is_some() {
+                return Err(err(&s.id, "given twice".into()));
+            }
+        }
+        if let Some(missing) = ids.iter().zip(&by_id).find(|(_, s)| s.is_none()) {
+            return Err(err(missing.0, "missing from the saved state".into()));
+        }
+        let blobs: Vec<&DeviceState> = by_id.into_iter().flatten().collect();
+        let machine =
+            MachineInfo::from_bytes(&blobs[0].data).map_err(|e| err(state::MACHINE_ID, e))?;
+        if machine != self.machine_blob() {
+            return Err(err(
+                state::MACHINE_ID,
+                format!(
+                    "the saved VM ({} guest, {:?}) does not match this one ({} guest, {:?})",
+                    machine.guest,
+                    machine.config,
+                    self.kind,
+                    self.workload.config()
+                ),
+            ));
+        }
+        // Until every blob is in, the vCPUs hold a mix of states: never run that.
+        self.runnable.store(false, Ordering::SeqCst);
+        for s in &blobs[1..] {
+            self.load_one(s).map_err(|e| err(&s.id, e))?;
+        }
+        self.runnable.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn load_one(&self, s: &DeviceState) -> Result<(), String> {
+        if s.id == state::SERIAL_ID {
+            return self.serial.load(&s.data);
+        }
+        match &self.machine {
+            Machine::Kvm(k) => {
+                if let Some(i) = k.vcpus.iter().position(|v| state::vcpu_id(v.index) == s.id) {
+                    let vs = VcpuState::from_bytes(&s.data).map_err(|e| e.to_string())?;
+                    k.load_vcpu(i, &vs)
+                } else {
+                    k.load_device(&s.id, &s.data)
+                }
+            }
+            Machine::Software(vcpus) => {
+                let v = vcpus
+                    .iter()
+                    .find(|v| state::swcpu_id(v.index) == s.id)
+                    .ok_or("not a device of a software VM")?;
+                let p = SoftPosition::from_bytes(&s.data).map_err(|e| e.to_string())?;
+                v.set_position(p, &self.workload)
+            }
+        }
+    }
+
+    fn passes(&self) -> Vec<u64> {
+        (0..self.workload.vcpus())
+            .map(|i| oracle::pass_of(&self.mem, i).unwrap_or(0))
+            .collect()
+    }
+
+    fn vcpu_stats(&self) -> Vec<VcpuStats> {
+        match &self.machine {
+            Machine::Kvm(k) => k.vcpus.iter().map(|v| v.counters.snapshot()).collect(),
+            Machine::Software(v) => v.iter().map(|v| v.counters.snapshot()).collect(),
+        }
+    }
+}
+
+/// Accessors shared by [`Vm`] and [`VmHandle`].
+macro_rules! accessors {
+    ($t:ty) => {
+        impl $t {
+            /// Which kind of vCPU runs the guest.
+            pub fn kind(&self) -> GuestKind {
+                self.inner.kind
+            }
+
+            /// The guest kind and configuration, as the `machine` blob carries them.
+            pub fn machine_info(&self) -> MachineInfo {
+                self.inner.machine_blob()
+            }
+
+            /// The VM's configuration.
+            pub fn config(&self) -> &VmConfig {
+                self.inner.workload.config()
+            }
+
+            /// The workload's layout: what the oracle checks against.
+            pub fn workload(&self) -> &Workload {
+                &self.inner.workload
+            }
+
+            /// Guest RAM. Read and write it through `vm-memory` (volatile accesses); the
+            /// vCPUs may be writing it unless paused.
+            pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+                &self.inner.mem
+            }
+
+            /// Page geometry of guest RAM (migration-core's dense page numbering).
+            pub fn ram_layout(&self) -> &RamLayout {
+                &self.inner.layout
+            }
+
+            /// The KVM memory slots, one per RAM region, in slot order. Empty for a
+            /// software guest.
+            pub fn memory_slots(&self) -> &[MemorySlot] {
+                match &self.inner.machine {
+                    Machine::Kvm(k) => &k.slots,
+                    Machine::Software(_) => &[],
+                }
+            }
+
+            /// The KVM VM, for the dirty log. `None` for a software guest.
+            pub fn vm_fd(&self) -> Option<Arc<VmFd>> {
+                match &self.inner.machine {
+                    Machine::Kvm(k) => Some(k.vm.clone()),
+                    Machine::Software(_) => None,
+                }
+            }
+
+            /// The host mappings of guest RAM, one per region, ascending.
+            pub fn host_ranges(&self) -> Vec<HostRange> {
+                self.inner
+                    .mem
+                    .iter()
+                    .map(|r| HostRange {
+                        guest_base: r.start_addr().0,
+                        size: r.len(),
+                        host_addr: r
+                            .get_host_address(vm_memory::MemoryRegionAddress(0))
+                            .map(|p| p as u64)
+                            .unwrap_or(0),
+                    })
+                    .collect()
+            }
+
+            /// Runs the oracle over guest RAM. Meaningful with the VM paused.
+            pub fn check(&self) -> Result<OracleReport, OracleError> {
+                oracle::check(&self.inner.mem, &self.inner.workload)
+            }
+
+            /// Hash of all guest RAM. Meaningful with the VM paused.
+            pub fn ram_hash(&self) -> Result<u64, OracleError> {
+                oracle::ram_hash(&self.inner.mem)
+            }
+
+            /// Each vCPU's pass counter, read from its control block.
+            pub fn passes(&self) -> Vec<u64> {
+                self.inner.passes()
+            }
+
+            /// Each vCPU's run, throttle and exit counters.
+            pub fn vcpu_stats(&self) -> Vec<VcpuStats> {
+                self.inner.vcpu_stats()
+            }
+
+            /// Console lines the guest completed, and those the console dropped.
+            pub fn console_lines(&self) -> (u64, u64) {
+                (self.inner.serial.lines(), self.inner.serial.dropped())
+            }
+
+            /// Why vCPUs stopped for good (a triple fault, a failed KVM_RUN), if any did.
+            pub fn failures(&self) -> Vec<String> {
+                self.inner.ctl.failures()
+            }
+
+            /// Is the VM paused (every vCPU parked)?
+            pub fn is_paused(&self) -> bool {
+                self.inner.ctl.all_parked()
+            }
+
+            /// Makes a software vCPU spend at least `per_page` on each page (zero: as fast
+            /// as it can, the default). No effect on KVM vCPUs.
+            pub fn set_software_pace(&self, per_page: Duration) {
+                self.inner
+                    .ctl
+                    .set_software_pace_ns(per_page.as_nanos().min(u128::from(u64::MAX)) as u64);
+            }
+
+            /// The throttle in force, in percent.
+            pub fn throttle(&self) -> u8 {
+                self.inner.ctl.throttle_pct()
+            }
+
+            /// Waits until every vCPU has completed at least `passes` passes. Fails if a
+            /// vCPU stops or `timeout` expires first.
+            pub fn wait_for_passes(
+                &self,
+                passes: u64,
+                timeout: Duration,
+            ) -> Result<Vec<u64>, String> {
+                let deadline = Instant::now() + timeout;
+                loop {
+                    let p = self.passes();
+                    if p.iter().all(|&x| x >= passes) {
+                        return Ok(p);
+                    }
+                    let f = self.failures();
+                    if !f.is_empty() {
+                        return Err(f.join("; "));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(format!(
+                            "after {timeout:?} the vCPUs are at passes {p:?}, not yet {passes}"
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+
+        impl VmControl for $t {
+            fn pause(&mut self) -> Result<(), VmError> {
+                self.inner.pause()
+            }
+
+            fn resume(&mut self) -> Result<(), VmError> {
+                self.inner.resume()
+            }
+
+            fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
+                self.inner.set_throttle(percent)
+            }
+
+            fn save_device_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+                self.inner.save()
+            }
+
+            fn load_device_state(&mut self, states: &[DeviceState]) -> Result<(), VmError> {
+                self.inner.load(states)
+            }
+        }
+    };
+}
+
+accessors!(Vm);
+accessors!(VmHandle);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::Fill;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn machine_info_round_trips(mem in 1u64..1 << 40, regions in 0u32..100, vcpus in 0u32..100,
+                                    ws in any::<u64>(), zero in any::<bool>(), seed in any::<u64>(), kvm in any::<bool>()) {
+            let m = MachineInfo {
+                guest: if kvm { GuestKind::Kvm } else { GuestKind::Software },
+                config: VmConfig {
+                    mem_bytes: mem,
+                    ram_regions: regions,
+                    vcpus,
+                    working_set_bytes: ws,
+                    fill: if zero { Fill::Zero } else { Fill::Random },
+                    seed,
+                },
+            };
+            prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()), Ok(m.clone()));
+            let states = vec![DeviceState::new(state::MACHINE_ID, BLOB_VERSION, m.to_bytes())];
+            prop_assert_eq!(MachineInfo::from_states(&states), Ok(m));
+        }
+
+        #[test]
+        fn machine_info_never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = MachineInfo::from_bytes(&data);
+        }
+    }
+
+    #[test]
+    fn oversized_machine_info_is_refused_before_parsing() {
+        let big = vec![b' '; (64 << 10) + 1];
+        assert!(
+            MachineInfo::from_bytes(&big)
+                .unwrap_err()
+                .contains("too large")
+        );
+        assert!(MachineInfo::from_states(&[]).is_err());
+    }
+}
