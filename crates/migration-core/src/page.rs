@@ -315,9 +315,23 @@ const MIN_GAP: usize = 3;
 /// than the output can hold anyway.
 #[inline]
 fn changed_run_end(old: &[u8], new: &[u8], j: usize, budget: usize) -> Option<usize> {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
     let n = new.len();
     let mut k = j;
     loop {
+        // Eight bytes at a time while all eight differ: their XOR has no zero byte.
+        while k + 8 <= n {
+            let x =
+                u64::from_le_bytes(word(&old[k..k + 8])) ^ u64::from_le_bytes(word(&new[k..k + 8]));
+            if x.wrapping_sub(LOW) & !x & HIGH != 0 {
+                break;
+            }
+            k += 8;
+            if k - j > budget {
+                return None;
+            }
+        }
         while k < n && old[k] != new[k] {
             k += 1;
             if k - j > budget {
