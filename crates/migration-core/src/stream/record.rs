@@ -46,6 +46,10 @@ impl Config {
 }
 
 /// One device's saved state.
+///
+/// The whole state travels in one record, so it must fit the receiver's
+/// [`DecoderOptions::max_record_len`](super::DecoderOptions::max_record_len) (64 MiB by
+/// default); a VMM with larger device state raises that limit on both sides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
     /// Which device, as the VMM names it.
