@@ -64,7 +64,7 @@
 //! | `0x0001` | [`Config`] | `page_size: u32`, `region_count: u32`, `region_count` × (`guest_base: u64`, `size: u64`), `vmm_len: u32`, `vmm: [u8; vmm_len]` |
 //! | `0x0002` | [`PageBatch`] | `page_size: u32`, then page entries to the end of the payload (below) |
 //! | `0x0003` | [`DeviceState`] | `id: string`, `version: u32`, `data`: the rest of the payload |
-//! | `0x8004` | [`IterationStats`] (skippable) | ten `u64`: iteration, zero, raw, zstd and delta pages, bytes, dirty pages left, duration in ns, dirty rate in pages/s, bandwidth in bytes/s |
+//! | `0x8004` | [`IterationEnd`] (skippable) | ten `u64`: iteration, zero, raw, zstd and delta pages, bytes, dirty pages left, duration in ns, dirty rate and bandwidth in bytes/s |
 //! | `0x0005` | [`Record::DiscardPages`] | `ranges` |
 //! | `0x0006` | [`Record::SwitchToPostcopy`] | `ranges` (pages to discard) |
 //! | `0x0007` | [`Record::Complete`] | empty |
@@ -140,6 +140,6 @@ pub use decoder::{
 };
 pub use error::{PayloadError, StreamError};
 pub use header::{Direction, HEADER_LEN, HeaderFlags, StreamHeader, VERSION};
-pub use record::{Config, DeviceState, IterationStats, Record, write_postcopy_switch};
+pub use record::{Config, DeviceState, IterationEnd, Record, write_postcopy_switch};
 pub use ret::{Ack, ReturnRecord, Verdict};
 pub use wire::{RECORD_OVERHEAD, RecordType, write_record};

@@ -45,25 +45,15 @@ impl Config {
     }
 }
 
-/// One device's saved state.
-///
-/// The whole state travels in one record, so it must fit the receiver's
-/// [`DecoderOptions::max_record_len`](super::DecoderOptions::max_record_len) (64 MiB by
-/// default); a VMM with larger device state raises that limit on both sides.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceState {
-    /// Which device, as the VMM names it.
-    pub id: String,
-    /// The version of the device's state format.
-    pub version: u32,
-    /// The state, opaque to the stream.
-    pub data: Bytes,
-}
+/// One device's saved state travels as [`crate::vm::DeviceState`], in one record, so it must
+/// fit the receiver's [`DecoderOptions::max_record_len`](super::DecoderOptions::max_record_len)
+/// (64 MiB by default); a VMM with larger device state raises that limit on both sides.
+pub use crate::vm::DeviceState;
 
 /// What one pass of pre-copy sent, as the source saw it. Informational: the record is
 /// skippable, and the destination uses it for progress reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
-pub struct IterationStats {
+pub struct IterationEnd {
     /// Pass number, from 0.
     pub iteration: u64,
     /// Pages sent as zero pages.
@@ -80,13 +70,13 @@ pub struct IterationStats {
     pub dirty_pages_left: u64,
     /// Duration of the pass, in nanoseconds.
     pub duration_ns: u64,
-    /// Pages dirtied per second during the pass.
+    /// Bytes dirtied per second during the pass.
     pub dirty_rate: u64,
     /// Bytes sent per second during the pass.
     pub bandwidth: u64,
 }
 
-impl IterationStats {
+impl IterationEnd {
     fn fields(&self) -> [u64; 10] {
         [
             self.iteration,
@@ -102,8 +92,24 @@ impl IterationStats {
         ]
     }
 
+    /// The wire summary of an engine's statistics for one pass.
+    pub fn from_stats(s: &crate::stats::IterationStats) -> Self {
+        IterationEnd {
+            iteration: s.iteration as u64,
+            zero_pages: s.pages.zero,
+            raw_pages: s.pages.raw,
+            zstd_pages: s.pages.zstd,
+            delta_pages: s.pages.delta,
+            bytes: s.bytes_on_wire,
+            dirty_pages_left: s.dirty_pages_after,
+            duration_ns: s.duration.as_nanos().min(u64::MAX as u128) as u64,
+            dirty_rate: s.dirty_rate_bps as u64,
+            bandwidth: s.bandwidth_bps as u64,
+        }
+    }
+
     fn from_fields(f: [u64; 10]) -> Self {
-        IterationStats {
+        IterationEnd {
             iteration: f[0],
             zero_pages: f[1],
             raw_pages: f[2],
@@ -128,7 +134,7 @@ pub enum Record {
     /// One device's state.
     DeviceState(DeviceState),
     /// The end of a pre-copy pass.
-    IterationEnd(IterationStats),
+    IterationEnd(IterationEnd),
     /// Pages the destination must discard before post-copy starts, when the list is too
     /// long for [`Record::SwitchToPostcopy`] alone.
     DiscardPages(Vec<Range<u64>>),
@@ -375,7 +381,7 @@ pub(crate) fn decode(
             for v in &mut f {
                 *v = r.u64("iteration statistics")?;
             }
-            Record::IterationEnd(IterationStats::from_fields(f))
+            Record::IterationEnd(IterationEnd::from_fields(f))
         }
         RecordType::DISCARD_PAGES => Record::DiscardPages(get_ranges(&mut r, ctx.page_count)?),
         RecordType::SWITCH_TO_POSTCOPY => Record::SwitchToPostcopy {

@@ -171,8 +171,8 @@ fn arb_ranges(pages: u64) -> impl Strategy<Value = Vec<Range<u64>>> {
     })
 }
 
-fn arb_stats() -> impl Strategy<Value = IterationStats> {
-    any::<[u64; 10]>().prop_map(|f| IterationStats {
+fn arb_stats() -> impl Strategy<Value = IterationEnd> {
+    any::<[u64; 10]>().prop_map(|f| IterationEnd {
         iteration: f[0],
         zero_pages: f[1],
         raw_pages: f[2],
@@ -602,7 +602,7 @@ fn small_stream() -> (StreamHeader, Vec<Record>) {
             version: 2,
             data: Bytes::from_static(b"\x01\x02"),
         }),
-        Record::IterationEnd(IterationStats {
+        Record::IterationEnd(IterationEnd {
             iteration: 1,
             zero_pages: 1,
             raw_pages: 1,
@@ -925,7 +925,7 @@ fn records_after_the_end_and_streams_without_one_are_errors() {
     );
 
     let mut wire = with_header(Direction::Migration);
-    Record::IterationEnd(IterationStats::default()).encode(&mut wire);
+    Record::IterationEnd(IterationEnd::default()).encode(&mut wire);
     let (_, end) = decode_stream(&wire, wire.len(), DecoderOptions::default());
     assert!(
         matches!(end, Err(StreamError::Unterminated { offset, .. }) if offset == wire.len() as u64)

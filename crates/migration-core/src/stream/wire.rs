@@ -25,7 +25,7 @@ impl RecordType {
     pub const PAGE_BATCH: RecordType = RecordType(0x0002);
     /// [`DeviceState`](super::DeviceState).
     pub const DEVICE_STATE: RecordType = RecordType(0x0003);
-    /// [`IterationStats`](super::IterationStats); skippable, it only informs.
+    /// [`IterationEnd`](super::IterationEnd); skippable, it only informs.
     pub const ITERATION_END: RecordType = RecordType(0x8004);
     /// [`Record::DiscardPages`](super::Record::DiscardPages).
     pub const DISCARD_PAGES: RecordType = RecordType(0x0005);
