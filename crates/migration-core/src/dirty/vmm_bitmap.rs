@@ -130,3 +130,97 @@ impl DirtyTracker for VmmBitmapTracker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddress};
+
+    fn memory() -> (GuestMemoryMmap<AtomicBitmap>, RamLayout) {
+        // 5 + 70 pages: region 1 starts at global page 5, inside the first bitmap word.
+        let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+            (GuestAddress(0), 5 * 4096),
+            (GuestAddress(0x10_0000), 70 * 4096),
+        ])
+        .unwrap();
+        let layout = RamLayout::of_memory(&mem).unwrap();
+        (mem, layout)
+    }
+
+    fn sync(t: &mut VmmBitmapTracker, layout: &RamLayout) -> Vec<usize> {
+        let mut b = layout.new_bitmap();
+        t.sync_and_clear(&mut b).unwrap();
+        b.iter_ones().collect()
+    }
+
+    #[test]
+    fn reports_exactly_the_pages_written_through_vm_memory() {
+        let (mem, layout) = memory();
+        let mut t = VmmBitmapTracker::new(&mem, &layout).unwrap();
+        assert!(matches!(
+            t.sync_and_clear(&mut layout.new_bitmap()),
+            Err(TrackerError::NotStarted { .. })
+        ));
+        mem.write_obj(1u32, GuestAddress(0x1000)).unwrap(); // before start
+        t.start().unwrap();
+        assert_eq!(sync(&mut t, &layout), Vec::<usize>::new());
+
+        // Straddles pages 2 and 3 of region 1 (global 7 and 8).
+        mem.write_slice(&[0xaa; 10], GuestAddress(0x10_0000 + 3 * 4096 - 4))
+            .unwrap();
+        mem.write_obj(0x1234u64, GuestAddress(0x2000)).unwrap(); // global 2
+        // Three pages' worth from 100 bytes into region-1 page 60: pages 60..=63.
+        mem.write_slice(&[1; 3 * 4096], GuestAddress(0x10_0000 + 60 * 4096 + 100))
+            .unwrap();
+        // Reads are not writes.
+        let _: u64 = mem.read_obj(GuestAddress(0x10_0000 + 40 * 4096)).unwrap();
+        assert_eq!(sync(&mut t, &layout), vec![2, 7, 8, 65, 66, 67, 68]);
+        assert_eq!(sync(&mut t, &layout), Vec::<usize>::new());
+
+        // The sync ORs: what the caller's bitmap holds stays.
+        mem.write_obj(9u8, GuestAddress(0x10_0000 + 69 * 4096 + 4095))
+            .unwrap();
+        let mut b = layout.new_bitmap();
+        b.set(0);
+        t.sync_and_clear(&mut b).unwrap();
+        assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![0, 74]);
+
+        // A wrong-sized bitmap is an error and loses nothing.
+        mem.write_obj(9u8, GuestAddress(0x4000)).unwrap();
+        assert!(matches!(
+            t.sync_and_clear(&mut DirtyBitmap::new(74)),
+            Err(TrackerError::BitmapLength {
+                expected: 75,
+                got: 74,
+                ..
+            })
+        ));
+        assert_eq!(sync(&mut t, &layout), vec![4]);
+
+        t.stop().unwrap();
+        t.stop().unwrap();
+        assert!(matches!(
+            t.sync_and_clear(&mut layout.new_bitmap()),
+            Err(TrackerError::NotStarted { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_memory_that_does_not_fit_the_layout() {
+        let (mem, _) = memory();
+        let only_region0 = RamLayout::new(4096, &[(0, 5 * 4096)]).unwrap();
+        let e = VmmBitmapTracker::new(&mem, &only_region0).err().unwrap();
+        assert!(e.to_string().contains("region 1 at 0x100000"), "{e}");
+        let short = RamLayout::new(4096, &[(0, 5 * 4096), (0x10_0000, 69 * 4096)]).unwrap();
+        assert!(VmmBitmapTracker::new(&mem, &short).is_err());
+        // vm-memory's bitmap counts 4 KiB pages; a layout of 8 KiB pages cannot use it.
+        let mem16 =
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 16 * 4096)]).unwrap();
+        let pages_8k = RamLayout::new(8192, &[(0, 16 * 4096)]).unwrap();
+        let e = VmmBitmapTracker::new(&mem16, &pages_8k).err().unwrap();
+        assert!(
+            e.to_string().contains("not one bit per 8192-byte page"),
+            "{e}"
+        );
+    }
+}
