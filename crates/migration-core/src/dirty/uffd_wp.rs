@@ -100,6 +100,9 @@ const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
+/// Dirty runs closer than this (in layout pages) are protected again by one ioctl.
+const COALESCE_GAP_PAGES: usize = 8;
+
 fn host_page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -649,13 +652,30 @@ impl UffdWpTracker {
             return Err(e);
         }
         // Only pages the handler unprotected (all of them recorded, under this lock) can be
-        // writable; protect those again before handing the record over.
+        // writable; protect those again before handing the record over. Protecting a page
+        // that is still protected changes nothing, so runs separated by a short gap go in
+        // one ioctl. Only a short one: the kernel rewrites every entry of the range, at
+        // ~70 ns each on the benchmark machine, against ~1.4 us per ioctl.
+        let protect = |r: &HostRange, pages: Range<usize>| {
+            let addr = r.host_addr + (pages.start - r.first_page) * page_size;
+            let len = pages.len() * page_size;
+            retry_eagain(|| state.shared.uffd.write_protect(addr as *mut c_void, len))
+                .map_err(|e| r.err(page_size, "UFFDIO_WRITEPROTECT", e))
+        };
         for r in ranges {
+            let mut pending: Option<Range<usize>> = None;
             for run in record.pages.iter_runs_in(r.pages(page_size)) {
-                let addr = r.host_addr + (run.start - r.first_page) * page_size;
-                let len = run.len() * page_size;
-                retry_eagain(|| state.shared.uffd.write_protect(addr as *mut c_void, len))
-                    .map_err(|e| r.err(page_size, "UFFDIO_WRITEPROTECT", e))?;
+                match &mut pending {
+                    Some(p) if run.start - p.end <= COALESCE_GAP_PAGES => p.end = run.end,
+                    _ => {
+                        if let Some(p) = pending.replace(run) {
+                            protect(r, p)?;
+                        }
+                    }
+                }
+            }
+            if let Some(p) = pending {
+                protect(r, p)?;
             }
         }
         into.union_with(&record.pages);
