@@ -2,9 +2,9 @@
 //!
 //! A pre-copy engine sends all of RAM once, then asks a [`DirtyTracker`] again and again
 //! which pages were written in the meantime, and resends those. Every backend answers in
-//! the dense page indices of one [`RamLayout`], into a [`DirtyBitmap`]:
+//! the dense page indices of one [`RamLayout`](crate::RamLayout), into a [`DirtyBitmap`]:
 //!
-//! - [`KvmDirtyLog`] (feature `kvm`): pages the guest wrote, from KVM's per-slot dirty log,
+//! - `KvmDirtyLog` (module `kvm`, feature `kvm`): pages the guest wrote, from KVM's per-slot dirty log,
 //!   either with `KVM_GET_DIRTY_LOG` clearing as it reads, or with manual protection
 //!   (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` and `KVM_CLEAR_DIRTY_LOG`);
 //! - [`VmmBitmapTracker`]: pages the VMM itself wrote through `vm-memory` (virtio devices,

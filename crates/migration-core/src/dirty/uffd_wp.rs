@@ -325,8 +325,10 @@ struct SyncShared {
 struct Record {
     /// Pages unprotected by the handler since the last sync.
     pages: DirtyBitmap,
-    /// The first thing that went wrong in the handler thread.
+    /// The first thing that went wrong in the handler thread, until a sync reports it.
     error: Option<TrackerError>,
+    /// The handler thread gave up: nothing is tracked any more.
+    dead: bool,
 }
 
 impl UffdWpTracker {
@@ -547,6 +549,7 @@ impl UffdWpTracker {
                 record: Mutex::new(Record {
                     pages: DirtyBitmap::new(self.pages),
                     error: None,
+                    dead: false,
                 }),
             });
             let thread = {
@@ -650,6 +653,14 @@ impl UffdWpTracker {
         let mut record = state.shared.lock();
         if let Some(e) = record.error.take() {
             return Err(e);
+        }
+        if record.dead {
+            return Err(os_error(
+                "write-fault handler",
+                io::Error::other(
+                    "the handler thread stopped after an earlier error; stop and start the tracker again",
+                ),
+            ));
         }
         // Only pages the handler unprotected (all of them recorded, under this lock) can be
         // writable; protect those again before handing the record over. Protecting a page
@@ -794,84 +805,89 @@ impl SyncShared {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                self.fail("poll on the userfaultfd", e);
-                return;
+                return self.give_up(&mut self.lock(), os_error("poll on the userfaultfd", e));
             }
             if fds[1].revents != 0 {
                 return;
             }
             if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                self.fail(
-                    "poll on the userfaultfd",
-                    io::Error::other("error or hang-up"),
-                );
-                return;
+                let e = io::Error::other("error or hang-up");
+                return self.give_up(&mut self.lock(), os_error("poll on the userfaultfd", e));
             }
             let batch = match self.uffd.read_events(&mut events) {
                 Ok(batch) => batch,
                 Err(e) => {
-                    self.fail("reading userfaultfd events", uffd_io(e));
-                    return;
+                    let e = os_error("reading userfaultfd events", uffd_io(e));
+                    return self.give_up(&mut self.lock(), e);
                 }
             };
             // One lock for the whole batch: a fault read before a sync is either answered
             // before the sync protects, or recorded for the sync after it.
             let mut record = self.lock();
             for event in batch {
-                match event {
+                let answered = match event {
                     Ok(Event::Pagefault {
                         kind: FaultKind::WriteProtected,
                         addr,
                         ..
                     }) => self.answer(&mut record, addr as usize),
-                    Ok(other) => tracing::debug!(event = ?other, "ignoring userfaultfd event"),
-                    Err(e) => {
-                        record.error.get_or_insert(TrackerError::Os {
-                            backend: BACKEND,
-                            op: "decoding a userfaultfd event",
-                            source: uffd_io(e),
-                        });
+                    Ok(other) => {
+                        tracing::debug!(event = ?other, "ignoring userfaultfd event");
+                        Ok(())
                     }
+                    Err(e) => Err(os_error("decoding a userfaultfd event", uffd_io(e))),
+                };
+                if let Err(e) = answered {
+                    return self.give_up(&mut record, e);
                 }
             }
         }
     }
 
     /// Records the page at `addr`, then lets the writer through.
-    fn answer(&self, record: &mut Record, addr: usize) {
+    fn answer(&self, record: &mut Record, addr: usize) -> Result<(), TrackerError> {
         let page_addr = addr & !(self.host_page - 1);
         let Some(r) = self.range_of(page_addr) else {
-            record.error.get_or_insert(TrackerError::Os {
-                backend: BACKEND,
-                op: "answering a write-protect fault",
-                source: io::Error::other(format!("fault at {addr:#x} outside every tracked range")),
-            });
-            return;
+            return Err(os_error(
+                "answering a write-protect fault",
+                io::Error::other(format!("fault at {addr:#x} outside every tracked range")),
+            ));
         };
         let page = r.first_page + (page_addr - r.host_addr) / self.page_size;
         record.pages.set(page);
-        if let Err(e) = retry_eagain(|| {
+        retry_eagain(|| {
             self.uffd
                 .remove_write_protection(page_addr as *mut c_void, self.host_page, true)
-        }) {
-            record.error.get_or_insert(TrackerError::Range {
-                backend: BACKEND,
-                op: "UFFDIO_WRITEPROTECT (unprotect after a fault)",
-                host: page_addr as u64,
-                len: self.host_page as u64,
-                pages: page..page + 1,
-                source: e,
-            });
-        }
+        })
+        .map_err(|source| TrackerError::Range {
+            backend: BACKEND,
+            op: "UFFDIO_WRITEPROTECT (unprotect after a fault)",
+            host: page_addr as u64,
+            len: self.host_page as u64,
+            pages: page..page + 1,
+            source,
+        })
     }
 
-    fn fail(&self, op: &'static str, source: io::Error) {
-        tracing::error!(op, error = %source, "uffd-wp handler thread stops");
-        self.lock().error.get_or_insert(TrackerError::Os {
-            backend: BACKEND,
-            op,
-            source,
-        });
+    /// The handler cannot go on: lift every protection, so that no writer waits for an
+    /// answer that will not come, and mark the tracker failed for every later sync.
+    fn give_up(&self, record: &mut Record, error: TrackerError) {
+        tracing::error!(%error, "uffd-wp handler thread stops");
+        for r in self.ranges.iter() {
+            let _ = self
+                .uffd
+                .remove_write_protection(r.host_addr as *mut c_void, r.len, true);
+        }
+        record.error.get_or_insert(error);
+        record.dead = true;
+    }
+}
+
+fn os_error(op: &'static str, source: io::Error) -> TrackerError {
+    TrackerError::Os {
+        backend: BACKEND,
+        op,
+        source,
     }
 }
 
