@@ -330,6 +330,14 @@ fn kvm_slots_must_fit_the_layout() {
         }
         other => panic!("slot past its region accepted: {:?}", other.err()),
     }
+    // The tracker may also borrow the VM instead of sharing it.
+    // SAFETY: the slots are as registered, over `g.mem`, which outlives the tracker.
+    let mut borrowed =
+        unsafe { KvmDirtyLog::new(&*g.vm, &g.layout, &g.slots, KvmDirtyLogMode::GetClears) }
+            .unwrap();
+    borrowed.start().unwrap();
+    assert_eq!(sync(&mut borrowed, &g.layout), Vec::<usize>::new());
+    borrowed.stop().unwrap();
     let huge_pages = RamLayout::new(2 << 20, &[(0, 2 << 20)]).unwrap();
     // SAFETY: as above.
     let r = unsafe {

@@ -28,6 +28,9 @@ impl UnionTracker {
 
     /// Adds a tracker. A running union must be stopped first, so that the newcomer's
     /// `start` lines up with the others'.
+    ///
+    /// # Panics
+    /// If the union is started.
     pub fn push(&mut self, member: Box<dyn DirtyTracker>) {
         assert_eq!(self.started, 0, "UnionTracker::push on a started union");
         self.members.push(member);
