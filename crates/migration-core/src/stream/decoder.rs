@@ -2,7 +2,7 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use super::error::StreamError;
+use super::error::{PayloadError, StreamError};
 use super::header::{Direction, HEADER_LEN, StreamHeader};
 use super::record::{self, Record};
 use super::ret::{self, ReturnRecord};
@@ -99,6 +99,51 @@ impl Framer {
 
     fn fail(&mut self, offset: u64) {
         self.state = State::Failed { offset };
+    }
+
+    /// Frames the next header or record and hands a record's payload to `decode`: the
+    /// part both directions share (skipping unknown skippable records, failing on unknown
+    /// others and on malformed payloads, ending after a terminal record).
+    fn next_frame<R>(
+        &mut self,
+        buf: &mut BytesMut,
+        mut decode: impl FnMut(RecordType, &Bytes) -> Result<Option<R>, PayloadError>,
+        is_terminal: impl Fn(&R) -> bool,
+    ) -> Result<Option<Frame<R>>, StreamError> {
+        loop {
+            let raw = match self.next(buf)? {
+                None => return Ok(None),
+                Some(RawFrame::Header(h)) => return Ok(Some(Frame::Header(h))),
+                Some(RawFrame::Record(raw)) => raw,
+            };
+            match decode(raw.record_type, &raw.payload) {
+                Ok(Some(record)) => {
+                    if is_terminal(&record) {
+                        self.state = State::Ended;
+                    }
+                    return Ok(Some(Frame::Record(record)));
+                }
+                Ok(None) if raw.record_type.is_skippable() => {
+                    tracing::debug!(record_type = %raw.record_type, offset = raw.offset, "skipping unknown record");
+                    self.skipped += 1;
+                }
+                Ok(None) => {
+                    self.fail(raw.offset);
+                    return Err(StreamError::UnknownRecord {
+                        record_type: raw.record_type,
+                        offset: raw.offset,
+                    });
+                }
+                Err(reason) => {
+                    self.fail(raw.offset);
+                    return Err(StreamError::Malformed {
+                        record_type: raw.record_type,
+                        offset: raw.offset,
+                        reason,
+                    });
+                }
+            }
+        }
     }
 
     fn next(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, StreamError> {
@@ -310,40 +355,12 @@ impl StreamDecoder {
     /// `Ok(None)` when `buf` does not hold a complete one yet. Unknown skippable records
     /// are consumed and skipped.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame<Record>>, StreamError> {
-        loop {
-            let raw = match self.framer.next(buf)? {
-                None => return Ok(None),
-                Some(RawFrame::Header(h)) => return Ok(Some(Frame::Header(h))),
-                Some(RawFrame::Record(raw)) => raw,
-            };
-            match record::decode(raw.record_type, &raw.payload, &mut self.ctx) {
-                Ok(Some(record)) => {
-                    if record.is_terminal() {
-                        self.framer.state = State::Ended;
-                    }
-                    return Ok(Some(Frame::Record(record)));
-                }
-                Ok(None) if raw.record_type.is_skippable() => {
-                    tracing::debug!(record_type = %raw.record_type, offset = raw.offset, "skipping unknown record");
-                    self.framer.skipped += 1;
-                }
-                Ok(None) => {
-                    self.framer.fail(raw.offset);
-                    return Err(StreamError::UnknownRecord {
-                        record_type: raw.record_type,
-                        offset: raw.offset,
-                    });
-                }
-                Err(reason) => {
-                    self.framer.fail(raw.offset);
-                    return Err(StreamError::Malformed {
-                        record_type: raw.record_type,
-                        offset: raw.offset,
-                        reason,
-                    });
-                }
-            }
-        }
+        let ctx = &mut self.ctx;
+        self.framer.next_frame(
+            buf,
+            |record_type, payload| record::decode(record_type, payload, ctx),
+            Record::is_terminal,
+        )
     }
 
     /// At the end of input: `Ok` if the stream ended with `Complete` or `Abort` and
@@ -380,45 +397,12 @@ impl ReturnDecoder {
         &mut self,
         buf: &mut BytesMut,
     ) -> Result<Option<Frame<ReturnRecord>>, StreamError> {
-        loop {
-            let raw = match self.framer.next(buf)? {
-                None => return Ok(None),
-                Some(RawFrame::Header(h)) => return Ok(Some(Frame::Header(h))),
-                Some(RawFrame::Record(raw)) => raw,
-            };
-            match ret::decode(
-                raw.record_type,
-                &raw.payload,
-                self.page_count,
-                self.max_bitmap_pages,
-            ) {
-                Ok(Some(record)) => {
-                    if record.is_terminal() {
-                        self.framer.state = State::Ended;
-                    }
-                    return Ok(Some(Frame::Record(record)));
-                }
-                Ok(None) if raw.record_type.is_skippable() => {
-                    tracing::debug!(record_type = %raw.record_type, offset = raw.offset, "skipping unknown record");
-                    self.framer.skipped += 1;
-                }
-                Ok(None) => {
-                    self.framer.fail(raw.offset);
-                    return Err(StreamError::UnknownRecord {
-                        record_type: raw.record_type,
-                        offset: raw.offset,
-                    });
-                }
-                Err(reason) => {
-                    self.framer.fail(raw.offset);
-                    return Err(StreamError::Malformed {
-                        record_type: raw.record_type,
-                        offset: raw.offset,
-                        reason,
-                    });
-                }
-            }
-        }
+        let (page_count, max_bitmap_pages) = (self.page_count, self.max_bitmap_pages);
+        self.framer.next_frame(
+            buf,
+            |record_type, payload| ret::decode(record_type, payload, page_count, max_bitmap_pages),
+            ReturnRecord::is_terminal,
+        )
     }
 
     /// At the end of input: `Ok` if the return path ended with a verdict and nothing
