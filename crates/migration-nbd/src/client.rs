@@ -39,6 +39,9 @@ pub struct ClientOptions {
     pub block_status: bool,
     /// Requests on the wire at once; submitting more waits.
     pub max_in_flight: usize,
+    /// Refuse, before sending, requests the server would reject (past the end, not
+    /// offered, unaligned...). Off only to test how servers answer them.
+    pub strict: bool,
 }
 
 impl Default for ClientOptions {
@@ -47,6 +50,7 @@ impl Default for ClientOptions {
             structured_replies: true,
             block_status: true,
             max_in_flight: 64,
+            strict: true,
         }
     }
 }
@@ -302,6 +306,7 @@ pub struct Client {
     reader: Option<JoinHandle<()>>,
     negotiated: ClientNegotiated,
     export: String,
+    strict: bool,
 }
 
 impl std::fmt::Debug for Client {
@@ -401,6 +406,7 @@ impl Client {
             reader: Some(reader),
             negotiated,
             export: export.to_string(),
+            strict: opts.strict,
         })
     }
 
@@ -479,6 +485,9 @@ impl Client {
     }
 
     fn check(&self, command: u16, offset: u64, length: u32) -> Result<(), ClientError> {
+        if !self.strict {
+            return Ok(());
+        }
         let invalid = |reason: String| ClientError::Invalid {
             command: proto::command_name(command),
             offset,
@@ -672,7 +681,7 @@ impl Client {
             f |= cflags::NO_HOLE;
         }
         if flags.fast {
-            if !self.can_fast_zero() {
+            if self.strict && !self.can_fast_zero() {
                 return Err(ClientError::Invalid {
                     command: "WRITE_ZEROES",
                     offset,

@@ -41,9 +41,10 @@ enum Command {
         /// Payload bytes one connection may hold at once.
         #[arg(long, default_value_t = ServerConfig::default().in_flight_bytes)]
         in_flight_bytes: usize,
-        /// Print this line on stdout once listening (for scripts).
+        /// Print the bound address (tcp:HOST:PORT or unix:PATH) on stdout once listening,
+        /// for scripts that ask for port 0.
         #[arg(long)]
-        ready_message: Option<String>,
+        print_address: bool,
     },
     /// Copy SRC to DST; each is a file or an NBD URI (nbd://HOST:PORT/EXPORT,
     /// nbd+unix:///EXPORT?socket=PATH). Holes stay holes.
@@ -95,7 +96,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             add_export,
             workers,
             in_flight_bytes,
-            ready_message,
+            print_address,
         } => {
             let mut exports = vec![ExportConfig {
                 read_only,
@@ -124,8 +125,11 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 server.exports().len(),
                 listener.local_addr()?
             );
-            if let Some(m) = ready_message {
-                println!("{m}");
+            if print_address {
+                use std::io::Write;
+                let mut out = std::io::stdout();
+                writeln!(out, "{}", listener.local_addr()?)?;
+                out.flush()?;
             }
             server.serve(&listener)?;
             Ok(())
