@@ -51,6 +51,10 @@ pub struct FileBackend {
     /// ask again on every request.
     no_punch: AtomicBool,
     no_zero_range: AtomicBool,
+    /// The file may contain holes. False when it had none at open and none was punched
+    /// since: reads then skip the `SEEK_DATA`/`SEEK_HOLE` calls (a hole made behind the
+    /// server's back only costs sending its zeroes as data).
+    may_have_holes: AtomicBool,
 }
 
 fn unsupported(e: &rustix::io::Errno) -> bool {
@@ -70,7 +74,7 @@ impl FileBackend {
         } else {
             None
         };
-        Ok(FileBackend {
+        let b = FileBackend {
             path: path.to_path_buf(),
             file,
             direct,
@@ -78,7 +82,38 @@ impl FileBackend {
             read_only,
             no_punch: AtomicBool::new(false),
             no_zero_range: AtomicBool::new(false),
-        })
+            may_have_holes: AtomicBool::new(true),
+        };
+        let holes = size == 0 || b.extents(0, size, 2)?.iter().any(|e| e.hole);
+        b.may_have_holes.store(holes, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    /// Whether reads should look for holes (see `may_have_holes`).
+    pub fn may_have_holes(&self) -> bool {
+        self.may_have_holes.load(Ordering::Relaxed)
+    }
+
+    /// Sends `length` bytes of the file at `offset` to `out` without copying them through
+    /// user space (`sendfile`). Returns the bytes sent: fewer only if the file ended first.
+    pub fn send_to(
+        &self,
+        out: impl std::os::fd::AsFd,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<u64> {
+        let mut pos = offset;
+        let end = offset + length;
+        while pos < end {
+            let n = (end - pos).min(1 << 30) as usize;
+            match rustix::fs::sendfile(&out, &self.file, Some(&mut pos), n) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(pos - offset)
     }
 
     /// Path of the file.
@@ -150,6 +185,7 @@ impl FileBackend {
         if length == 0 || self.no_punch.load(Ordering::Relaxed) {
             return Ok(());
         }
+        self.may_have_holes.store(true, Ordering::Relaxed);
         match rustix::fs::fallocate(
             &self.file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -178,6 +214,8 @@ impl FileBackend {
         if length == 0 {
             return Ok(());
         }
+        // Zeroed ranges may read back as holes (ZERO_RANGE makes unwritten extents).
+        self.may_have_holes.store(true, Ordering::Relaxed);
         if !no_hole && !self.no_punch.load(Ordering::Relaxed) {
             match rustix::fs::fallocate(
                 &self.file,

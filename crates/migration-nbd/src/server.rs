@@ -392,6 +392,32 @@ impl Server {
     }
 }
 
+/// Sends a reply header, telling TCP that data follows so it is not sent alone.
+fn send_more(stream: &Stream, bytes: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match rustix::net::send(
+            stream,
+            &bytes[done..],
+            rustix::net::SendFlags::MORE | rustix::net::SendFlags::NOSIGNAL,
+        ) {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Errors of the socket side of `sendfile` (the client went away), as opposed to errors
+/// reading the file.
+fn is_socket_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE) | Some(libc::ECONNRESET) | Some(libc::ENOTCONN) | Some(libc::ESHUTDOWN)
+    )
+}
+
 fn is_transient_accept_error(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -662,7 +688,10 @@ fn read_requests(
             }
             Verdict::Accept(request) => {
                 let buf = match request {
-                    Request::Read { length, .. } => Some(conn.pool.take(length as usize)),
+                    // Only O_DIRECT reads need a buffer; the others use sendfile.
+                    Request::Read { length, .. } if conn.backend.is_direct() => {
+                        Some(conn.pool.take(length as usize))
+                    }
                     Request::Write { length, .. } => {
                         let mut b = conn.pool.take(length as usize);
                         if let Err(e) = reader.payload(b.as_mut_slice()) {
@@ -746,12 +775,7 @@ impl Conn {
         } = job;
         let b = &self.backend;
         match request {
-            Request::Read { offset, length, df } => {
-                let mut buf = buf.expect("read buffer");
-                let r = self.read(cookie, offset, length, df, &mut buf);
-                self.pool.give(buf);
-                r
-            }
+            Request::Read { offset, length, df } => self.read(cookie, offset, length, df, buf),
             Request::Write {
                 offset,
                 length,
@@ -813,77 +837,91 @@ impl Conn {
         }
     }
 
+    /// Where the data of a read lies: `(offset, length, is_hole)` runs covering the
+    /// request, holes only when the reply can say so (structured, no `DF`).
+    fn read_segments(&self, offset: u64, length: u32, holes: bool) -> Vec<(u64, u64, bool)> {
+        let all_data = vec![(offset, length as u64, false)];
+        if !holes || !self.backend.may_have_holes() {
+            return all_data;
+        }
+        match self
+            .backend
+            .extents(offset, length as u64, 1 + length as usize / 512)
+        {
+            Ok(ext) if ext.iter().map(|e| e.length).sum::<u64>() == length as u64 => {
+                ext.iter().map(|e| (e.offset, e.length, e.hole)).collect()
+            }
+            // No sparseness information, or the file changed under us: all data.
+            _ => all_data,
+        }
+    }
+
     fn read(
         &self,
         cookie: u64,
         offset: u64,
         length: u32,
         df: bool,
-        buf: &mut AlignedBuf,
+        buf: Option<AlignedBuf>,
     ) -> io::Result<()> {
-        let what = || format!("READ offset {offset} length {length}");
-        if !self.session.structured_replies {
-            let mut head = BytesMut::new();
-            return match self.backend.read_at(buf.as_mut_slice(), offset) {
-                Ok(()) => {
-                    wire::encode_simple_reply(cookie, 0, &mut head);
-                    self.send(&mut [IoSlice::new(&head), IoSlice::new(buf.as_slice())])
-                }
-                Err(e) => {
-                    warn!("{} failed: {e}", what());
-                    let reply = self.error_reply(cookie, NbdErrno::from_io(&e), &what());
-                    self.send(&mut [IoSlice::new(&reply)])
-                }
-            };
-        }
-        if length == 0 {
+        let structured = self.session.structured_replies;
+        if structured && length == 0 {
             let mut out = BytesMut::new();
             ChunkPayload::None.encode_chunk(cookie, true, &mut out);
             return self.send(&mut [IoSlice::new(&out)]);
         }
-        // Holes become OFFSET_HOLE chunks unless the client asked for one chunk.
-        let extents = if df {
-            Ok(Vec::new())
-        } else {
-            self.backend
-                .extents(offset, length as u64, 1 + length as usize / 512)
-        };
-        let segments: Vec<(u64, u64, bool)> = match extents {
-            Ok(ext) if ext.iter().map(|e| e.length).sum::<u64>() == length as u64 => {
-                ext.iter().map(|e| (e.offset, e.length, e.hole)).collect()
+        let segments = self.read_segments(offset, length, structured && !df);
+        match buf {
+            None => self.read_sendfile(cookie, offset, length, &segments),
+            Some(mut buf) => {
+                let r = self.read_buffered(cookie, offset, length, &segments, &mut buf);
+                self.pool.give(buf);
+                r
             }
-            // No sparseness information, or the file changed under us: all data.
-            _ => vec![(offset, length as u64, false)],
-        };
+        }
+    }
+
+    /// Reads through a buffer (`O_DIRECT` exports).
+    fn read_buffered(
+        &self,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        segments: &[(u64, u64, bool)],
+        buf: &mut AlignedBuf,
+    ) -> io::Result<()> {
         let data = buf.as_mut_slice();
-        for &(o, l, hole) in &segments {
+        for &(o, l, hole) in segments {
             if hole {
                 continue;
             }
             let at = (o - offset) as usize;
             if let Err(e) = self.backend.read_at(&mut data[at..at + l as usize], o) {
-                warn!("{} failed: {e}", what());
-                let reply =
-                    self.error_reply(cookie, NbdErrno::from_io(&e), &format!("{}: {e}", what()));
+                warn!("READ offset {offset} length {length} failed: {e}");
+                let reply = self.error_reply(
+                    cookie,
+                    NbdErrno::from_io(&e),
+                    &format!("READ offset {offset} length {length}: {e}"),
+                );
                 return self.send(&mut [IoSlice::new(&reply)]);
             }
         }
         let mut heads = BytesMut::new();
+        if !self.session.structured_replies {
+            wire::encode_simple_reply(cookie, 0, &mut heads);
+            return self.send(&mut [IoSlice::new(&heads), IoSlice::new(buf.as_slice())]);
+        }
         for (i, &(o, l, hole)) in segments.iter().enumerate() {
-            let flags = if i + 1 == segments.len() {
-                proto::REPLY_FLAG_DONE
-            } else {
-                0
-            };
+            let done = i + 1 == segments.len();
             if hole {
                 ChunkPayload::OffsetHole {
                     offset: o,
                     length: l as u32,
                 }
-                .encode_chunk(cookie, flags != 0, &mut heads);
+                .encode_chunk(cookie, done, &mut heads);
             } else {
                 ChunkHeader {
-                    flags,
+                    flags: if done { proto::REPLY_FLAG_DONE } else { 0 },
                     kind: proto::chunk::OFFSET_DATA,
                     cookie,
                     length: 8 + l as u32,
@@ -895,12 +933,8 @@ impl Conn {
         let data = buf.as_slice();
         let mut slices = Vec::with_capacity(segments.len() * 2);
         let mut hpos = 0;
-        for &(o, l, hole) in &segments {
-            let hlen = if hole {
-                wire::CHUNK_HEADER_LEN + 12
-            } else {
-                wire::CHUNK_HEADER_LEN + 8
-            };
+        for &(o, l, hole) in segments {
+            let hlen = wire::CHUNK_HEADER_LEN + if hole { 12 } else { 8 };
             slices.push(IoSlice::new(&heads[hpos..hpos + hlen]));
             hpos += hlen;
             if !hole {
@@ -909,6 +943,93 @@ impl Conn {
             }
         }
         self.send(&mut slices)
+    }
+
+    /// Reads with `sendfile`: file pages go to the socket without a copy through this
+    /// process. A data chunk cannot be marked final before all of it is sent (an error
+    /// could still happen), so a `NONE` chunk ends the reply.
+    fn read_sendfile(
+        &self,
+        cookie: u64,
+        offset: u64,
+        length: u32,
+        segments: &[(u64, u64, bool)],
+    ) -> io::Result<()> {
+        let mut w = self.writer.lock().expect("writer lock");
+        let mut head = BytesMut::new();
+        if !self.session.structured_replies {
+            wire::encode_simple_reply(cookie, 0, &mut head);
+            send_more(&w, &head)?;
+            let sent = self.backend.send_to(&*w, offset, length as u64)?;
+            if sent < length as u64 {
+                // A simple reply cannot report an error after its header: hang up, as
+                // the protocol says.
+                return Err(io::Error::other(format!(
+                    "READ offset {offset} length {length}: file ended after {sent} bytes"
+                )));
+            }
+            return Ok(());
+        }
+        let mut failed = None;
+        for &(o, l, hole) in segments {
+            head.clear();
+            if hole {
+                ChunkPayload::OffsetHole {
+                    offset: o,
+                    length: l as u32,
+                }
+                .encode_chunk(cookie, false, &mut head);
+                send_more(&w, &head)?;
+                continue;
+            }
+            ChunkHeader {
+                flags: 0,
+                kind: proto::chunk::OFFSET_DATA,
+                cookie,
+                length: 8 + l as u32,
+            }
+            .encode(&mut head);
+            bytes::BufMut::put_u64(&mut head, o);
+            send_more(&w, &head)?;
+            let sent = match self.backend.send_to(&*w, o, l) {
+                Ok(n) => n,
+                Err(e) if is_socket_error(&e) => return Err(e),
+                Err(e) => {
+                    failed = Some((o, e));
+                    0
+                }
+            };
+            if sent < l {
+                // The chunk must be completed: pad it, then report the error.
+                let zeroes = vec![0u8; (l - sent).min(1 << 20) as usize];
+                let mut left = l - sent;
+                while left > 0 {
+                    let n = left.min(zeroes.len() as u64) as usize;
+                    std::io::Write::write_all(&mut *w, &zeroes[..n])?;
+                    left -= n as u64;
+                }
+                if failed.is_none() {
+                    failed = Some((
+                        o + sent,
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "file shorter than export"),
+                    ));
+                }
+            }
+        }
+        head.clear();
+        match failed {
+            None => ChunkPayload::None.encode_chunk(cookie, true, &mut head),
+            Some((at, e)) => {
+                warn!("READ offset {offset} length {length} failed at {at}: {e}");
+                ChunkPayload::ErrorOffset {
+                    error: NbdErrno::from_io(&e).0,
+                    message: format!("READ failed at offset {at}: {e}"),
+                    offset: at,
+                }
+                .encode_chunk(cookie, true, &mut head)
+            }
+        }
+        std::io::Write::write_all(&mut *w, &head)
     }
 
     fn block_status(&self, cookie: u64, offset: u64, length: u32, req_one: bool) -> io::Result<()> {

@@ -464,16 +464,23 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .expect("VmHWM in /proc/PID/status")
 }
 
-/// A client that sends 100 reads of 32 MiB (3.2 GiB of replies) before reading any reply
-/// cannot make the server hold more than its in-flight budget.
+/// A client that puts 3.2 GiB of 32 MiB reads and writes on the wire before waiting for any
+/// reply cannot make the server hold more than its in-flight budget (64 MiB of payload
+/// buffers per connection), with requests run inline or by workers, through the page cache
+/// (reads by sendfile) or O_DIRECT (reads through buffers). With a budget of 3 GB instead,
+/// the same test sees about 800 MiB, so it does detect unbounded buffering.
 #[test]
 fn server_memory_stays_bounded_by_in_flight_budget() {
-    for workers in ["0", "4"] {
+    for (workers, direct) in [("0", false), ("4", false), ("4", true)] {
         let dir = tempfile::tempdir().unwrap();
         let disk = dir.path().join("disk.img");
         make_sparse(&disk, SIZE, &[(0, SIZE as usize)]);
         let sock = dir.path().join("s.sock");
-        let server = serve_ours(&disk, &sock, &["--workers", workers]);
+        let mut args = vec!["--workers", workers];
+        if direct {
+            args.push("--direct");
+        }
+        let server = serve_ours(&disk, &sock, &args);
         let opts = migration_nbd::ClientOptions {
             max_in_flight: 1000,
             ..Default::default()
@@ -481,21 +488,31 @@ fn server_memory_stays_bounded_by_in_flight_budget() {
         let c =
             migration_nbd::Client::connect(&migration_nbd::Address::Unix(sock.clone()), "", &opts)
                 .unwrap();
-        let tickets: Vec<_> = (0..100)
-            .map(|i| c.submit_read((i % 2) * (32 << 20), 32 << 20).unwrap())
-            .collect();
+        let payload = pattern(5, 32 << 20);
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        for i in 0..50u64 {
+            let at = (i % 2) * (32 << 20);
+            reads.push(c.submit_read(at, 32 << 20).unwrap());
+            writes.push(c.submit_write(at, &payload, false).unwrap());
+        }
         let mut total = 0usize;
-        for t in tickets {
+        for t in reads {
             total += t.wait().unwrap().len();
         }
-        assert_eq!(total, 100 * (32 << 20));
+        for t in writes {
+            t.wait().unwrap();
+        }
+        assert_eq!(total, 50 * (32 << 20));
         let hwm = vm_hwm_kib(server.pid());
-        // 64 MiB of buffers, 64 KiB of input buffer per connection, the binary itself.
+        // 64 MiB of buffers, 64 KiB of input buffer, the binary and its threads.
         assert!(
             hwm < 128 * 1024,
-            "server peak RSS {hwm} KiB with workers={workers}: not bounded by its 64 MiB budget"
+            "server peak RSS {hwm} KiB (workers={workers}, direct={direct}): not bounded by its 64 MiB budget"
         );
-        eprintln!("workers={workers}: server peak RSS {hwm} KiB after 3.2 GiB of reads");
+        eprintln!(
+            "workers={workers} direct={direct}: server peak RSS {hwm} KiB after 3.2 GiB of requests"
+        );
         c.disconnect().unwrap();
     }
 }
