@@ -2,7 +2,9 @@
 # Throughput of NBD servers and clients, measured in one run on one machine:
 #   servers: migration-nbd serve, qemu-nbd, nbdkit file -- each serving its own copy of
 #            the same file, driven by the same client (nbdcopy);
-#   clients: migration-nbd copy and nbdcopy, both against qemu-nbd.
+#   clients: migration-nbd copy and nbdcopy (with --flush, as our copy always flushes), both
+#            against qemu-nbd, with every file of these cases in /dev/shm so that the disk
+#            does not hide the clients' own cost.
 # Rounds are interleaved (A B C, A B C...) so that load from other processes hits every
 # contender alike; the median of the rounds is printed, in MiB/s of export data.
 #
@@ -23,11 +25,12 @@ done
 ours="$root/target/release/migration-nbd"
 
 work=$(mktemp -d /tmp/nbd-bench.XXXXXX)
+shm=$(mktemp -d /dev/shm/nbd-bench.XXXXXX)
 pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$work"
+    rm -rf "$work" "$shm"
 }
 trap cleanup EXIT
 
@@ -44,6 +47,8 @@ head -c $((SIZE_MIB << 20)) /dev/urandom >"$work/src.img"
 for n in ours qemu nbdkit; do
     cp "$work/src.img" "$work/$n.img"
 done
+cp "$work/src.img" "$shm/src.img"
+cp "$work/src.img" "$shm/qemuc.img"
 sync
 
 uri() { echo "nbd+unix:///?socket=$work/$1.sock"; }
@@ -54,7 +59,9 @@ qemu-nbd -f raw -t --shared=16 -k "$work/qemu.sock" "$work/qemu.img" &
 pids+=($!)
 nbdkit -f -U "$work/nbdkit.sock" file file="$work/nbdkit.img" &
 pids+=($!)
-for n in ours qemu nbdkit; do wait_sock "$work/$n.sock"; done
+qemu-nbd -f raw -t --shared=16 -k "$work/qemuc.sock" "$shm/qemuc.img" &
+pids+=($!)
+for n in ours qemu nbdkit qemuc; do wait_sock "$work/$n.sock"; done
 
 for n in ours qemu nbdkit; do
     mc=$(nbdinfo "$(uri $n)" | awk '/can_multi_conn/ {print $2}')
@@ -95,17 +102,16 @@ for r in $(seq "$ROUNDS"); do
         run_case "write/$n" nbdcopy "$work/src.img" "$(uri $n)"
         sync
     done
-    # Clients against qemu-nbd, both writing into a local file.
-    rm -f "$work/out-nbdcopy.img" "$work/out-ours.img"
-    run_case "client-read/nbdcopy" nbdcopy "$(uri qemu)" "$work/out-nbdcopy.img"
-    run_case "client-read/ours" "$ours" copy "$(uri qemu)" "$work/out-ours.img"
-    cmp "$work/out-ours.img" "$work/qemu.img"
-    sync
-    run_case "client-write/nbdcopy" nbdcopy "$work/src.img" "$(uri qemu)"
-    sync
-    run_case "client-write/ours" "$ours" copy "$work/src.img" "$(uri qemu)"
-    sync
+    # Clients against qemu-nbd (file in /dev/shm), reading into and writing from /dev/shm.
+    rm -f "$shm/out-nbdcopy.img" "$shm/out-ours.img"
+    run_case "client-read/nbdcopy" nbdcopy --flush "$(uri qemuc)" "$shm/out-nbdcopy.img"
+    run_case "client-read/ours" "$ours" copy "$(uri qemuc)" "$shm/out-ours.img"
+    cmp "$shm/out-ours.img" "$shm/qemuc.img"
+    rm -f "$shm/out-nbdcopy.img" "$shm/out-ours.img"
+    run_case "client-write/nbdcopy" nbdcopy --flush "$shm/src.img" "$(uri qemuc)"
+    run_case "client-write/ours" "$ours" copy "$shm/src.img" "$(uri qemuc)"
 done
+cmp "$shm/qemuc.img" "$shm/src.img"
 
 cmp "$work/ours.img" "$work/src.img"
 cmp "$work/qemu.img" "$work/src.img"

@@ -596,9 +596,21 @@ impl Client {
 
     /// Submits a `READ`; the ticket yields the data (holes as zeroes).
     pub fn submit_read(&self, offset: u64, length: u32) -> Result<Ticket<Bytes>, ClientError> {
+        self.submit_read_into(offset, length, BytesMut::new())
+    }
+
+    /// Submits a `READ` into a buffer the caller recycles (for example one recovered with
+    /// `Bytes::try_into_mut` from an earlier read), which saves allocating and zeroing one
+    /// per request. Its old contents are all overwritten.
+    pub fn submit_read_into(
+        &self,
+        offset: u64,
+        length: u32,
+        mut buf: BytesMut,
+    ) -> Result<Ticket<Bytes>, ClientError> {
         self.check(cmd::READ, offset, length)?;
         let c = Completion::new();
-        let buf = BytesMut::zeroed(length as usize);
+        buf.resize(length as usize, 0);
         self.submit(
             Self::request(cmd::READ, 0, offset, length),
             None,
@@ -785,7 +797,9 @@ impl Drop for Client {
 }
 
 fn read_replies(shared: &Shared, stream: Stream, structured: bool) -> Result<(), String> {
-    let mut r = BufReader::with_capacity(256 * 1024, stream);
+    // Small on purpose: read data larger than the buffer goes straight into the request's
+    // buffer instead of being copied through this one.
+    let mut r = BufReader::with_capacity(16 * 1024, stream);
     let mut head = [0u8; CHUNK_HEADER_LEN];
     loop {
         match r.read(&mut head[..4]) {
@@ -896,7 +910,10 @@ fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result
                     "OFFSET_HOLE at {offset} length {length} outside the request"
                 ));
             }
-            // The buffer started zeroed.
+            if let Completer::Read(_, buf) = &mut f.completer {
+                let start = (offset - f.offset) as usize;
+                buf[start..start + length as usize].fill(0);
+            }
             f.covered += length as u64;
         }
         ChunkPayload::BlockStatus { descriptors, .. } => {

@@ -211,18 +211,80 @@ fn is_zero(data: &[u8]) -> bool {
         && rest.iter().all(|&b| b == 0)
 }
 
+/// One piece of work: data to copy, or a run to zero on the destination.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    Data(u64, u32),
+    Zero(u64, u64),
+}
+
+/// Hands out work in source order to the copy threads, asking the source for its
+/// allocation map as it goes.
+struct Planner<'a> {
+    src: &'a Side,
+    size: u64,
+    pos: u64,
+    extents: VecDeque<Extent>,
+    request: u32,
+    skipped_holes: u64,
+}
+
+impl Planner<'_> {
+    fn next(&mut self) -> Result<Option<Work>, CopyError> {
+        loop {
+            if let Some(e) = self.extents.front_mut() {
+                if e.length == 0 {
+                    self.extents.pop_front();
+                    continue;
+                }
+                let w = if e.hole {
+                    self.skipped_holes += e.length;
+                    let w = Work::Zero(e.offset, e.length);
+                    e.length = 0;
+                    w
+                } else {
+                    let n = e.length.min(self.request as u64);
+                    let w = Work::Data(e.offset, n as u32);
+                    e.offset += n;
+                    e.length -= n;
+                    w
+                };
+                return Ok(Some(w));
+            }
+            if self.pos >= self.size {
+                return Ok(None);
+            }
+            let ext = self.src.extents(self.pos, self.size - self.pos)?;
+            let Some(last) = ext.last() else {
+                return Ok(None);
+            };
+            self.pos = last.offset + last.length;
+            self.extents.extend(ext);
+        }
+    }
+}
+
+/// One copy thread: its own connection on each NBD side and its own window of requests
+/// in flight.
 struct Copier<'a> {
     src: &'a Side,
     dst: &'a Side,
+    conn: usize,
     dst_zero: bool,
     window: VecDeque<Stage>,
     max_window: usize,
     copied: u64,
-    skipped: u64,
+    zero_data: u64,
     buf: Vec<u8>,
+    /// Buffers of completed reads, reused for the next ones.
+    spare: Vec<bytes::BytesMut>,
 }
 
 impl Copier<'_> {
+    fn client<'p>(&self, p: &'p ClientPool) -> &'p crate::client::Client {
+        &p.clients()[self.conn % p.clients().len()]
+    }
+
     fn wait_one(&mut self) -> Result<(), CopyError> {
         match self.window.pop_front() {
             Some(Stage::Read(t, offset)) => {
@@ -230,7 +292,11 @@ impl Copier<'_> {
                     unreachable!("reads in flight come from NBD sources")
                 };
                 let data = t.wait().map_err(Side::nbd_err(name))?;
-                self.put(offset, &data)
+                let r = self.put(offset, &data);
+                if let Ok(b) = data.try_into_mut() {
+                    self.spare.push(b);
+                }
+                r
             }
             Some(Stage::Write(t)) => {
                 let Side::Nbd(_, name) = self.dst else {
@@ -240,6 +306,13 @@ impl Copier<'_> {
             }
             None => Ok(()),
         }
+    }
+
+    fn drain(&mut self) -> Result<(), CopyError> {
+        while !self.window.is_empty() {
+            self.wait_one()?;
+        }
+        Ok(())
     }
 
     fn make_room(&mut self) -> Result<(), CopyError> {
@@ -252,7 +325,7 @@ impl Copier<'_> {
     /// Writes data that was read (or zeroes when it is all zero).
     fn put(&mut self, offset: u64, data: &[u8]) -> Result<(), CopyError> {
         if is_zero(data) {
-            self.skipped += data.len() as u64;
+            self.zero_data += data.len() as u64;
             return self.zero(offset, data.len() as u64);
         }
         self.copied += data.len() as u64;
@@ -260,8 +333,8 @@ impl Copier<'_> {
             Side::File(f, name) => f.write_at(data, offset).map_err(Side::file_err(name)),
             Side::Nbd(p, name) => {
                 self.make_room()?;
-                let t = p
-                    .pick()
+                let t = self
+                    .client(p)
                     .submit_write(offset, data, false)
                     .map_err(Side::nbd_err(name))?;
                 self.window.push_back(Stage::Write(t));
@@ -285,26 +358,24 @@ impl Copier<'_> {
                     })
             }
             Side::Nbd(p, name) => {
-                let c = p.first();
+                let c = self.client(p);
                 let mut done = 0;
                 while done < length {
-                    let n = (length - done).min(1 << 30) as u32;
                     self.make_room()?;
-                    let t = if c.can_zero() {
-                        p.pick()
-                            .submit_write_zeroes(offset + done, n, ZeroFlags::default())
+                    let (t, n) = if c.can_zero() {
+                        let n = (length - done).min(1 << 30) as u32;
+                        (
+                            c.submit_write_zeroes(offset + done, n, ZeroFlags::default()),
+                            n,
+                        )
                     } else {
                         // No WRITE_ZEROES: write real zeroes.
-                        let n = n.min(1 << 20);
+                        let n = (length - done).min(1 << 20) as u32;
                         let zeroes = vec![0u8; n as usize];
-                        let r = p.pick().submit_write(offset + done, &zeroes, false);
-                        done += n as u64;
-                        self.window
-                            .push_back(Stage::Write(r.map_err(Side::nbd_err(name))?));
-                        continue;
-                    }
-                    .map_err(Side::nbd_err(name))?;
-                    self.window.push_back(Stage::Write(t));
+                        (c.submit_write(offset + done, &zeroes, false), n)
+                    };
+                    self.window
+                        .push_back(Stage::Write(t.map_err(Side::nbd_err(name))?));
                     done += n as u64;
                 }
                 Ok(())
@@ -312,29 +383,34 @@ impl Copier<'_> {
         }
     }
 
-    fn data(&mut self, offset: u64, length: u64, request: u32) -> Result<(), CopyError> {
-        let mut done = 0;
-        while done < length {
-            let n = (length - done).min(request as u64) as u32;
-            let at = offset + done;
-            match self.src {
-                Side::File(f, name) => {
-                    self.buf.resize(n as usize, 0);
-                    let mut buf = std::mem::take(&mut self.buf);
-                    f.read_at(&mut buf, at).map_err(Side::file_err(name))?;
-                    let r = self.put(at, &buf);
-                    self.buf = buf;
-                    r?;
-                }
-                Side::Nbd(p, name) => {
-                    self.make_room()?;
-                    let t = p.pick().submit_read(at, n).map_err(Side::nbd_err(name))?;
-                    self.window.push_back(Stage::Read(t, at));
-                }
+    fn data(&mut self, at: u64, n: u32) -> Result<(), CopyError> {
+        match self.src {
+            Side::File(f, name) => {
+                self.buf.resize(n as usize, 0);
+                let mut buf = std::mem::take(&mut self.buf);
+                f.read_at(&mut buf, at).map_err(Side::file_err(name))?;
+                let r = self.put(at, &buf);
+                self.buf = buf;
+                r
             }
-            done += n as u64;
+            Side::Nbd(p, name) => {
+                self.make_room()?;
+                let buf = self.spare.pop().unwrap_or_default();
+                let t = self
+                    .client(p)
+                    .submit_read_into(at, n, buf)
+                    .map_err(Side::nbd_err(name))?;
+                self.window.push_back(Stage::Read(t, at));
+                Ok(())
+            }
         }
-        Ok(())
+    }
+
+    fn work(&mut self, w: Work) -> Result<(), CopyError> {
+        match w {
+            Work::Data(at, n) => self.data(at, n),
+            Work::Zero(at, n) => self.zero(at, n),
+        }
     }
 }
 
@@ -380,7 +456,9 @@ fn open(
 }
 
 /// Copies `src` to `dst`. A file destination is created (or truncated) to the source size;
-/// an NBD destination must be at least as large.
+/// an NBD destination must be at least as large. One thread per connection (or per
+/// [`CopyOptions::connections`] for file-to-file copies) takes pieces of the source in
+/// order, each with up to [`CopyOptions::requests`] requests in flight.
 pub fn copy(src: &Endpoint, dst: &Endpoint, opts: &CopyOptions) -> Result<CopySummary, CopyError> {
     let start = Instant::now();
     let (src_side, _) = open(src, false, opts, None)?;
@@ -393,44 +471,62 @@ pub fn copy(src: &Endpoint, dst: &Endpoint, opts: &CopyOptions) -> Result<CopySu
             src_size: size,
         });
     }
-    let per_conn = opts.requests.max(1);
-    let conns = match (&src_side, &dst_side) {
+    let threads = match (&src_side, &dst_side) {
+        (Side::Nbd(a, _), Side::Nbd(b, _)) => a.clients().len().max(b.clients().len()),
         (Side::Nbd(p, _), _) | (_, Side::Nbd(p, _)) => p.clients().len(),
-        _ => 1,
+        _ => opts.connections.max(1),
     };
-    let mut c = Copier {
+    let planner = std::sync::Mutex::new(Planner {
         src: &src_side,
-        dst: &dst_side,
-        dst_zero: known_zero || opts.destination_is_zero,
-        window: VecDeque::new(),
-        max_window: per_conn * conns,
-        copied: 0,
-        skipped: 0,
-        buf: Vec::new(),
-    };
-    let request = opts
-        .request_size
-        .clamp(4096, crate::proto::DEFAULT_MAX_PAYLOAD);
-    let mut pos = 0;
-    while pos < size {
-        let ext = src_side.extents(pos, size - pos)?;
-        if ext.is_empty() {
-            break;
-        }
-        for e in ext {
-            if e.hole {
-                c.skipped += e.length;
-                c.zero(e.offset, e.length)?;
-            } else {
-                c.data(e.offset, e.length, request)?;
-            }
-            pos = e.offset + e.length;
-        }
+        size,
+        pos: 0,
+        extents: VecDeque::new(),
+        request: opts
+            .request_size
+            .clamp(4096, crate::proto::DEFAULT_MAX_PAYLOAD),
+        skipped_holes: 0,
+    });
+    let dst_zero = known_zero || opts.destination_is_zero;
+    let results: Vec<Result<(u64, u64), CopyError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|conn| {
+                let planner = &planner;
+                let (src, dst) = (&src_side, &dst_side);
+                scope.spawn(move || {
+                    let mut c = Copier {
+                        src,
+                        dst,
+                        conn,
+                        dst_zero,
+                        window: VecDeque::new(),
+                        max_window: opts.requests.max(1),
+                        copied: 0,
+                        zero_data: 0,
+                        buf: Vec::new(),
+                        spare: Vec::new(),
+                    };
+                    loop {
+                        let next = planner.lock().expect("planner lock").next()?;
+                        let Some(w) = next else { break };
+                        c.work(w)?;
+                    }
+                    c.drain()?;
+                    Ok((c.copied, c.zero_data))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("copy thread panicked"))
+            .collect()
+    });
+    let (mut copied, mut skipped) = (0, 0);
+    for r in results {
+        let (c, z) = r?;
+        copied += c;
+        skipped += z;
     }
-    while !c.window.is_empty() {
-        c.wait_one()?;
-    }
-    let (copied, skipped) = (c.copied, c.skipped);
+    skipped += planner.into_inner().expect("planner lock").skipped_holes;
     match &dst_side {
         Side::File(f, name) => f.flush().map_err(Side::file_err(name))?,
         Side::Nbd(p, name) => {
