@@ -667,9 +667,14 @@ impl RequestHeader {
 
     /// The header as bytes.
     pub fn to_bytes(&self) -> [u8; REQUEST_HEADER_LEN] {
-        let mut b = BytesMut::with_capacity(REQUEST_HEADER_LEN);
-        self.encode(&mut b);
-        b[..].try_into().expect("28 bytes")
+        let mut b = [0u8; REQUEST_HEADER_LEN];
+        b[0..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
     }
 
     /// Parses a complete header.
