@@ -103,13 +103,25 @@ for r in $(seq "$ROUNDS"); do
         sync
     done
     # Clients against qemu-nbd (file in /dev/shm), reading into and writing from /dev/shm.
-    rm -f "$shm/out-nbdcopy.img" "$shm/out-ours.img"
-    run_case "client-read/nbdcopy" nbdcopy --flush "$(uri qemuc)" "$shm/out-nbdcopy.img"
-    run_case "client-read/ours" "$ours" copy "$(uri qemuc)" "$shm/out-ours.img"
-    cmp "$shm/out-ours.img" "$shm/qemuc.img"
-    rm -f "$shm/out-nbdcopy.img" "$shm/out-ours.img"
-    run_case "client-write/nbdcopy" nbdcopy --flush "$shm/src.img" "$(uri qemuc)"
-    run_case "client-write/ours" "$ours" copy "$shm/src.img" "$(uri qemuc)"
+    # Which client goes first alternates between rounds.
+    if ((r % 2)); then order="nbdcopy ours"; else order="ours nbdcopy"; fi
+    for c in $order; do
+        rm -f "$shm/out.img"
+        if [ "$c" = ours ]; then
+            run_case "client-read/ours" "$ours" copy "$(uri qemuc)" "$shm/out.img"
+        else
+            run_case "client-read/nbdcopy" nbdcopy --flush "$(uri qemuc)" "$shm/out.img"
+        fi
+        cmp "$shm/out.img" "$shm/qemuc.img"
+    done
+    rm -f "$shm/out.img"
+    for c in $order; do
+        if [ "$c" = ours ]; then
+            run_case "client-write/ours" "$ours" copy "$shm/src.img" "$(uri qemuc)"
+        else
+            run_case "client-write/nbdcopy" nbdcopy --flush "$shm/src.img" "$(uri qemuc)"
+        fi
+    done
 done
 cmp "$shm/qemuc.img" "$shm/src.img"
 

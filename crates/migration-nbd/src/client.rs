@@ -7,7 +7,7 @@
 //! `submit_*` followed by [`Ticket::wait`]. [`ClientPool`] spreads requests over several
 //! connections when the server allows it (`CAN_MULTI_CONN`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, IoSlice, Read};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -218,7 +218,28 @@ struct InFlight {
     completer: Completer,
     /// Bytes of a read covered by data and hole chunks so far.
     covered: u64,
+    /// Ranges (start to end) of a read covered so far: the protocol forbids overlapping
+    /// chunks, and with a recycled buffer a gap would otherwise hide stale bytes.
+    ranges: BTreeMap<u64, u64>,
     error: Option<ClientError>,
+}
+
+impl InFlight {
+    /// Records that `[start, start + len)` of a read arrived, refusing overlaps.
+    fn cover(&mut self, start: u64, len: u64) -> Result<(), String> {
+        let end = start + len;
+        let before = self.ranges.range(..=start).next_back();
+        let after = self.ranges.range(start..).next();
+        if before.is_some_and(|(_, &e)| e > start) || after.is_some_and(|(&s, _)| s < end) {
+            return Err(format!(
+                "chunk at {start} length {len} overlaps an earlier chunk of READ offset {}",
+                self.offset
+            ));
+        }
+        self.ranges.insert(start, end);
+        self.covered += len;
+        Ok(())
+    }
 }
 
 impl InFlight {
@@ -563,6 +584,7 @@ impl Client {
                     length: header.length,
                     completer,
                     covered: 0,
+                    ranges: BTreeMap::new(),
                     error: None,
                 },
             );
@@ -835,16 +857,25 @@ fn read_replies(shared: &Shared, stream: Stream, structured: bool) -> Result<(),
             ReplyHeader::Simple { error, .. } => {
                 if error != 0 {
                     f.error = Some(f.server_error(error, String::new()));
+                    Ok(true)
                 } else if let Completer::Read(_, buf) = &mut f.completer {
-                    r.read_exact(&mut buf[..])
-                        .map_err(|e| format!("reading READ data: {e}"))?;
+                    let r = r
+                        .read_exact(&mut buf[..])
+                        .map_err(|e| format!("reading READ data: {e}"));
                     f.covered = f.length as u64;
+                    r.map(|()| true)
+                } else {
+                    Ok(true)
                 }
-                true
             }
-            ReplyHeader::Chunk(h) => {
-                chunk_payload(&mut r, &mut f, &h)?;
-                h.is_done()
+            ReplyHeader::Chunk(h) => chunk_payload(&mut r, &mut f, &h).map(|()| h.is_done()),
+        };
+        // The request is out of the map: fail it here, or its ticket would wait forever.
+        let done = match done {
+            Ok(d) => d,
+            Err(why) => {
+                f.fail(ClientError::Disconnected(why.clone()));
+                return Err(why);
             }
         };
         if done {
@@ -883,8 +914,7 @@ fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result
         let start = (at - f.offset) as usize;
         r.read_exact(&mut buf[start..start + n as usize])
             .map_err(|e| format!("reading READ data: {e}"))?;
-        f.covered += n;
-        return Ok(());
+        return f.cover(at, n);
     }
     if h.length > MAX_META_CHUNK {
         return Err(format!(
@@ -914,7 +944,7 @@ fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result
                 let start = (offset - f.offset) as usize;
                 buf[start..start + length as usize].fill(0);
             }
-            f.covered += length as u64;
+            f.cover(offset, length as u64)?;
         }
         ChunkPayload::BlockStatus { descriptors, .. } => {
             let Completer::Status(_, ext) = &mut f.completer else {

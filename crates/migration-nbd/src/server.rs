@@ -548,7 +548,10 @@ struct InBuf {
     end: usize,
 }
 
-const INBUF: usize = 64 * 1024;
+/// Small on purpose: a `WRITE` payload goes straight from the socket into its buffer,
+/// except for what the read that fetched its header already took in (at most this much,
+/// copied once more); 4 KiB still holds over a hundred request headers.
+const INBUF: usize = 4 * 1024;
 
 impl InBuf {
     fn new(stream: Stream, leftover: &[u8]) -> InBuf {

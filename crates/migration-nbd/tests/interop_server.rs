@@ -505,7 +505,7 @@ fn server_memory_stays_bounded_by_in_flight_budget() {
         }
         assert_eq!(total, 50 * (32 << 20));
         let hwm = vm_hwm_kib(server.pid());
-        // 64 MiB of buffers, 64 KiB of input buffer, the binary and its threads.
+        // 64 MiB of buffers, a 4 KiB input buffer, the binary and its threads.
         assert!(
             hwm < 128 * 1024,
             "server peak RSS {hwm} KiB (workers={workers}, direct={direct}): not bounded by its 64 MiB budget"

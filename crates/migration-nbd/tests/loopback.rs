@@ -232,3 +232,66 @@ fn in_process_copy_between_two_of_our_servers() {
     assert_sparse(&target, data_bytes());
     h2.shutdown();
 }
+
+/// A server that answers a READ with overlapping data chunks (which the protocol forbids)
+/// is hung up on, instead of the client returning a buffer with a gap in it.
+#[test]
+fn client_rejects_overlapping_read_chunks() {
+    use bytes::BytesMut;
+    use migration_nbd::handshake::{ExportInfo, HandshakeLimits, ServerHandshake, ServerStep};
+    use migration_nbd::proto::tflags;
+    use migration_nbd::wire::{BlockSize, ChunkPayload, RequestHeader};
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let (mut input, mut out) = (BytesMut::new(), BytesMut::new());
+        let exports = vec![ExportInfo {
+            name: String::new(),
+            description: String::new(),
+            size: 1 << 20,
+            flags: tflags::HAS_FLAGS,
+            block_size: BlockSize::default(),
+        }];
+        let mut hs = ServerHandshake::new(exports, HandshakeLimits::default(), &mut out);
+        loop {
+            let step = hs.handle(&mut input, &mut out).unwrap();
+            s.write_all(&out).unwrap();
+            out.clear();
+            if let ServerStep::Transmission(_) = step {
+                break;
+            }
+            let mut b = [0u8; 4096];
+            let n = s.read(&mut b).unwrap();
+            input.extend_from_slice(&b[..n]);
+        }
+        let mut raw = [0u8; 28];
+        let have = input.len().min(28);
+        raw[..have].copy_from_slice(&input[..have]);
+        s.read_exact(&mut raw[have..]).unwrap();
+        let req = RequestHeader::parse(&raw).unwrap();
+        // Two chunks over the first 4 KiB, the second 4 KiB never sent.
+        for _ in 0..2 {
+            ChunkPayload::OffsetData {
+                offset: req.offset,
+                data: vec![1u8; 4096].into(),
+            }
+            .encode_chunk(req.cookie, false, &mut out);
+        }
+        ChunkPayload::None.encode_chunk(req.cookie, true, &mut out);
+        let _ = s.write_all(&out);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let c = Client::connect(&Address::Unix(path), "", &ClientOptions::default()).unwrap();
+    let e = c.read(0, 8192).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Disconnected(m) if m.contains("overlaps")),
+        "{e}"
+    );
+    drop(c);
+    fake.join().unwrap();
+}
