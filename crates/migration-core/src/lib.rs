@@ -20,6 +20,7 @@ pub mod bitmap;
 pub mod dirty;
 pub mod geometry;
 pub mod page;
+pub mod pagemap;
 pub mod stats;
 pub mod stream;
 pub mod transport;

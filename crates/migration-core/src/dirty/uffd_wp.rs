@@ -33,7 +33,6 @@
 
 use std::fs::File;
 use std::io;
-use std::mem::size_of;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -46,6 +45,10 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use super::{DirtyTracker, TrackerError, check_len};
 use crate::bitmap::DirtyBitmap;
 use crate::geometry::RamLayout;
+use crate::pagemap::{
+    PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, ScanQuery,
+    open_pagemap, scan,
+};
 
 const BACKEND: &str = "uffd-wp";
 
@@ -68,37 +71,6 @@ const UFFDIO: u32 = 0xaa;
 const UFFDIO_API: libc::Ioctl = libc::_IOWR::<UffdioApi>(UFFDIO, 0x3f);
 /// `/dev/userfaultfd`'s only ioctl: a new userfaultfd, with the flags of userfaultfd(2).
 const USERFAULTFD_IOC_NEW: libc::Ioctl = libc::_IO(UFFDIO, 0x00);
-
-// From include/uapi/linux/fs.h (Linux 6.7+); the libc crate does not have them yet.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-const PAGEMAP_SCAN: libc::Ioctl = libc::_IOWR::<PmScanArg>(b'f' as u32, 16);
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
 
 /// Dirty runs closer than this (in layout pages) are protected again by one ioctl.
 const COALESCE_GAP_PAGES: usize = 8;
@@ -526,8 +498,7 @@ impl UffdWpTracker {
         }
 
         let active = if async_mode {
-            let pagemap =
-                File::open("/proc/self/pagemap").map_err(os("opening /proc/self/pagemap"))?;
+            let pagemap = open_pagemap().map_err(os("opening /proc/self/pagemap"))?;
             Active::Async(AsyncState {
                 uffd,
                 pagemap,
@@ -583,63 +554,31 @@ impl UffdWpTracker {
         page_size: usize,
         into: &mut DirtyBitmap,
     ) -> Result<(), TrackerError> {
+        let query = ScanQuery {
+            flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            mask: PAGE_IS_WRITTEN,
+            ret: PAGE_IS_WRITTEN,
+            ..ScanQuery::default()
+        };
         for r in ranges {
-            let end = r.end() as u64;
-            let mut start = r.host_addr as u64;
             let pages = r.pages(page_size);
-            while start < end {
-                let mut arg = PmScanArg {
-                    size: size_of::<PmScanArg>() as u64,
-                    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
-                    start,
-                    end,
-                    walk_end: 0,
-                    vec: state.out.as_mut_ptr() as u64,
-                    vec_len: state.out.len() as u64,
-                    max_pages: 0,
-                    category_inverted: 0,
-                    category_mask: PAGE_IS_WRITTEN,
-                    category_anyof_mask: 0,
-                    return_mask: PAGE_IS_WRITTEN,
-                };
-                // SAFETY: PAGEMAP_SCAN reads and writes `arg` (a struct pm_scan_arg of the
-                // size it says) and writes at most `vec_len` page_region entries at `vec`,
-                // which `state.out` holds and nothing else borrows during the call.
-                let n = unsafe {
-                    libc::ioctl(
-                        state.pagemap.as_raw_fd(),
-                        PAGEMAP_SCAN,
-                        &mut arg as *mut PmScanArg,
-                    )
-                };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(r.err(page_size, "PAGEMAP_SCAN", e));
-                }
-                let n = (n as usize).min(state.out.len());
-                for reg in &state.out[..n] {
-                    // Bounded by the range whatever the kernel says, so a surprise cannot
-                    // panic the bitmap.
-                    let a = reg.start.clamp(r.host_addr as u64, end) as usize - r.host_addr;
-                    let b = reg.end.clamp(r.host_addr as u64, end) as usize - r.host_addr;
-                    let first = pages.start + a / page_size;
-                    let last = (pages.start + b.div_ceil(page_size)).min(pages.end);
+            let base = r.host_addr as u64;
+            scan(
+                &state.pagemap,
+                base,
+                r.end() as u64,
+                query,
+                &mut state.out,
+                |a, b| {
+                    let first = pages.start + ((a - base) as usize) / page_size;
+                    let last =
+                        (pages.start + ((b - base) as usize).div_ceil(page_size)).min(pages.end);
                     if first < last {
                         into.set_range(first..last);
                     }
-                }
-                if arg.walk_end <= start && n == 0 {
-                    return Err(r.err(
-                        page_size,
-                        "PAGEMAP_SCAN",
-                        io::Error::other(format!("scan made no progress at {start:#x}")),
-                    ));
-                }
-                start = arg.walk_end.max(start);
-            }
+                },
+            )
+            .map_err(|e| r.err(page_size, "PAGEMAP_SCAN", e))?;
         }
         Ok(())
     }
