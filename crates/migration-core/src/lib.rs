@@ -10,6 +10,7 @@
 //! - [`stream`]: the versioned, checksummed migration stream and its return path, as
 //!   sans-io encoder and decoder;
 //! - [`page`]: zero-page detection, zstd and delta encoding of single pages;
+//! - [`pagemap`]: which pages of guest RAM hold data at all, from the kernel's page tables;
 //! - [`transport`]: `tcp:HOST:PORT` and `unix:PATH` addresses, and a byte-counting,
 //!   rate-limited channel;
 //! - [`vm`]: the [`VmControl`](vm::VmControl) trait a VMM implements so engines can drive it;
