@@ -3,11 +3,11 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use migration_core::stream::{DecoderOptions, Frame, ReturnDecoder, ReturnRecord};
@@ -81,6 +81,7 @@ pub(crate) struct Sender {
     in_flight: usize,
     thread: Option<JoinHandle<Channel<Stream>>>,
     counters: Arc<ChannelCounters>,
+    busy_ns: Arc<AtomicU64>,
     failed: Option<io::ErrorKind>,
 }
 
@@ -89,12 +90,17 @@ impl Sender {
         let counters = channel.counters();
         let (to_writer, rx) = mpsc::sync_channel::<BytesMut>(BUFFERS);
         let (back_tx, back) = mpsc::sync_channel(BUFFERS);
+        let busy_ns = Arc::new(AtomicU64::new(0));
+        let busy = busy_ns.clone();
         let thread = std::thread::Builder::new()
             .name("precopy-send".into())
             .spawn(move || {
                 let mut ch = channel;
                 for mut buf in rx {
-                    let r = ch.write_all(&buf).map(|()| {
+                    let t = Instant::now();
+                    let r = ch.write_all(&buf);
+                    busy.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    let r = r.map(|()| {
                         buf.clear();
                         buf
                     });
@@ -115,8 +121,16 @@ impl Sender {
             in_flight: 0,
             thread: Some(thread),
             counters,
+            busy_ns,
             failed: None,
         })
+    }
+
+    /// Time the writer thread spent writing (including rate-limit waits): the link's
+    /// bandwidth is bytes over this, not over wall time, which would measure how fast the
+    /// encoder produced bytes whenever the link was not the bottleneck.
+    pub(crate) fn busy(&self) -> Duration {
+        Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed))
     }
 
     /// Bytes the kernel accepted so far.

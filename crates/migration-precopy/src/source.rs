@@ -336,7 +336,6 @@ where
         paused: false,
         throttle: 0,
         bw: BandwidthEstimator::new(Duration::from_secs(1)),
-        clock: start,
         last_progress: start,
         pass_counts: PageCounts::default(),
         pages_sent: 0,
@@ -415,7 +414,6 @@ struct Engine<'r, 'm, M: GuestMemoryBackend, V: VmControl + ?Sized> {
     paused: bool,
     throttle: u8,
     bw: BandwidthEstimator,
-    clock: Instant,
     last_progress: Instant,
     pass_counts: PageCounts,
     pages_sent: u64,
@@ -534,8 +532,10 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
     }
 
     fn sample_bandwidth(&mut self) {
-        let sent = self.bytes_sent();
-        self.bw.sample(self.clock.elapsed(), sent);
+        if let Some(snd) = self.sender.as_ref() {
+            // Sampled against the writer's busy time: see `Sender::busy`.
+            self.bw.sample(snd.busy(), snd.bytes_sent());
+        }
     }
 
     fn maybe_progress(&mut self) {
@@ -602,9 +602,14 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
             self.check_cancel()?;
             self.poll_returns()?;
             let dirty_pages = dirty.count() as u64;
+            let last = self.stats.iterations.last();
+            let wire_bytes_per_page = last
+                .filter(|l| l.iteration > 0 && l.pages.total() > 0)
+                .map(|l| l.bytes_on_wire as f64 / l.pages.total() as f64);
             let m = PeriodMeasure {
                 dirty_pages,
                 page_size: self.page_size as u64,
+                wire_bytes_per_page,
                 bytes_sent: pass_bytes,
                 period,
                 bandwidth_bps: self.bw.bytes_per_sec().unwrap_or(0.0),

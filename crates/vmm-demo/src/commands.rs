@@ -37,7 +37,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::cli::{VmArgs, parse_duration};
-use crate::migration::{self, DestinationVm, DiskArg, MigrateOptions, MigrationReport, PagesReport};
+use crate::migration::{
+    self, DestinationVm, DiskArg, MigrateOptions, MigrationReport, PagesReport,
+};
 use crate::serial::Console;
 use crate::vm::{MachineInfo, Vm, VmHandle};
 
@@ -143,7 +145,10 @@ fn handle_conn(s: UnixStream, vm: &VmHandle, disks: &[DiskArg], state: &ControlS
             Ok(_) => {}
         }
         if !line.ends_with('\n') {
-            send_line(&mut w, &json!({"error": "request line too long or unterminated"}));
+            send_line(
+                &mut w,
+                &json!({"error": "request line too long or unterminated"}),
+            );
             return;
         }
         let answer = match serde_json::from_str::<Request>(&line) {
@@ -160,7 +165,12 @@ fn handle_conn(s: UnixStream, vm: &VmHandle, disks: &[DiskArg], state: &ControlS
                     json!({"return": {}})
                 }
                 "migrate-cancel" => {
-                    if let Some(c) = state.cancel.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    if let Some(c) = state
+                        .cancel
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                    {
                         c.cancel();
                     }
                     json!({"return": {}})
@@ -233,7 +243,10 @@ fn run_migrate(
     match r {
         Ok(rep) => {
             *st = RunStatus::Migrated;
-            *state.last_migration.lock().unwrap_or_else(|e| e.into_inner()) = Some(rep.clone());
+            *state
+                .last_migration
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(rep.clone());
             json!({"return": rep})
         }
         Err(e) => {
@@ -377,7 +390,10 @@ pub fn migrate_command(a: &MigrateArgs) -> Result<Value, String> {
     let mut args = serde_json::to_value(&a.options).map_err(|e| e.to_string())?;
     args["to"] = json!(a.to);
     let p = Progress::new();
-    let r = c.call(&json!({"execute": "migrate", "arguments": args}), &mut |v| p.event(v));
+    let r = c.call(
+        &json!({"execute": "migrate", "arguments": args}),
+        &mut |v| p.event(v),
+    );
     p.finish();
     r
 }
@@ -482,7 +498,11 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     };
     let vm = match Vm::new_incoming(&info.config, info.guest, console) {
         Ok(v) => v,
-        Err(e) => return Err(incoming.refuse(&format!("building the VM: {e}")).to_string()),
+        Err(e) => {
+            return Err(incoming
+                .refuse(&format!("building the VM: {e}"))
+                .to_string());
+        }
     };
     let mem = vm.memory().clone();
     let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());
@@ -524,7 +544,9 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     rep.verify_ms = stats.verify_time.as_secs_f64() * 1e3;
     let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
     let ran = match a.passes {
-        Some(n) => vm.wait_for_passes(base + n, Duration::from_secs(120)).map(|_| ()),
+        Some(n) => vm
+            .wait_for_passes(base + n, Duration::from_secs(120))
+            .map(|_| ()),
         None => {
             std::thread::sleep(a.run_for);
             Ok(())
@@ -539,7 +561,8 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     if !failures.is_empty() {
         return Err(failures.join("; "));
     }
-    vm.check().map_err(|e| format!("oracle after running: {e}"))?;
+    vm.check()
+        .map_err(|e| format!("oracle after running: {e}"))?;
     let progressed = rep
         .passes_at_end
         .iter()
@@ -648,12 +671,15 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
         TransportKind::Unix => format!("unix:{}", dir.join("migration.sock").display()),
     };
     let mut dst = Command::new(&exe);
-    dst.args(["destination", "--listen", &listen, "--json", "--quiet", "--run-for"])
+    dst.args(["destination", "--listen", &listen, "--json", "--run-for"])
         .arg(format!("{}ms", a.run_after.as_millis()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut dst = ChildGuard(Some(dst.spawn().map_err(|e| format!("starting the destination: {e}"))?));
+    let mut dst = ChildGuard(Some(
+        dst.spawn()
+            .map_err(|e| format!("starting the destination: {e}"))?,
+    ));
     let child = dst.0.as_mut().ok_or("no child")?;
     let dst_out = read_all_thread(child.stdout.take().ok_or("no stdout")?);
     let mut dst_err = BufReader::new(child.stderr.take().ok_or("no stderr")?);
@@ -663,7 +689,10 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
         if dst_err.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
             return Err("the destination exited before listening".into());
         }
-        if let Some(a) = line.trim().strip_prefix("vmm-demo destination: listening on ") {
+        if let Some(a) = line
+            .trim()
+            .strip_prefix("vmm-demo destination: listening on ")
+        {
             break a.to_string();
         }
     };
@@ -672,7 +701,12 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
     let mut src = Command::new(&exe);
     src.arg("run")
         .args(a.vm.to_args())
-        .args(["--control", &format!("unix:{}", control.display()), "--json", "--quiet"])
+        .args([
+            "--control",
+            &format!("unix:{}", control.display()),
+            "--json",
+            "--quiet",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -682,7 +716,10 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
     if let Some(c) = &a.cache {
         src.args(["--cache", c]);
     }
-    let mut src = ChildGuard(Some(src.spawn().map_err(|e| format!("starting the source: {e}"))?));
+    let mut src = ChildGuard(Some(
+        src.spawn()
+            .map_err(|e| format!("starting the source: {e}"))?,
+    ));
     let child = src.0.as_mut().ok_or("no child")?;
     let src_out = read_all_thread(child.stdout.take().ok_or("no stdout")?);
     let src_err = read_all_thread(child.stderr.take().ok_or("no stderr")?);
@@ -705,7 +742,10 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
     let mut args = serde_json::to_value(&a.options).map_err(|e| e.to_string())?;
     args["to"] = json!(to);
     let p = Progress::new();
-    let mig = c.call(&json!({"execute": "migrate", "arguments": args}), &mut |v| p.event(v));
+    let mig = c.call(
+        &json!({"execute": "migrate", "arguments": args}),
+        &mut |v| p.event(v),
+    );
     p.finish();
     if mig.is_err() {
         // The guest runs on the source again: stop it there and collect its verdict.
@@ -719,14 +759,31 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
     };
     drop(src);
     drop(dst);
-    let src_report: Value = serde_json::from_str(src_out.join().unwrap_or_default().trim())
-        .unwrap_or(Value::Null);
-    let dst_report: Value = serde_json::from_str(dst_out.join().unwrap_or_default().trim())
-        .unwrap_or(Value::Null);
+    let src_report: Value =
+        serde_json::from_str(src_out.join().unwrap_or_default().trim()).unwrap_or(Value::Null);
+    let dst_report: Value =
+        serde_json::from_str(dst_out.join().unwrap_or_default().trim()).unwrap_or(Value::Null);
     let src_err = src_err.join().unwrap_or_default();
-    let dst_err = dst_err.join().unwrap_or_default();
+    let dst_all = dst_err.join().unwrap_or_default();
+    let dst_err: String = dst_all
+        .lines()
+        .filter(|l| !l.starts_with("vcpu"))
+        .collect::<Vec<_>>()
+        .join("\n");
     let cfg = a.vm.config();
+    // The destination's console (its standard error, with --json): the passes the guest
+    // printed there after the switchover.
+    let console: Vec<u64> = dst_all
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("vcpu0 pass "))
+        .filter_map(|p| p.parse().ok())
+        .collect();
     let mut out = json!({
+        "destination_console": {
+            "vcpu0_pass_lines": console.len(),
+            "first_pass": console.first(),
+            "last_pass": console.last(),
+        },
         "mode": "precopy",
         "transport": a.transport,
         "mem_bytes": cfg.mem_bytes,
@@ -744,17 +801,34 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
             let bytes = m["bytes_on_wire"].as_f64().unwrap_or(0.0);
             let total = m["total_ms"].as_f64().unwrap_or(0.0);
             for k in [
-                "guest", "total_ms", "downtime_ms", "expected_downtime_ms", "hash_ms", "bytes_on_wire",
-                "pages", "iterations", "max_throttle_pct", "device_state_bytes", "tracker", "storage",
+                "guest",
+                "total_ms",
+                "downtime_ms",
+                "expected_downtime_ms",
+                "hash_ms",
+                "bytes_on_wire",
+                "pages",
+                "iterations",
+                "max_throttle_pct",
+                "device_state_bytes",
+                "tracker",
+                "storage",
                 "passes",
             ] {
                 out[k] = m[k].clone();
             }
             out["iteration_details"] = out["passes"].take();
             out.as_object_mut().map(|o| o.remove("passes"));
-            out["throughput_mb_s"] = json!(if total > 0.0 { bytes / total / 1e3 } else { 0.0 });
-            out["ram_throughput_mb_s"] =
-                json!(if total > 0.0 { cfg.mem_bytes as f64 / total / 1e3 } else { 0.0 });
+            out["throughput_mb_s"] = json!(if total > 0.0 {
+                bytes / total / 1e3
+            } else {
+                0.0
+            });
+            out["ram_throughput_mb_s"] = json!(if total > 0.0 {
+                cfg.mem_bytes as f64 / total / 1e3
+            } else {
+                0.0
+            });
             let verified = out["destination"]["verified"].as_bool() == Some(true)
                 && out["destination"]["hash_checked"].as_bool() != Some(false)
                 && out["source"]["migrated"].as_bool() == Some(true);
@@ -816,8 +890,12 @@ pub fn demo_summary(v: &Value) -> String {
     ));
     s.push_str(&format!(
         "pages: {} zero, {} raw, {} zstd, {} delta; {} passes; max throttle {} %\n",
-        v["pages"]["zero"], v["pages"]["raw"], v["pages"]["zstd"], v["pages"]["delta"],
-        v["iterations"], v["max_throttle_pct"]
+        v["pages"]["zero"],
+        v["pages"]["raw"],
+        v["pages"]["zstd"],
+        v["pages"]["delta"],
+        v["iterations"],
+        v["max_throttle_pct"]
     ));
     s.push_str(&format!(
         "verified: {} (oracle and RAM hash at switchover, guest ran on: passes {} -> {})",

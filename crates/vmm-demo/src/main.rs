@@ -96,13 +96,21 @@ fn main() -> ExitCode {
                     None => println!(
                         "destination: {} guest verified at switchover (oracle{}) and after running: passes {:?} -> {:?}",
                         report.guest.as_deref().unwrap_or("?"),
-                        if report.hash_checked { " and RAM hash" } else { "" },
+                        if report.hash_checked {
+                            " and RAM hash"
+                        } else {
+                            ""
+                        },
                         report.passes_at_switchover,
                         report.passes_at_end
                     ),
                     Some(e) => println!(
                         "destination: {}: {e}",
-                        if report.ran_guest { "NOT verified" } else { "migration refused, the guest was not run here" }
+                        if report.ran_guest {
+                            "NOT verified"
+                        } else {
+                            "migration refused, the guest was not run here"
+                        }
                     ),
                 }
             }
@@ -122,8 +130,11 @@ fn main() -> ExitCode {
                 } else {
                     println!(
                         "migrated to {}: {:.0} ms, downtime {:.1} ms, {} bytes on the wire, {} passes",
-                        args.to, v["total_ms"].as_f64().unwrap_or(0.0),
-                        v["downtime_ms"].as_f64().unwrap_or(0.0), v["bytes_on_wire"], v["iterations"]
+                        args.to,
+                        v["total_ms"].as_f64().unwrap_or(0.0),
+                        v["downtime_ms"].as_f64().unwrap_or(0.0),
+                        v["bytes_on_wire"],
+                        v["iterations"]
                     );
                 }
                 ExitCode::SUCCESS

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Args;
-use migration_core::dirty::{DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, UffdWpConfig, UffdWpTracker};
+use migration_core::dirty::{
+    DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, UffdWpConfig, UffdWpTracker,
+};
 use migration_core::geometry::GuestRam;
 use migration_core::stats::{MigrationStats, PageCounts, ProgressEvent};
 use migration_core::stream::DeviceState;
@@ -136,8 +138,14 @@ pub fn check_storage(disks: &[DiskArg], allow_unsafe: bool) -> Result<Option<Str
     if report.is_safe() {
         Ok(Some(summary))
     } else if allow_unsafe {
-        tracing::warn!("migrating despite an unsafe disk setup (--unsafe): {}", why.join("; "));
-        Ok(Some(format!("{summary} (overridden by --unsafe): {}", why.join("; "))))
+        tracing::warn!(
+            "migrating despite an unsafe disk setup (--unsafe): {}",
+            why.join("; ")
+        );
+        Ok(Some(format!(
+            "{summary} (overridden by --unsafe): {}",
+            why.join("; ")
+        )))
     } else {
         Err(format!(
             "refusing to migrate: the disk setup is unsafe for live migration ({}); pass --unsafe to migrate anyway",
@@ -283,7 +291,13 @@ pub struct MigrationReport {
 }
 
 impl MigrationReport {
-    fn new(vm: &VmHandle, to: &Address, tracker: &str, o: &MigrateOptions, s: &MigrationStats) -> Self {
+    fn new(
+        vm: &VmHandle,
+        to: &Address,
+        tracker: &str,
+        o: &MigrateOptions,
+        s: &MigrationStats,
+    ) -> Self {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         MigrationReport {
             mode: "precopy".into(),
@@ -443,11 +457,14 @@ impl VmControl for DestinationVm<'_> {
         for s in states {
             if s.id == ORACLE_ID {
                 if s.version != 1 {
-                    return Err(VmError::new(VmOp::LoadState, format!("version {}", s.version))
-                        .for_device(ORACLE_ID));
+                    return Err(
+                        VmError::new(VmOp::LoadState, format!("version {}", s.version))
+                            .for_device(ORACLE_ID),
+                    );
                 }
-                let b: OracleBlob = serde_json::from_slice(&s.data)
-                    .map_err(|e| VmError::new(VmOp::LoadState, e.to_string()).for_device(ORACLE_ID))?;
+                let b: OracleBlob = serde_json::from_slice(&s.data).map_err(|e| {
+                    VmError::new(VmOp::LoadState, e.to_string()).for_device(ORACLE_ID)
+                })?;
                 self.oracle = Some(b);
             } else {
                 rest.push(s.clone());
@@ -500,7 +517,10 @@ mod tests {
         }];
         // A local image is not shared with any destination: unsafe without storage copy.
         let e = check_storage(&d, false).unwrap_err();
-        assert!(e.contains("refusing to migrate") && e.contains("--unsafe"), "{e}");
+        assert!(
+            e.contains("refusing to migrate") && e.contains("--unsafe"),
+            "{e}"
+        );
         assert!(e.contains("disk0"), "{e}");
         let ok = check_storage(&d, true).unwrap().unwrap();
         assert!(ok.contains("overridden by --unsafe"), "{ok}");
