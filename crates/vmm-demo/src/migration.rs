@@ -63,8 +63,8 @@ pub struct MigrateOptions {
     /// Migrate even if the storage-policy check finds the disk setup unsafe.
     #[arg(long = "unsafe")]
     pub unsafe_storage: bool,
-    /// Do not send the RAM hash at switchover (saves its cost from the downtime; the
-    /// destination then checks the oracle only).
+    /// No oracle check at switchover: the source sends no RAM hash and the destination
+    /// checks the guest only after it ran (keeps both checks out of the downtime).
     #[arg(long)]
     pub no_hash_check: bool,
     /// Diagnostics: cancel the migration as soon as it enters this phase (setup,
