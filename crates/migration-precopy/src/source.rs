@@ -32,7 +32,9 @@
 //! that asks the destination before letting the source resume does. A cancel that arrives
 //! after `Complete` was sent is subject to the same window, narrowed: the engine shuts the
 //! connection and then still drains the return path, and a `Running` verdict already
-//! received wins over the cancel.
+//! received wins over the cancel. Over a unix socket the destination's write of `Running`
+//! then fails and it does not resume (tested); over TCP that write can still succeed
+//! after the source closed, and the destination resumes: that is the window.
 //!
 //! # Reading guest RAM
 //!

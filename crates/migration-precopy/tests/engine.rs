@@ -718,3 +718,43 @@ fn an_idle_guest_stops_with_almost_nothing_left() {
     );
     ram_equal(&guest.mem, &r.dest.mem);
 }
+
+#[test]
+fn cancel_while_awaiting_the_verdict_resumes_the_source_and_the_destination_cannot_commit() {
+    let guest = Guest::start(8, 64, 100..200, 0);
+    guest.wait_passes(1);
+    let (a, b) = UnixStream::pair().unwrap();
+    let go = Arc::new(AtomicBool::new(false));
+    let g = go.clone();
+    // The destination's checks take until the source has given up.
+    let dest = destination(b, move |_| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !g.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the source never gave up");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    });
+    let (result, events) = run_source(
+        &guest,
+        Stream::Unix(a),
+        opts(),
+        Some(Phase::AwaitingVerdict),
+    );
+    go.store(true, Ordering::SeqCst);
+    match result {
+        Err(SourceError::Cancelled { phase }) => assert_eq!(phase, Phase::AwaitingVerdict),
+        other => panic!("{other:?}"),
+    }
+    assert!(guest.is_running());
+    guest.wait_passes(1);
+    assert_eq!(events.last(), Some(&ProgressEvent::Phase(Phase::Cancelled)));
+    let d = dest.join().unwrap();
+    // The connection is closed: the Running verdict cannot be delivered, so the
+    // destination does not resume its copy.
+    match d.result {
+        Err(DestinationError::VerdictNotSent(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(!d.vm.resumed(), "both copies would run");
+}
