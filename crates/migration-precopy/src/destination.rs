@@ -140,6 +140,7 @@ pub struct DestinationStats {
 /// An incoming migration whose header and config were read.
 pub struct Incoming {
     prefault: bool,
+    read_scratch: Vec<u8>,
     stream: Stream,
     dec: StreamDecoder,
     buf: BytesMut,
@@ -160,19 +161,24 @@ impl std::fmt::Debug for Incoming {
 
 const READ_CHUNK: usize = 256 << 10;
 
-fn read_more(s: &mut Stream, buf: &mut BytesMut, received: &mut u64) -> io::Result<usize> {
-    let len = buf.len();
-    buf.resize(len + READ_CHUNK, 0);
-    let r = loop {
-        match s.read(&mut buf[len..]) {
+/// Reads what the socket has into `buf`, through `scratch` (one read's worth, allocated
+/// once): the copy costs what was read, where growing `buf` by a zeroed chunk before each
+/// read would cost the whole chunk even when the socket hands over a few kilobytes.
+fn read_more(
+    s: &mut Stream,
+    scratch: &mut [u8],
+    buf: &mut BytesMut,
+    received: &mut u64,
+) -> io::Result<usize> {
+    let n = loop {
+        match s.read(scratch) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => break r,
+            r => break r?,
         }
     };
-    let n = *r.as_ref().unwrap_or(&0);
-    buf.truncate(len + n);
+    buf.extend_from_slice(&scratch[..n]);
     *received += n as u64;
-    r
+    Ok(n)
 }
 
 impl Incoming {
@@ -193,6 +199,7 @@ impl Incoming {
         });
         let mut buf = BytesMut::with_capacity(READ_CHUNK * 2);
         let mut received = 0;
+        let mut scratch = vec![0u8; READ_CHUNK];
         let mut header = None;
         let r: Result<Config, DestinationError> = (|| loop {
             match dec.decode(&mut buf)? {
@@ -210,7 +217,7 @@ impl Incoming {
                     return Err(DestinationError::NoConfig(r.record_type().to_string()));
                 }
                 None => {
-                    if read_more(&mut stream, &mut buf, &mut received)? == 0 {
+                    if read_more(&mut stream, &mut scratch, &mut buf, &mut received)? == 0 {
                         dec.finish(&buf)?;
                         return Err(DestinationError::NoConfig("end of stream".into()));
                     }
@@ -220,6 +227,7 @@ impl Incoming {
         match (r, header) {
             (Ok(config), Some(header)) => Ok(Incoming {
                 prefault: opts.prefault,
+                read_scratch: scratch,
                 stream,
                 dec,
                 buf,
@@ -336,7 +344,13 @@ impl Incoming {
             let frame = match self.dec.decode(&mut self.buf)? {
                 Some(f) => f,
                 None => {
-                    if read_more(&mut self.stream, &mut self.buf, &mut self.received)? == 0 {
+                    if read_more(
+                        &mut self.stream,
+                        &mut self.read_scratch,
+                        &mut self.buf,
+                        &mut self.received,
+                    )? == 0
+                    {
                         self.dec.finish(&self.buf)?;
                         return Err(DestinationError::Protocol(
                             "the stream ended without Complete".into(),
