@@ -61,25 +61,28 @@ fn main() {
     let layout = RamLayout::of_memory(&mem).unwrap();
     for real in [false, true] {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let dest = std::thread::spawn(move || {
-            if real {
-                let opts = DestinationOptions {
-                    prefault: std::env::var_os("NO_PREFAULT").is_none(),
-                    ..DestinationOptions::default()
-                };
-                let inc = Incoming::accept(Stream::Unix(b), &opts).unwrap();
-                let dmem = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
-                let l = RamLayout::of_memory(&dmem).unwrap();
-                let ram = GuestRam::with_layout(&dmem, l);
-                inc.receive(&ram, &mut Idle, &mut |_| Ok(()), &mut |_| {})
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            } else {
-                let mut buf = vec![0u8; 1 << 20];
-                while b.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
-                Ok(())
-            }
-        });
+        let dest = std::thread::Builder::new()
+            .name("dest".into())
+            .spawn(move || {
+                if real {
+                    let opts = DestinationOptions {
+                        prefault: std::env::var_os("NO_PREFAULT").is_none(),
+                        ..DestinationOptions::default()
+                    };
+                    let inc = Incoming::accept(Stream::Unix(b), &opts).unwrap();
+                    let dmem = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+                    let l = RamLayout::of_memory(&dmem).unwrap();
+                    let ram = GuestRam::with_layout(&dmem, l);
+                    inc.receive(&ram, &mut Idle, &mut |_| Ok(()), &mut |_| {})
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                } else {
+                    let mut buf = vec![0u8; 1 << 20];
+                    while b.read(&mut buf).map(|n| n > 0).unwrap_or(false) {}
+                    Ok(())
+                }
+            })
+            .unwrap();
         let ram = GuestRam::with_layout(&mem, layout.clone());
         let tracker = VmmBitmapTracker::new(&mem, &layout).unwrap();
         let cancel = CancelToken::new();
