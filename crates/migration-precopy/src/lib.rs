@@ -4,13 +4,23 @@
 //! the previous pass, with live bandwidth and dirty-rate estimates, a downtime limit,
 //! auto-converge throttling, and zero-page, zstd and delta encoding of pages.
 //!
-//! So far it holds the parts without I/O: [`estimate`] (bandwidth over a sliding window),
-//! [`policy`] (when to stop iterating, auto-converge, limits) and [`cache`] (the
-//! size-bounded cache of sent pages that delta encoding works against). The source and
-//! destination engines that drive them over `migration-core`'s stream are the subject of
-//! the pre-copy issue and are not written yet.
+//! - [`source::migrate`] drives the source: bulk copy, iterations, stop-and-copy, and the
+//!   wait for the destination's verdict, with the guest resumed on every failure;
+//! - [`destination::Incoming`] receives: header and config first (so the VMM can build a
+//!   matching VM), then RAM and device state, verification, the verdict, and the resume;
+//! - [`CancelToken`] cancels from any thread;
+//! - the parts without I/O: [`estimate`] (bandwidth over a sliding window), [`policy`]
+//!   (when to stop iterating, auto-converge, limits) and [`cache`] (the size-bounded cache
+//!   of sent pages that delta encoding works against).
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod destination;
 pub mod estimate;
+mod link;
 pub mod policy;
+pub mod source;
+
+pub use destination::{DestinationError, DestinationOptions, DestinationStats, Incoming};
+pub use link::{CancelToken, ReturnEvent, ReturnPath};
+pub use source::{HandOver, LimitPolicy, SourceError, SourceOptions, SourceOutcome, migrate};

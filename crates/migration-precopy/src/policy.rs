@@ -69,6 +69,9 @@ pub struct PeriodMeasure {
     pub dirty_pages: u64,
     /// Bytes per page.
     pub page_size: u64,
+    /// Bytes a re-sent page takes on the wire, as the last pass measured it (zero pages,
+    /// zstd and deltas make it smaller than a page); `None`: a full page.
+    pub wire_bytes_per_page: Option<f64>,
     /// Bytes the transport accepted during the period.
     pub bytes_sent: u64,
     /// Length of the period.
@@ -96,8 +99,14 @@ impl PeriodMeasure {
 
     /// Downtime if the guest were stopped now.
     pub fn expected_downtime(&self) -> Duration {
+        let per_page = self
+            .wire_bytes_per_page
+            .filter(|b| b.is_finite() && *b > 0.0)
+            .map_or(self.page_size as f64, |b| {
+                b.min(self.page_size as f64 + 16.0)
+            });
         transfer_time(
-            self.dirty_pages * self.page_size + self.device_state_bytes,
+            (self.dirty_pages as f64 * per_page) as u64 + self.device_state_bytes,
             self.bandwidth_bps,
         )
     }
@@ -263,6 +272,7 @@ mod tests {
         PeriodMeasure {
             dirty_pages,
             page_size: 4096,
+            wire_bytes_per_page: None,
             bytes_sent,
             period: Duration::from_secs(1),
             bandwidth_bps: bw,

@@ -111,6 +111,32 @@ pub struct VmArgs {
 }
 
 impl VmArgs {
+    /// These options as command-line arguments, to start another process with the same VM.
+    pub fn to_args(&self) -> Vec<String> {
+        let guest = match self.guest {
+            GuestChoice::Auto => "auto",
+            GuestChoice::Kvm => "kvm",
+            GuestChoice::Software => "software",
+        };
+        let fill = match self.fill {
+            Fill::Zero => "zero",
+            Fill::Random => "random",
+        };
+        [
+            ("--mem", self.mem.to_string()),
+            ("--ram-regions", self.ram_regions.to_string()),
+            ("--vcpus", self.vcpus.to_string()),
+            ("--working-set", self.working_set.to_string()),
+            ("--fill", fill.to_string()),
+            ("--seed", self.seed.to_string()),
+            ("--guest", guest.to_string()),
+            ("--software-page-ns", self.software_page_ns.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+
     /// The VM configuration these options describe.
     pub fn config(&self) -> VmConfig {
         VmConfig {
@@ -149,6 +175,18 @@ pub struct RunArgs {
     /// Do not show the guest's console output.
     #[arg(long)]
     pub quiet: bool,
+    /// Serve the control socket (line-based JSON; see `vmm-demo migrate`) at `unix:PATH`.
+    /// Without --duration or --passes the guest then runs until it is migrated away or
+    /// asked to quit.
+    #[arg(long)]
+    pub control: Option<String>,
+    /// A disk image the VM is given, checked by the storage policy before a migration;
+    /// repeatable.
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// Cache mode of the disks (none, directsync, writethrough, writeback, unsafe).
+    #[arg(long)]
+    pub cache: Option<String>,
 }
 
 /// What `vmm-demo run` reports.
@@ -192,6 +230,10 @@ pub struct RunReport {
     pub error: Option<String>,
     /// True only if the oracle checks passed and no vCPU failed.
     pub verified: bool,
+    /// The guest was migrated away (this VM stayed paused since the switchover).
+    pub migrated: bool,
+    /// The migration's report, when it was.
+    pub migration: Option<crate::migration::MigrationReport>,
 }
 
 impl std::fmt::Display for RunReport {
@@ -242,21 +284,63 @@ pub fn run(args: &RunArgs) -> Result<RunReport, String> {
     let mut vm = Vm::new(&config, kind, console).map_err(|e| e.to_string())?;
     vm.set_software_pace(Duration::from_nanos(args.vm.software_page_ns));
     vm.set_throttle(args.throttle).map_err(|e| e.to_string())?;
+    let control = crate::commands::ControlState::new();
+    if let Some(path) = &args.control {
+        let addr: migration_core::transport::Address = if path.starts_with("unix:") {
+            path.parse().map_err(|e| format!("--control: {e}"))?
+        } else {
+            migration_core::transport::Address::Unix(path.into())
+        };
+        let disks = args
+            .disk
+            .iter()
+            .map(|p| crate::migration::DiskArg {
+                path: p.clone(),
+                cache: args.cache.clone(),
+            })
+            .collect();
+        crate::commands::serve_control(&addr, vm.handle(), disks, control.clone())
+            .map_err(|e| format!("--control: {e}"))?;
+    }
     let start = Instant::now();
     vm.resume().map_err(|e| e.to_string())?;
     let mut error = None;
-    match args.passes {
-        Some(n) => {
-            if let Err(e) = vm.wait_for_passes(n, args.timeout) {
-                error = Some(e);
+    let until = match (args.duration, args.passes, &args.control) {
+        (Some(d), _, _) => Some(start + d),
+        (None, None, None) => Some(start + Duration::from_secs(5)),
+        _ => None,
+    };
+    let passes_deadline = start + args.timeout;
+    use crate::commands::RunStatus;
+    loop {
+        match control.status() {
+            RunStatus::Migrated => break,
+            RunStatus::Migrating => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            RunStatus::Running => {}
+        }
+        if control.quit_requested() || !vm.failures().is_empty() {
+            break;
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        if let Some(n) = args.passes {
+            if vm.passes().iter().all(|&p| p >= n) {
+                break;
+            }
+            if Instant::now() >= passes_deadline {
+                error = Some(format!(
+                    "after {:?} the vCPUs are at passes {:?}, not yet {n}",
+                    args.timeout,
+                    vm.passes()
+                ));
+                break;
             }
         }
-        None => {
-            let until = start + args.duration.unwrap_or(Duration::from_secs(5));
-            while Instant::now() < until && vm.failures().is_empty() {
-                std::thread::sleep(Duration::from_millis(10).min(until - Instant::now()));
-            }
-        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     vm.pause().map_err(|e| e.to_string())?;
     let elapsed = start.elapsed();
@@ -299,6 +383,12 @@ pub fn run(args: &RunArgs) -> Result<RunReport, String> {
         verified: error.is_none(),
         oracle,
         error,
+        migrated: control.status() == RunStatus::Migrated,
+        migration: control
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     })
 }
 

@@ -16,10 +16,12 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod commands;
 pub mod control;
 pub mod guest;
 pub mod kvm;
 pub mod layout;
+pub mod migration;
 pub mod oracle;
 pub mod serial;
 pub mod software;

@@ -1,0 +1,573 @@
+//! The destination engine: receive a pre-copy stream into guest RAM and device state,
+//! verify, and only then run the guest.
+//!
+//! Used in two steps, because the VMM can only build its VM once it knows what comes:
+//!
+//! ```text
+//! let incoming = Incoming::accept(stream, &DestinationOptions::default())?; // header + config
+//! let vm = build_vm(incoming.config())?;           // or: return Err(incoming.refuse("why"))
+//! let stats = incoming.receive(&ram, &mut vm, &mut verify, &mut progress)?;
+//! ```
+//!
+//! [`Incoming::receive`] applies page batches into guest RAM and collects device state
+//! until `Complete`. Then, in this order: it loads the device state through
+//! [`VmControl::load_device_state`], calls the caller's `verify` (an oracle, a hash
+//! compare), sends [`Verdict::Running`] and only once that is written resumes the guest.
+//! Any failure before that (a malformed or corrupt record, a stream that stops before
+//! `Complete`, an `Abort`, a refused state, a failed check) sends `Verdict::Failed` with the
+//! reason, where the connection still works, and never resumes the guest. See the source
+//! module for the window that remains between the verdict and the source reading it.
+
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use migration_core::bitmap::DirtyBitmap;
+use migration_core::geometry::{GuestRam, RamLayout};
+use migration_core::page::{EncodedPage, PageDecoder, PageError};
+use migration_core::stats::PageCounts;
+use migration_core::stream::{
+    Ack, Config, DecoderOptions, DeviceState, Direction, Frame, IterationEnd, PageData, Record,
+    ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
+};
+use migration_core::transport::Stream;
+use migration_core::vm::{VmControl, VmError};
+use vm_memory::{Bytes as _, GuestMemoryBackend};
+
+/// Settings of the receiving side.
+#[derive(Debug, Clone)]
+pub struct DestinationOptions {
+    /// Longest record accepted (page batches and device state). Default 64 MiB.
+    pub max_record_len: u32,
+    /// Refuse a stream for any other VM.
+    pub expected_vm: Option<[u8; 16]>,
+    /// Give up when no byte arrives for this long (`None`: wait forever).
+    pub idle_timeout: Option<Duration>,
+    /// Fault guest RAM in ahead of the pages arriving, on a helper thread
+    /// (`MADV_POPULATE_WRITE`, 2 MiB at a time, only just ahead of where non-zero pages
+    /// land, so zero RAM stays unallocated). Default on: under nested virtualisation a page
+    /// fault costs microseconds, and taking them off the receiving thread is most of what
+    /// bounds the destination's rate.
+    pub prefault: bool,
+}
+
+impl Default for DestinationOptions {
+    fn default() -> Self {
+        DestinationOptions {
+            max_record_len: migration_core::stream::DEFAULT_MAX_RECORD_LEN,
+            expected_vm: None,
+            idle_timeout: None,
+            prefault: true,
+        }
+    }
+}
+
+/// Why the destination refused or lost a migration. The guest was not run here.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// The stream is malformed or corrupt (the error names the record type and offset).
+    #[error("refusing the migration stream: {0}")]
+    Stream(#[from] StreamError),
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] io::Error),
+    /// The stream did not start with a config record.
+    #[error("the stream starts with a {0} record, not the configuration")]
+    NoConfig(String),
+    /// The config does not describe this VM's RAM.
+    #[error(
+        "the source's RAM ({source_pages} pages) does not match this VM's ({local_pages} pages)"
+    )]
+    Layout {
+        /// Pages the source has.
+        source_pages: u64,
+        /// Pages this side has.
+        local_pages: u64,
+    },
+    /// The stream broke the pre-copy protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The source gave up.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    /// A page could not be decoded or written.
+    #[error("page {page}: {what}")]
+    Page {
+        /// Global page index.
+        page: u64,
+        /// What failed.
+        what: String,
+    },
+    /// The VMM refused the device state.
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// The caller's check refused the guest.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// Refused by the caller before receiving (see [`Incoming::refuse`]).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The guest could not be resumed after `Running` was sent: it runs nowhere, and the
+    /// VMM must decide (the second window: see the module docs).
+    #[error("the Running verdict was sent but resuming the guest failed: {0}")]
+    ResumeAfterVerdict(VmError),
+    /// The `Running` verdict could not be sent: the guest was not resumed here, and the
+    /// source resumes it there.
+    #[error("sending the verdict failed, the guest was not resumed here: {0}")]
+    VerdictNotSent(io::Error),
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DestinationStats {
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Pages applied, by encoding.
+    pub pages: PageCounts,
+    /// Pre-copy passes the source reported.
+    pub iterations: Vec<IterationEnd>,
+    /// Device-state blobs received.
+    pub device_states: usize,
+    /// From the first byte to the resume.
+    pub total_time: Duration,
+    /// From `Complete` received to the guest resumed (load, verify, verdict).
+    pub switchover: Duration,
+    /// Time spent in the caller's verification.
+    pub verify_time: Duration,
+}
+
+/// An incoming migration whose header and config were read.
+pub struct Incoming {
+    prefault: bool,
+    read_scratch: Vec<u8>,
+    stream: Stream,
+    dec: StreamDecoder,
+    buf: BytesMut,
+    header: StreamHeader,
+    config: Config,
+    started: Instant,
+    received: u64,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("header", &self.header)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+const READ_CHUNK: usize = 256 << 10;
+
+/// Reads what the socket has into `buf`, through `scratch` (one read's worth, allocated
+/// once): the copy costs what was read, where growing `buf` by a zeroed chunk before each
+/// read would cost the whole chunk even when the socket hands over a few kilobytes.
+fn read_more(
+    s: &mut Stream,
+    scratch: &mut [u8],
+    buf: &mut BytesMut,
+    received: &mut u64,
+) -> io::Result<usize> {
+    let n = loop {
+        match s.read(scratch) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => break r?,
+        }
+    };
+    buf.extend_from_slice(&scratch[..n]);
+    *received += n as u64;
+    Ok(n)
+}
+
+impl Incoming {
+    /// Reads the stream header and the config record from `stream`, and answers with the
+    /// return-path header. A stream that is not a migration, for another VM, or that does
+    /// not start with its config is refused (with a `Failed` verdict where possible).
+    pub fn accept(
+        mut stream: Stream,
+        opts: &DestinationOptions,
+    ) -> Result<Incoming, DestinationError> {
+        let started = Instant::now();
+        stream.set_read_timeout(opts.idle_timeout)?;
+        let _ = stream.set_nodelay(true);
+        let mut dec = StreamDecoder::new(DecoderOptions {
+            max_record_len: opts.max_record_len,
+            expected_vm: opts.expected_vm,
+            ..DecoderOptions::default()
+        });
+        let mut buf = BytesMut::with_capacity(READ_CHUNK * 2);
+        let mut received = 0;
+        let mut scratch = vec![0u8; READ_CHUNK];
+        let mut header = None;
+        let r: Result<Config, DestinationError> = (|| loop {
+            match dec.decode(&mut buf)? {
+                Some(Frame::Header(h)) => {
+                    header = Some(h);
+                    let mut out = BytesMut::new();
+                    StreamHeader::new(h.vm_uuid).encode(Direction::Return, &mut out);
+                    stream.write_all(&out)?;
+                }
+                Some(Frame::Record(Record::Config(c))) => return Ok(c),
+                Some(Frame::Record(Record::Abort { reason })) => {
+                    return Err(DestinationError::Aborted(reason));
+                }
+                Some(Frame::Record(r)) => {
+                    return Err(DestinationError::NoConfig(r.record_type().to_string()));
+                }
+                None => {
+                    if read_more(&mut stream, &mut scratch, &mut buf, &mut received)? == 0 {
+                        dec.finish(&buf)?;
+                        return Err(DestinationError::NoConfig("end of stream".into()));
+                    }
+                }
+            }
+        })();
+        match (r, header) {
+            (Ok(config), Some(header)) => Ok(Incoming {
+                prefault: opts.prefault,
+                read_scratch: scratch,
+                stream,
+                dec,
+                buf,
+                header,
+                config,
+                started,
+                received,
+            }),
+            (Ok(_), None) => unreachable!("a config is only decoded after the header"),
+            (Err(e), header) => {
+                if header.is_some() {
+                    send_failed(&mut stream, &e.to_string());
+                }
+                let _ = stream.shutdown(Shutdown::Both);
+                Err(e)
+            }
+        }
+    }
+
+    /// The source's configuration: RAM layout and VMM blob.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The stream header (VM UUID, flags).
+    pub fn header(&self) -> &StreamHeader {
+        &self.header
+    }
+
+    /// Refuses the migration (this side cannot build a matching VM, say): sends a `Failed`
+    /// verdict with `reason` and closes the connection.
+    pub fn refuse(mut self, reason: &str) -> DestinationError {
+        send_failed(&mut self.stream, reason);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        DestinationError::Refused(reason.into())
+    }
+
+    /// Receives the rest of the stream into `ram` and `vm`, then loads the device state,
+    /// runs `verify` over it, sends `Running`, and resumes the guest. `vm` must be paused
+    /// and hold no state yet; `ram` must be all zero (fresh memory) and match the config.
+    pub fn receive<M, V>(
+        mut self,
+        ram: &GuestRam<'_, M>,
+        vm: &mut V,
+        verify: &mut dyn FnMut(&[DeviceState]) -> Result<(), String>,
+        progress: &mut dyn FnMut(&DestinationStats),
+    ) -> Result<DestinationStats, DestinationError>
+    where
+        M: GuestMemoryBackend,
+        V: VmControl + ?Sized,
+    {
+        let mut stats = DestinationStats::default();
+        match self.receive_inner(ram, vm, verify, progress, &mut stats) {
+            Ok(()) => {
+                stats.bytes_received = self.received;
+                stats.total_time = self.started.elapsed();
+                Ok(stats)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "incoming migration failed; the guest is not run here");
+                if !matches!(
+                    e,
+                    DestinationError::VerdictNotSent(_) | DestinationError::ResumeAfterVerdict(_)
+                ) {
+                    send_failed(&mut self.stream, &e.to_string());
+                }
+                let _ = self.stream.shutdown(Shutdown::Both);
+                Err(e)
+            }
+        }
+    }
+
+    fn receive_inner<M, V>(
+        &mut self,
+        ram: &GuestRam<'_, M>,
+        vm: &mut V,
+        verify: &mut dyn FnMut(&[DeviceState]) -> Result<(), String>,
+        progress: &mut dyn FnMut(&DestinationStats),
+        stats: &mut DestinationStats,
+    ) -> Result<(), DestinationError>
+    where
+        M: GuestMemoryBackend,
+        V: VmControl + ?Sized,
+    {
+        let layout = ram.layout();
+        let source_layout = self
+            .config
+            .layout()
+            .map_err(|e| DestinationError::Refused(e.to_string()))?;
+        if !same_layout(&source_layout, layout) {
+            return Err(DestinationError::Layout {
+                source_pages: source_layout.page_count() as u64,
+                local_pages: layout.page_count() as u64,
+            });
+        }
+        let ps = layout.page_size() as usize;
+        let mut decoder = PageDecoder::new().map_err(|e| DestinationError::Page {
+            page: 0,
+            what: e.to_string(),
+        })?;
+        // Pages written so far: a zero page for a page never written needs no write, fresh
+        // guest RAM is zero already (and stays unallocated).
+        let mut written = DirtyBitmap::new(layout.page_count());
+        let mut scratch = vec![0u8; ps];
+        let zero = vec![0u8; ps];
+        let mut states: Vec<DeviceState> = Vec::new();
+        let mut ack = BytesMut::with_capacity(64);
+        let mut prefault = if self.prefault {
+            Prefaulter::start(ram)
+        } else {
+            None
+        };
+        loop {
+            let frame = match self.dec.decode(&mut self.buf)? {
+                Some(f) => f,
+                None => {
+                    if read_more(
+                        &mut self.stream,
+                        &mut self.read_scratch,
+                        &mut self.buf,
+                        &mut self.received,
+                    )? == 0
+                    {
+                        self.dec.finish(&self.buf)?;
+                        return Err(DestinationError::Protocol(
+                            "the stream ended without Complete".into(),
+                        ));
+                    }
+                    continue;
+                }
+            };
+            let record = match frame {
+                Frame::Record(r) => r,
+                Frame::Header(_) => continue,
+            };
+            match record {
+                Record::PageBatch(batch) => {
+                    if let (Some(pf), Some(last)) = (prefault.as_mut(), batch.pages.last()) {
+                        if !matches!(last.data, PageData::Zero) {
+                            pf.ahead_of(last.index as usize);
+                        }
+                    }
+                    for p in &batch.pages {
+                        let idx = p.index as usize;
+                        let gpa = layout.page_to_gpa(idx).ok_or(DestinationError::Page {
+                            page: p.index,
+                            what: "outside guest RAM".into(),
+                        })?;
+                        let err = |what: String| DestinationError::Page {
+                            page: p.index,
+                            what,
+                        };
+                        match &p.data {
+                            PageData::Zero => {
+                                stats.pages.zero += 1;
+                                if written.test(idx) {
+                                    ram.memory()
+                                        .write_slice(&zero, gpa)
+                                        .map_err(|e| err(e.to_string()))?;
+                                }
+                            }
+                            PageData::Raw(d) => {
+                                stats.pages.raw += 1;
+                                if d.len() != ps {
+                                    return Err(err(format!("raw page of {} bytes", d.len())));
+                                }
+                                ram.memory()
+                                    .write_slice(d, gpa)
+                                    .map_err(|e| err(e.to_string()))?;
+                                written.set(idx);
+                            }
+                            PageData::Zstd(_) | PageData::Delta(_) => {
+                                let enc: EncodedPage<'_> = p.data.as_encoded();
+                                if matches!(enc, EncodedPage::Delta(_)) {
+                                    stats.pages.delta += 1;
+                                    // A delta applies onto the copy this side holds.
+                                    ram.memory()
+                                        .read_slice(&mut scratch, gpa)
+                                        .map_err(|e| err(e.to_string()))?;
+                                } else {
+                                    stats.pages.zstd += 1;
+                                }
+                                decoder
+                                    .apply(enc, &mut scratch)
+                                    .map_err(|e: PageError| err(e.to_string()))?;
+                                ram.memory()
+                                    .write_slice(&scratch, gpa)
+                                    .map_err(|e| err(e.to_string()))?;
+                                written.set(idx);
+                            }
+                        }
+                    }
+                }
+                Record::DeviceState(s) => states.push(s),
+                Record::IterationEnd(it) => {
+                    ack.clear();
+                    ReturnRecord::Ack(Ack::Iteration(it.iteration)).encode(&mut ack);
+                    // The stream is what counts: a source that already gave up may have
+                    // closed its side, and its Abort is still to be read.
+                    if let Err(e) = self.stream.write_all(&ack) {
+                        tracing::debug!(%e, "acknowledging a pass");
+                    }
+                    stats.iterations.push(it);
+                    stats.bytes_received = self.received;
+                    progress(stats);
+                }
+                Record::Abort { reason } => return Err(DestinationError::Aborted(reason)),
+                Record::Complete => break,
+                Record::Config(_) => unreachable!("the decoder refuses a second config"),
+                r @ (Record::DiscardPages(_) | Record::SwitchToPostcopy { .. }) => {
+                    return Err(DestinationError::Protocol(format!(
+                        "{} record in a pre-copy migration",
+                        r.record_type()
+                    )));
+                }
+            }
+        }
+        drop(prefault);
+        let complete_at = Instant::now();
+        stats.device_states = states.len();
+        vm.load_device_state(&states)?;
+        let t = Instant::now();
+        verify(&states).map_err(DestinationError::Verify)?;
+        stats.verify_time = t.elapsed();
+        let mut out = BytesMut::with_capacity(16);
+        ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+        self.stream
+            .write_all(&out)
+            .and_then(|()| self.stream.flush())
+            .map_err(DestinationError::VerdictNotSent)?;
+        vm.resume().map_err(DestinationError::ResumeAfterVerdict)?;
+        stats.switchover = complete_at.elapsed();
+        let _ = self.stream.shutdown(Shutdown::Write);
+        Ok(())
+    }
+}
+
+fn same_layout(a: &RamLayout, b: &RamLayout) -> bool {
+    a.page_size() == b.page_size()
+        && a.regions().len() == b.regions().len()
+        && a.regions()
+            .iter()
+            .zip(b.regions())
+            .all(|(x, y)| x.guest_base == y.guest_base && x.size == y.size)
+}
+
+fn send_failed(s: &mut Stream, reason: &str) {
+    let mut out = BytesMut::new();
+    ReturnRecord::Verdict(Verdict::Failed {
+        reason: reason.to_string(),
+    })
+    .encode(&mut out);
+    let _ = s.write_all(&out);
+}
+
+/// Faults destination RAM in ahead of the receiving thread (see
+/// [`DestinationOptions::prefault`]).
+struct Prefaulter {
+    tx: Option<std::sync::mpsc::SyncSender<(usize, usize)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Chunks (of `CHUNK_PAGES` pages) already asked for.
+    asked: DirtyBitmap,
+    /// (host address, length) of each chunk, `None` where it is not one mapping.
+    chunks: Vec<Option<(usize, usize)>>,
+}
+
+/// 2 MiB of 4 KiB pages.
+const CHUNK_PAGES: usize = 512;
+/// How far ahead of the last non-zero page to fault in.
+const AHEAD_CHUNKS: usize = 4;
+
+impl Prefaulter {
+    fn start<M: GuestMemoryBackend>(ram: &GuestRam<'_, M>) -> Option<Prefaulter> {
+        let layout = ram.layout();
+        let n = layout.page_count().div_ceil(CHUNK_PAGES);
+        let mut chunks = Vec::with_capacity(n);
+        for c in 0..n {
+            let first = c * CHUNK_PAGES;
+            let end = (first + CHUNK_PAGES).min(layout.page_count());
+            // One piece per chunk within one region; chunks that straddle two regions are
+            // left to ordinary faults.
+            let mut pieces = layout.split_at_regions(first..end);
+            let chunk = match (pieces.next(), pieces.next()) {
+                (Some((_, r)), None) => ram
+                    .host_address(r.start)
+                    .ok()
+                    .map(|h| (h as usize, r.len() * layout.page_size() as usize)),
+                _ => None,
+            };
+            chunks.push(chunk);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize)>(64);
+        let thread = std::thread::Builder::new()
+            .name("precopy-prefault".into())
+            .spawn(move || {
+                for (addr, len) in rx {
+                    // SAFETY: `addr..addr+len` lies in a mapping of guest RAM that outlives
+                    // this thread (the receiver joins it before it returns). Populating
+                    // for write never changes the contents of a page: a present page is
+                    // left as it is, an absent one becomes the zero page it reads as
+                    // anyway, so racing with the receiver's writes is harmless.
+                    let rc = unsafe {
+                        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
+                    };
+                    if rc != 0 {
+                        // Kernels before 5.14 lack it; faults then happen on first write.
+                        tracing::debug!(err = %io::Error::last_os_error(), "MADV_POPULATE_WRITE");
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Prefaulter {
+            tx: Some(tx),
+            thread: Some(thread),
+            asked: DirtyBitmap::new(n),
+            chunks,
+        })
+    }
+
+    /// A non-zero page was received at `page`: fault in the chunks after it.
+    fn ahead_of(&mut self, page: usize) {
+        let c = page / CHUNK_PAGES;
+        for c in c..(c + 1 + AHEAD_CHUNKS).min(self.chunks.len()) {
+            if !self.asked.test_and_set(c) {
+                continue;
+            }
+            if let (Some(chunk), Some(tx)) = (self.chunks[c], self.tx.as_ref()) {
+                // Never block the receiver: a full queue means the helper is behind anyway.
+                let _ = tx.try_send(chunk);
+            }
+        }
+    }
+}
+
+impl Drop for Prefaulter {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
