@@ -20,6 +20,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -363,6 +365,7 @@ impl Incoming {
                 Frame::Record(r) => r,
                 Frame::Header(_) => continue,
             };
+            tracing::trace!(record = %record.record_type(), received = self.received, "record");
             match record {
                 Record::PageBatch(batch) => {
                     if let (Some(pf), Some(last)) = (prefault.as_mut(), batch.pages.last()) {
@@ -423,6 +426,10 @@ impl Incoming {
                 }
                 Record::DeviceState(s) => states.push(s),
                 Record::IterationEnd(it) => {
+                    // The bulk pass put every non-zero page in place; what later passes
+                    // re-send was faulted in then, and faulting ahead during the
+                    // stop-and-copy would only lengthen the downtime.
+                    prefault = None;
                     ack.clear();
                     ReturnRecord::Ack(Ack::Iteration(it.iteration)).encode(&mut ack);
                     // The stream is what counts: a source that already gave up may have
@@ -445,21 +452,26 @@ impl Incoming {
                 }
             }
         }
-        drop(prefault);
         let complete_at = Instant::now();
+        drop(prefault);
+        tracing::debug!(since_complete = ?complete_at.elapsed(), "prefault thread stopped");
         stats.device_states = states.len();
         vm.load_device_state(&states)?;
+        tracing::debug!(since_complete = ?complete_at.elapsed(), "device state loaded");
         let t = Instant::now();
         verify(&states).map_err(DestinationError::Verify)?;
         stats.verify_time = t.elapsed();
+        tracing::debug!(since_complete = ?complete_at.elapsed(), "verified");
         let mut out = BytesMut::with_capacity(16);
         ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
         self.stream
             .write_all(&out)
             .and_then(|()| self.stream.flush())
             .map_err(DestinationError::VerdictNotSent)?;
+        tracing::debug!(since_complete = ?complete_at.elapsed(), "verdict sent");
         vm.resume().map_err(DestinationError::ResumeAfterVerdict)?;
         stats.switchover = complete_at.elapsed();
+        tracing::debug!(since_complete = ?stats.switchover, "resumed");
         let _ = self.stream.shutdown(Shutdown::Write);
         Ok(())
     }
@@ -487,6 +499,8 @@ fn send_failed(s: &mut Stream, reason: &str) {
 /// [`DestinationOptions::prefault`]).
 struct Prefaulter {
     tx: Option<std::sync::mpsc::SyncSender<(usize, usize)>>,
+    /// Asks the helper to give up what is still queued.
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// Chunks (of `CHUNK_PAGES` pages) already asked for.
     asked: DirtyBitmap,
@@ -498,6 +512,8 @@ struct Prefaulter {
 const CHUNK_PAGES: usize = 512;
 /// How far ahead of the last non-zero page to fault in.
 const AHEAD_CHUNKS: usize = 4;
+/// Bytes populated per `madvise`, between checks of the stop flag.
+const PREFAULT_STEP: usize = 256 << 10;
 
 impl Prefaulter {
     fn start<M: GuestMemoryBackend>(ram: &GuestRam<'_, M>) -> Option<Prefaulter> {
@@ -520,28 +536,43 @@ impl Prefaulter {
             chunks.push(chunk);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, usize)>(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("precopy-prefault".into())
             .spawn(move || {
                 for (addr, len) in rx {
-                    // SAFETY: `addr..addr+len` lies in a mapping of guest RAM that outlives
-                    // this thread (the receiver joins it before it returns). Populating
-                    // for write never changes the contents of a page: a present page is
-                    // left as it is, an absent one becomes the zero page it reads as
-                    // anyway, so racing with the receiver's writes is harmless.
-                    let rc = unsafe {
-                        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE)
-                    };
-                    if rc != 0 {
-                        // Kernels before 5.14 lack it; faults then happen on first write.
-                        tracing::debug!(err = %io::Error::last_os_error(), "MADV_POPULATE_WRITE");
-                        return;
+                    // In steps, so that a stop request waits for one step at most.
+                    for off in (0..len).step_by(PREFAULT_STEP) {
+                        if stopped.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let n = PREFAULT_STEP.min(len - off);
+                        // SAFETY: `addr..addr+len` lies in a mapping of guest RAM that
+                        // outlives this thread (the receiver joins it before it returns).
+                        // Populating for write never changes the contents of a page: a
+                        // present page is left as it is, an absent one becomes the zero
+                        // page it reads as anyway, so racing with the receiver's writes is
+                        // harmless.
+                        let rc = unsafe {
+                            libc::madvise(
+                                (addr + off) as *mut libc::c_void,
+                                n,
+                                libc::MADV_POPULATE_WRITE,
+                            )
+                        };
+                        if rc != 0 {
+                            // Kernels before 5.14 lack it; faults then happen on first write.
+                            tracing::debug!(err = %io::Error::last_os_error(), "MADV_POPULATE_WRITE");
+                            return;
+                        }
                     }
                 }
             })
             .ok()?;
         Some(Prefaulter {
             tx: Some(tx),
+            stop,
             thread: Some(thread),
             asked: DirtyBitmap::new(n),
             chunks,
@@ -565,6 +596,7 @@ impl Prefaulter {
 
 impl Drop for Prefaulter {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
         self.tx = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();

@@ -57,7 +57,7 @@ use migration_core::page::{EncodedPage, PageEncoder, PageError, is_zero_page};
 use migration_core::pagemap::populated_pages;
 use migration_core::stats::{IterationStats, MigrationStats, PageCounts, Phase, ProgressEvent};
 use migration_core::stream::{
-    Config, DeviceState, Direction, IterationEnd, PageBatchWriter, Record, ReturnRecord,
+    Ack, Config, DeviceState, Direction, IterationEnd, PageBatchWriter, Record, ReturnRecord,
     StreamHeader, Verdict,
 };
 use migration_core::transport::{Channel, Stream};
@@ -344,6 +344,8 @@ where
         pages_sent: 0,
         pages_remaining: 0,
         tracker_started: false,
+        acked_iteration: None,
+        ack_wait_expired: false,
     };
     if opts.zstd_level.is_some() || opts.delta_cache_bytes.is_some() {
         match PageEncoder::new(page_size, opts.zstd_level) {
@@ -388,6 +390,10 @@ where
     }
 }
 
+/// How long the source waits, guest running, for the destination to catch up before the
+/// switchover.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
 enum Run {
     Completed,
     HandOver(NotConverged, DirtyBitmap),
@@ -422,6 +428,11 @@ struct Engine<'r, 'm, M: GuestMemoryBackend, V: VmControl + ?Sized> {
     pages_sent: u64,
     pages_remaining: u64,
     tracker_started: bool,
+    /// Highest pass the destination said it has applied.
+    acked_iteration: Option<u64>,
+    /// A wait for an acknowledgement ran out once: do not wait again (a destination that
+    /// does not acknowledge must not keep the migration from ending).
+    ack_wait_expired: bool,
 }
 
 impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
@@ -453,6 +464,10 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
     /// when `complete` is set, i.e. after `Complete` was sent).
     fn on_return(&mut self, ev: ReturnEvent, complete: bool) -> Result<bool, SourceError> {
         match ev {
+            ReturnEvent::Record(ReturnRecord::Ack(Ack::Iteration(n))) => {
+                self.acked_iteration = Some(self.acked_iteration.map_or(n, |a| a.max(n)));
+                Ok(false)
+            }
             ReturnEvent::Record(ReturnRecord::Ack(a)) => {
                 tracing::trace!(?a, "ack");
                 Ok(false)
@@ -482,6 +497,32 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
                 }),
             }),
         }
+    }
+
+    /// Waits, with the guest running, until the destination acknowledges pass `pass`.
+    fn wait_for_ack(&mut self, pass: u64) -> Result<(), SourceError> {
+        let deadline = Instant::now() + ACK_WAIT;
+        while self.acked_iteration.is_none_or(|a| a < pass) {
+            self.check_cancel()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    pass,
+                    "no acknowledgement from the destination; switching over anyway"
+                );
+                self.ack_wait_expired = true;
+                return Ok(());
+            }
+            let ev = match self.returns.as_mut() {
+                Some(r) => r.next(Some(left.min(Duration::from_millis(50)))),
+                None => None,
+            };
+            if let Some(ev) = ev {
+                self.on_return(ev, false)?;
+            }
+        }
+        tracing::debug!(pass, "destination caught up");
+        Ok(())
     }
 
     /// Turns a write error into the most telling error: a cancel, the destination's own
@@ -643,8 +684,26 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
             }
             match planner.decide(&m) {
                 Decision::StopAndCopy => {
-                    self.stats.expected_downtime = m.expected_downtime();
-                    break;
+                    let last_pass = self
+                        .stats
+                        .iterations
+                        .last()
+                        .map_or(0, |l| l.iteration as u64);
+                    if self.ack_wait_expired || self.acked_iteration.is_some_and(|a| a >= last_pass)
+                    {
+                        self.stats.expected_downtime = m.expected_downtime();
+                        break;
+                    }
+                    // The destination is still applying what the kernel's socket buffers
+                    // hold (it may have been building its VM): pausing now would add that
+                    // backlog to the downtime. Wait with the guest running, then take in
+                    // what it dirtied meanwhile and decide again.
+                    self.wait_for_ack(last_pass)?;
+                    let now = Instant::now();
+                    tracker.sync_and_clear(&mut dirty)?;
+                    period = now.duration_since(last_sync);
+                    last_sync = now;
+                    continue;
                 }
                 Decision::LimitReached(nc) => match self.opts.limit_policy {
                     LimitPolicy::Fail => return Err(SourceError::NotConverged(nc)),
@@ -690,11 +749,14 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
             self.vm.set_throttle(0)?;
         }
         tracker.sync_and_clear(&mut dirty)?;
+        tracing::debug!(since_pause = ?pause_at.elapsed(), pages = dirty.count(), "final sync");
         iteration += 1;
         let pass_start = Instant::now();
         let bytes_before = self.bytes_sent();
         self.send_dirty(&mut dirty, iteration)?;
+        tracing::debug!(since_pause = ?pause_at.elapsed(), "last pages queued");
         let states = self.vm.save_device_state()?;
+        tracing::debug!(since_pause = ?pause_at.elapsed(), "device state saved");
         let state_bytes: u64 = states.iter().map(|s| s.data.len() as u64).sum();
         self.stats.device_state_bytes = state_bytes;
         for s in states {
@@ -709,6 +771,7 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
         self.end_pass(iteration, pass_start, bytes_before, 0)?;
         self.send_record(&Record::Complete)?;
         self.flush()?;
+        tracing::debug!(since_pause = ?pause_at.elapsed(), "complete sent");
         self.stats.bytes_on_wire = self.bytes_sent();
 
         // Awaiting the verdict, paused.
@@ -750,6 +813,7 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
             }
         }
         self.stats.downtime = pause_at.elapsed();
+        tracing::debug!(since_pause = ?self.stats.downtime, "verdict: running");
         self.set_phase(Phase::Completed);
         Ok(Run::Completed)
     }

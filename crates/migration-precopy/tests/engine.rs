@@ -55,6 +55,8 @@ struct Ctl {
     lock: Mutex<()>,
     cv: Condvar,
     log: Mutex<Vec<String>>,
+    /// When each pause took effect.
+    pause_times: Mutex<Vec<Instant>>,
 }
 
 /// The source guest double.
@@ -216,6 +218,7 @@ impl VmControl for GuestCtl {
                 .unwrap()
                 .0;
         }
+        self.ctl.pause_times.lock().unwrap().push(Instant::now());
         Ok(())
     }
     fn resume(&mut self) -> Result<(), VmError> {
@@ -295,6 +298,17 @@ fn destination(
     stream: UnixStream,
     verify: impl FnMut(&[DeviceState]) -> Result<(), String> + Send + 'static,
 ) -> JoinHandle<DestResult> {
+    slow_destination(stream, verify, Duration::ZERO, Arc::default())
+}
+
+/// A destination that lags `lag` behind after applying each pass (as one whose host is
+/// busy does), and notes in `applied` when it applied each pass.
+fn slow_destination(
+    stream: UnixStream,
+    verify: impl FnMut(&[DeviceState]) -> Result<(), String> + Send + 'static,
+    lag: Duration,
+    applied: Arc<Mutex<Vec<(u64, Instant)>>>,
+) -> JoinHandle<DestResult> {
     std::thread::spawn(move || {
         let mut verify = verify;
         let vm = DestVm::default();
@@ -318,7 +332,16 @@ fn destination(
         let mem = Arc::new(Mem::from_ranges(&ranges).unwrap());
         let ram = GuestRam::with_layout(&*mem, layout);
         let mut v = vm.clone();
-        let result = incoming.receive(&ram, &mut v, &mut verify, &mut |_| {});
+        let result = incoming.receive(&ram, &mut v, &mut verify, &mut |stats| {
+            {
+                let mut a = applied.lock().unwrap();
+                let done = a.len();
+                for it in &stats.iterations[done..] {
+                    a.push((it.iteration, Instant::now()));
+                }
+            }
+            std::thread::sleep(lag);
+        });
         DestResult { result, mem, vm }
     })
 }
@@ -700,6 +723,42 @@ fn a_failed_verdict_resumes_the_source() {
         "the destination must not run a refused guest"
     );
     assert_eq!(guest.ctl.log.lock().unwrap().clone(), ["pause", "resume"]);
+}
+
+#[test]
+fn the_source_pauses_only_once_the_destination_has_caught_up() {
+    // The destination falls behind after each pass, so what the source sent last sits in
+    // the socket buffers: the source must not count it as applied and pause, or the
+    // backlog becomes downtime.
+    let guest = Guest::start(8, 512, 0..4, 0);
+    let (a, b) = UnixStream::pair().unwrap();
+    let applied = Arc::new(Mutex::new(Vec::new()));
+    let dest = slow_destination(b, |_| Ok(()), Duration::from_millis(200), applied.clone());
+    let (result, _) = run_source(&guest, Stream::Unix(a), opts(), None);
+    let dest = dest.join().unwrap();
+    let stats = match result {
+        Ok(SourceOutcome::Completed(s)) => s,
+        other => panic!("{other:?}"),
+    };
+    dest.result.expect("destination");
+    let applied = applied.lock().unwrap().clone();
+    let pause = *guest
+        .ctl
+        .pause_times
+        .lock()
+        .unwrap()
+        .first()
+        .expect("paused once");
+    // Every pass but the one sent while paused was applied before the pause.
+    let before_pause = stats.iterations.len() - 1;
+    assert!(applied.len() >= before_pause, "{applied:?}");
+    for (pass, at) in &applied[..before_pause] {
+        assert!(
+            *at <= pause,
+            "pass {pass} was applied after the guest was paused"
+        );
+    }
+    ram_equal(&guest.mem, &dest.mem);
 }
 
 #[test]
