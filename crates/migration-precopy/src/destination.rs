@@ -10,13 +10,15 @@
 //! ```
 //!
 //! [`Incoming::receive`] applies page batches into guest RAM and collects device state
-//! until `Complete`. Then, in this order: it loads the device state through
-//! [`VmControl::load_device_state`], calls the caller's `verify` (an oracle, a hash
-//! compare), sends [`Verdict::Running`] and only once that is written resumes the guest.
-//! Any failure before that (a malformed or corrupt record, a stream that stops before
-//! `Complete`, an `Abort`, a refused state, a failed check) sends `Verdict::Failed` with the
-//! reason, where the connection still works, and never resumes the guest. See the source
-//! module for the window that remains between the verdict and the source reading it.
+//! until the source's `EndOfData` (sent with its guest paused). Then, in this order: it
+//! loads the device state through [`VmControl::load_device_state`], calls the caller's
+//! `verify` (an oracle, a hash compare), sends [`Verdict::Running`] ("ready"), and waits for
+//! the source's commit, `Complete`; only then does it resume the guest. Any failure before
+//! the verdict (a malformed or corrupt record, a stream that stops early, an `Abort`, a
+//! refused state, a failed check) sends `Verdict::Failed` with the reason, where the
+//! connection still works, and never resumes the guest; a connection that ends after the
+//! verdict but before `Complete` leaves the guest unrun here too. The source module
+//! explains why this exchange never lets both sides run the guest.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
@@ -150,6 +152,8 @@ pub struct Incoming {
     config: Config,
     started: Instant,
     received: u64,
+    /// `Running` was sent: no `Failed` may follow it.
+    verdict_sent: bool,
 }
 
 impl std::fmt::Debug for Incoming {
@@ -237,6 +241,7 @@ impl Incoming {
                 config,
                 started,
                 received,
+                verdict_sent: false,
             }),
             (Ok(_), None) => unreachable!("a config is only decoded after the header"),
             (Err(e), header) => {
@@ -267,8 +272,9 @@ impl Incoming {
         DestinationError::Refused(reason.into())
     }
 
-    /// Receives the rest of the stream into `ram` and `vm`, then loads the device state,
-    /// runs `verify` over it, sends `Running`, and resumes the guest. `vm` must be paused
+    /// Receives the rest of the stream into `ram` and `vm`; at the source's `EndOfData`
+    /// loads the device state, runs `verify` over it and sends `Running`; at the source's
+    /// `Complete` (its commit) resumes the guest. Without that commit the guest is not run. `vm` must be paused
     /// and hold no state yet; `ram` must be all zero (fresh memory) and match the config.
     pub fn receive<M, V>(
         mut self,
@@ -290,10 +296,8 @@ impl Incoming {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "incoming migration failed; the guest is not run here");
-                if !matches!(
-                    e,
-                    DestinationError::VerdictNotSent(_) | DestinationError::ResumeAfterVerdict(_)
-                ) {
+                // After `Running`, a second verdict would contradict the first.
+                if !self.verdict_sent {
                     send_failed(&mut self.stream, &e.to_string());
                 }
                 let _ = self.stream.shutdown(Shutdown::Both);
@@ -342,6 +346,9 @@ impl Incoming {
         } else {
             None
         };
+        // Set once everything was checked and `Running` sent: from then on only the
+        // source's `Complete` lets the guest run here.
+        let mut ready: Option<Instant> = None;
         loop {
             let frame = match self.dec.decode(&mut self.buf)? {
                 Some(f) => f,
@@ -353,6 +360,13 @@ impl Incoming {
                         &mut self.received,
                     )? == 0
                     {
+                        if ready.is_some() {
+                            return Err(DestinationError::Protocol(
+                                "the connection ended after our Running verdict but before \
+                                 the source's commit (Complete): the guest is not run here"
+                                    .into(),
+                            ));
+                        }
                         self.dec.finish(&self.buf)?;
                         return Err(DestinationError::Protocol(
                             "the stream ended without Complete".into(),
@@ -442,7 +456,41 @@ impl Incoming {
                     progress(stats);
                 }
                 Record::Abort { reason } => return Err(DestinationError::Aborted(reason)),
-                Record::Complete => break,
+                Record::EndOfData if ready.is_none() => {
+                    let end_at = Instant::now();
+                    // Prefaulting is over; stopping it now keeps it out of the downtime.
+                    prefault = None;
+                    stats.device_states = states.len();
+                    vm.load_device_state(&states)?;
+                    tracing::debug!(since_end = ?end_at.elapsed(), "device state loaded");
+                    let t = Instant::now();
+                    verify(&states).map_err(DestinationError::Verify)?;
+                    stats.verify_time = t.elapsed();
+                    tracing::debug!(since_end = ?end_at.elapsed(), "verified");
+                    let mut out = BytesMut::with_capacity(16);
+                    ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+                    self.stream
+                        .write_all(&out)
+                        .and_then(|()| self.stream.flush())
+                        .map_err(DestinationError::VerdictNotSent)?;
+                    self.verdict_sent = true;
+                    tracing::debug!(since_end = ?end_at.elapsed(), "ready; waiting for the commit");
+                    ready = Some(end_at);
+                }
+                Record::Complete => match ready {
+                    Some(_) => break,
+                    None => {
+                        return Err(DestinationError::Protocol(
+                            "Complete before EndOfData: nothing was checked".into(),
+                        ));
+                    }
+                },
+                r @ Record::EndOfData => {
+                    return Err(DestinationError::Protocol(format!(
+                        "a second {}",
+                        r.record_type()
+                    )));
+                }
                 Record::Config(_) => unreachable!("the decoder refuses a second config"),
                 r @ (Record::DiscardPages(_) | Record::SwitchToPostcopy { .. }) => {
                     return Err(DestinationError::Protocol(format!(
@@ -452,23 +500,8 @@ impl Incoming {
                 }
             }
         }
-        let complete_at = Instant::now();
+        let complete_at = ready.unwrap_or_else(Instant::now);
         drop(prefault);
-        tracing::debug!(since_complete = ?complete_at.elapsed(), "prefault thread stopped");
-        stats.device_states = states.len();
-        vm.load_device_state(&states)?;
-        tracing::debug!(since_complete = ?complete_at.elapsed(), "device state loaded");
-        let t = Instant::now();
-        verify(&states).map_err(DestinationError::Verify)?;
-        stats.verify_time = t.elapsed();
-        tracing::debug!(since_complete = ?complete_at.elapsed(), "verified");
-        let mut out = BytesMut::with_capacity(16);
-        ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
-        self.stream
-            .write_all(&out)
-            .and_then(|()| self.stream.flush())
-            .map_err(DestinationError::VerdictNotSent)?;
-        tracing::debug!(since_complete = ?complete_at.elapsed(), "verdict sent");
         vm.resume().map_err(DestinationError::ResumeAfterVerdict)?;
         stats.switchover = complete_at.elapsed();
         tracing::debug!(since_complete = ?stats.switchover, "resumed");

@@ -10,31 +10,32 @@
 //! 2. Bulk copy: every page, zero pages as zero entries.
 //! 3. Iterations: sync the tracker, ask the [`Planner`] what to do, send the dirty pages,
 //!    end each pass with an [`IterationEnd`] record.
-//! 4. Stop-and-copy: pause the guest, sync a last time, send the rest, the device state,
-//!    then [`Record::Complete`].
+//! 4. Stop-and-copy: once the destination acknowledged the last pass (so that no backlog in
+//!    the socket buffers becomes downtime), pause the guest, sync a last time, send the
+//!    rest, the device state, then [`Record::EndOfData`].
 //! 5. Awaiting the verdict: the guest stays paused, with all its state, until the
-//!    destination's [`Verdict`] arrives. `Running`: the migration is complete and the caller
-//!    may let the source VM go. Anything else (a `Failed` verdict, the connection breaking,
-//!    a cancel): the engine resumes the guest here and returns the error.
+//!    destination's [`Verdict`] arrives. `Running` (the destination checked everything and
+//!    is ready): the engine commits with [`Record::Complete`], and from then on never
+//!    resumes the guest; the caller may let the source VM go. Anything else (a `Failed`
+//!    verdict, the connection breaking, a cancel, a `Complete` that cannot be written): the
+//!    engine resumes the guest here and returns the error.
 //!
 //! On every error before the verdict (a destination that fails, a broken connection, a
 //! cancel, a limit reached with [`LimitPolicy::Fail`]) the engine lifts the throttle,
 //! resumes the guest if it paused it, stops the tracker, sends an `Abort` record where the
 //! connection still works, and returns the error: nothing is lost, the guest runs on here.
 //!
-//! # The window that remains
+//! # Never both
 //!
-//! The destination sends `Verdict::Running` and then resumes its copy. If the connection
-//! breaks after the destination wrote that verdict but before the source read it, the
-//! source cannot tell "the destination failed" from "the destination runs", and it resumes
-//! (losing nothing is preferred to losing the guest): both copies then run. No protocol
-//! over one connection closes this window (the two generals' problem); an orchestrator
-//! that asks the destination before letting the source resume does. A cancel that arrives
-//! after `Complete` was sent is subject to the same window, narrowed: the engine shuts the
-//! connection and then still drains the return path, and a `Running` verdict already
-//! received wins over the cancel. Over a unix socket the destination's write of `Running`
-//! then fails and it does not resume (tested); over TCP that write can still succeed
-//! after the source closed, and the destination resumes: that is the window.
+//! The destination runs the guest only once it has read the source's `Complete`, and the
+//! source sends `Complete` only after the destination's `Running`, never resuming after
+//! it. A connection that breaks anywhere in that exchange therefore leaves at most one side
+//! running the guest: before `Complete` reaches the destination, the source resumes (if it
+//! could not write `Complete`) or stays paused (if it wrote it and the connection then
+//! broke). That last case, the two generals' problem, is left to an operator or
+//! orchestrator: neither side runs the guest, the source still holds all of it (the engine
+//! returned `Completed` once `Complete` was written), and the destination reports that it
+//! never got `Complete`.
 //!
 //! # Reading guest RAM
 //!
@@ -113,9 +114,9 @@ pub struct SourceOptions {
     pub vm_id: [u8; 16],
     /// The VMM's blob in the config record (what the destination needs to build a VM).
     pub vmm_blob: Bytes,
-    /// How long to wait for the verdict after `Complete` (`None`: as long as the
-    /// connection stays up). When it expires the source resumes (see the module docs on
-    /// the window this leaves).
+    /// How long to wait for the verdict after `EndOfData` (`None`: as long as the
+    /// connection stays up). When it expires the source resumes; the destination, which has
+    /// not had `Complete`, does not run the guest.
     pub verdict_timeout: Option<Duration>,
     /// Least interval between two `Progress` events.
     pub progress_interval: Duration,
@@ -769,9 +770,9 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
         tracker.stop()?;
         self.tracker_started = false;
         self.end_pass(iteration, pass_start, bytes_before, 0)?;
-        self.send_record(&Record::Complete)?;
+        self.send_record(&Record::EndOfData)?;
         self.flush()?;
-        tracing::debug!(since_pause = ?pause_at.elapsed(), "complete sent");
+        tracing::debug!(since_pause = ?pause_at.elapsed(), "end of data sent");
         self.stats.bytes_on_wire = self.bytes_sent();
 
         // Awaiting the verdict, paused.
@@ -812,8 +813,12 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
                 }
             }
         }
+        // Commit. If `Complete` cannot be written whole, the destination cannot have read
+        // it and will not run the guest: the error path resumes it here.
+        self.send_record(&Record::Complete)?;
+        self.flush()?;
         self.stats.downtime = pause_at.elapsed();
-        tracing::debug!(since_pause = ?self.stats.downtime, "verdict: running");
+        tracing::debug!(since_pause = ?self.stats.downtime, "verdict: running; committed");
         self.set_phase(Phase::Completed);
         Ok(Run::Completed)
     }

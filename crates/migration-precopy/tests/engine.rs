@@ -817,3 +817,60 @@ fn cancel_while_awaiting_the_verdict_resumes_the_source_and_the_destination_cann
     }
     assert!(!d.vm.resumed(), "both copies would run");
 }
+
+/// A source that stops after the destination's `Running` verdict, without committing.
+fn source_without_commit(mut src: UnixStream) {
+    use bytes::BytesMut;
+    use migration_core::stream::{
+        Config, DecoderOptions, Direction, Frame, Record, ReturnDecoder, ReturnRecord,
+        StreamHeader, Verdict,
+    };
+    let layout = RamLayout::new(PAGE, &[(0, 1 << 20)]).unwrap();
+    let mut out = BytesMut::new();
+    StreamHeader::new([7; 16]).encode(Direction::Migration, &mut out);
+    Record::Config(Config::from_layout(&layout, Bytes::from_static(b"test-vm"))).encode(&mut out);
+    Record::DeviceState(DeviceState::new("cpu", 1, vec![0u8; 8])).encode(&mut out);
+    Record::EndOfData.encode(&mut out);
+    src.write_all(&out).unwrap();
+    src.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut dec = ReturnDecoder::new(DecoderOptions::default());
+    let mut buf = BytesMut::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        while let Some(f) = dec.decode(&mut buf).unwrap() {
+            match f {
+                Frame::Record(ReturnRecord::Verdict(Verdict::Running)) => return,
+                Frame::Record(ReturnRecord::Verdict(v)) => panic!("verdict {v:?}"),
+                _ => {}
+            }
+        }
+        let n = src.read(&mut chunk).unwrap();
+        assert!(n > 0, "the destination closed without a verdict");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    // Dropping `src` here breaks the connection before `Complete`.
+}
+
+#[test]
+fn the_destination_does_not_run_the_guest_without_the_source_commit() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let dest = destination(b, |_| Ok(()));
+    source_without_commit(a);
+    let r = dest.join().unwrap();
+    let err = r
+        .result
+        .expect_err("the destination must fail without Complete");
+    assert!(
+        err.to_string().contains("before the source's commit"),
+        "{err}"
+    );
+    let log = r.vm.log.lock().unwrap().clone();
+    assert!(
+        log.contains(&"load".to_string()),
+        "state was loaded and checked: {log:?}"
+    );
+    assert!(
+        !log.contains(&"resume".to_string()),
+        "the destination ran the guest without the commit: {log:?}"
+    );
+}

@@ -69,6 +69,7 @@
 //! | `0x0006` | [`Record::SwitchToPostcopy`] | `ranges` (pages to discard) |
 //! | `0x0007` | [`Record::Complete`] | empty |
 //! | `0x0008` | [`Record::Abort`] | `reason: string` |
+//! | `0x0009` | [`Record::EndOfData`] | empty |
 //!
 //! The config is sent once, first; after it the decoder checks every page index and
 //! discard range against the RAM it describes. A second config is an error. In a stream
@@ -81,6 +82,17 @@
 //!
 //! `Complete` and `Abort` end the stream: a record after either is an error, and a stream
 //! that stops before either is reported by [`StreamDecoder::finish`].
+//!
+//! The hand-over of the guest is a three-step exchange, so that a broken connection at any
+//! point leaves at most one side running it: the source, guest paused, ends its data with
+//! `EndOfData`; the destination checks what it received and answers `Verdict::Running`
+//! (ready to run) or `Verdict::Failed`; the source, on `Running`, commits with `Complete`
+//! and never runs the guest again, and only then does the destination run it. If the
+//! connection breaks before the destination reads `Complete`, it does not run the guest; if
+//! the source cannot send `Complete`, it resumes the guest, and the destination, which
+//! cannot have read it, does not run it either. The one case left to an operator is a
+//! `Complete` the source handed to the kernel but the connection lost: then neither side
+//! runs the guest, and the source still holds all of it.
 //!
 //! ### Page entries
 //!

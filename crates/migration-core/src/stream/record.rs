@@ -144,7 +144,13 @@ pub enum Record {
         /// Pages to discard, as ranges of page indices.
         discard: Vec<Range<u64>>,
     },
-    /// Everything was sent; the source waits for the destination's verdict.
+    /// All of RAM and the device state were sent, with the guest paused on the source:
+    /// the destination checks what it has and answers with its verdict, but does not run
+    /// the guest before `Complete`.
+    EndOfData,
+    /// The source's commit, sent once it has the destination's `Running` verdict: from now
+    /// on the source never runs the guest again, and the destination may. A destination
+    /// that does not get it never runs the guest, so the two never both run it.
     Complete,
     /// The source gave up.
     Abort {
@@ -163,6 +169,7 @@ impl Record {
             Record::IterationEnd(_) => RecordType::ITERATION_END,
             Record::DiscardPages(_) => RecordType::DISCARD_PAGES,
             Record::SwitchToPostcopy { .. } => RecordType::SWITCH_TO_POSTCOPY,
+            Record::EndOfData => RecordType::END_OF_DATA,
             Record::Complete => RecordType::COMPLETE,
             Record::Abort { .. } => RecordType::ABORT,
         }
@@ -210,7 +217,7 @@ impl Record {
             Record::DiscardPages(ranges) | Record::SwitchToPostcopy { discard: ranges } => {
                 put_ranges(out, ranges)
             }
-            Record::Complete => {}
+            Record::EndOfData | Record::Complete => {}
             Record::Abort { reason } => put_string(out, reason),
             Record::PageBatch(_) => unreachable!("encoded above"),
         }
@@ -387,6 +394,7 @@ pub(crate) fn decode(
         RecordType::SWITCH_TO_POSTCOPY => Record::SwitchToPostcopy {
             discard: get_ranges(&mut r, ctx.page_count)?,
         },
+        RecordType::END_OF_DATA => Record::EndOfData,
         RecordType::COMPLETE => Record::Complete,
         RecordType::ABORT => Record::Abort {
             reason: r.string("abort reason")?,

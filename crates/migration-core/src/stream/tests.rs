@@ -200,6 +200,7 @@ fn arb_body_record(page_size: u32, pages: u64) -> impl Strategy<Value = Record> 
         arb_stats().prop_map(Record::IterationEnd),
         arb_ranges(pages).prop_map(Record::DiscardPages),
         arb_ranges(pages).prop_map(|discard| Record::SwitchToPostcopy { discard }),
+        Just(Record::EndOfData),
     ]
 }
 
@@ -950,6 +951,7 @@ fn page_indices_sizes_and_configs_are_checked_against_the_config() {
     };
     let run = |records: Vec<Record>, opts: DecoderOptions| {
         let mut all = records;
+        all.push(Record::EndOfData);
         all.push(Record::Complete);
         let wire = encode_stream(&StreamHeader::new(VM), &all);
         decode_stream(&wire, wire.len(), opts).1

@@ -35,6 +35,8 @@ impl RecordType {
     pub const COMPLETE: RecordType = RecordType(0x0007);
     /// [`Record::Abort`](super::Record::Abort).
     pub const ABORT: RecordType = RecordType(0x0008);
+    /// [`Record::EndOfData`](super::Record::EndOfData).
+    pub const END_OF_DATA: RecordType = RecordType(0x0009);
 
     /// [`Ack`](super::Ack).
     pub const ACK: RecordType = RecordType(0x0101);
@@ -61,6 +63,7 @@ impl RecordType {
             Self::SWITCH_TO_POSTCOPY => "switch to post-copy",
             Self::COMPLETE => "complete",
             Self::ABORT => "abort",
+            Self::END_OF_DATA => "end of data",
             Self::ACK => "ack",
             Self::PAGE_REQUEST => "page request",
             Self::RECEIVED_BITMAP => "received bitmap",
