@@ -8,6 +8,9 @@
 use std::hint::black_box;
 use std::time::Duration;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{noise, typical};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use migration_core::page::{
     ZstdCompressor, ZstdDecompressor, delta_decode, delta_encode, is_zero_page,
@@ -24,48 +27,6 @@ fn touched(len: usize, value: u8) -> Vec<u8> {
     black_box(&mut v);
     v.fill(value);
     v
-}
-
-/// Pseudo-random bytes (xorshift), incompressible.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// A page that looks like kernel or heap memory: structures with small integers,
-/// pointers and text, which zstd compresses some 3-4x.
-fn typical_page(seed: u64) -> Vec<u8> {
-    let n = noise(PAGE, seed);
-    let mut p = vec![0u8; PAGE];
-    for (i, chunk) in p.chunks_mut(64).enumerate() {
-        match i % 4 {
-            0 => chunk.copy_from_slice(&n[i * 64..i * 64 + 64]),
-            1 => chunk
-                .iter_mut()
-                .zip(
-                    b"struct task_struct { pid, comm, mm, files } "
-                        .iter()
-                        .cycle(),
-                )
-                .for_each(|(d, s)| *d = *s),
-            2 => {
-                for (j, w) in chunk.chunks_mut(8).enumerate() {
-                    w.copy_from_slice(
-                        &(0xffff_8880_0000_0000u64 + (i * 8 + j) as u64 * 64).to_le_bytes(),
-                    );
-                }
-            }
-            _ => {}
-        }
-    }
-    p
 }
 
 fn zero_page(c: &mut Criterion) {
@@ -116,7 +77,7 @@ fn crc(c: &mut Criterion) {
 fn zstd(c: &mut Criterion) {
     let mut g = c.benchmark_group("zstd_page");
     g.throughput(Throughput::Bytes(PAGE as u64));
-    let typical = typical_page(1);
+    let typical = typical(PAGE, 1);
     let random = noise(PAGE, 2);
     let mut out = vec![0u8; PAGE - 1];
     for level in [-5, -1, 1, 3] {
@@ -145,7 +106,7 @@ fn zstd(c: &mut Criterion) {
 fn delta(c: &mut Criterion) {
     let mut g = c.benchmark_group("delta_page");
     g.throughput(Throughput::Bytes(PAGE as u64));
-    let old = typical_page(3);
+    let old = typical(PAGE, 3);
     let mut few = old.clone();
     // A counter bumped in 16 places, as a guest updating a few fields would.
     for i in 0..16 {

@@ -10,6 +10,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::BytesMut;
+#[path = "common/mod.rs"]
+mod common;
+use common::{noise, typical};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use migration_core::page::{PageDecoder, PageEncoder};
 use migration_core::stream::{
@@ -20,46 +23,6 @@ const PAGE: usize = 4096;
 const BATCH: usize = 256;
 const BATCH_BYTES: usize = PAGE * BATCH;
 const DRAM: usize = 256 << 20;
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
-/// Pages that look like kernel or heap memory (zstd gets some 3-4x out of them).
-fn typical(len: usize, seed: u64) -> Vec<u8> {
-    let n = noise(len, seed);
-    let mut p = vec![0u8; len];
-    for (i, chunk) in p.chunks_mut(64).enumerate() {
-        match i % 4 {
-            0 => chunk.copy_from_slice(&n[i * 64..i * 64 + 64]),
-            1 => chunk
-                .iter_mut()
-                .zip(
-                    b"struct task_struct { pid, comm, mm, files } "
-                        .iter()
-                        .cycle(),
-                )
-                .for_each(|(d, s)| *d = *s),
-            2 => {
-                for (j, w) in chunk.chunks_mut(8).enumerate() {
-                    w.copy_from_slice(
-                        &(0xffff_8880_0000_0000u64 + (i * 8 + j) as u64 * 64).to_le_bytes(),
-                    );
-                }
-            }
-            _ => {}
-        }
-    }
-    p
-}
 
 /// `src` with 16 bytes changed per page.
 fn lightly_changed(src: &[u8]) -> Vec<u8> {
