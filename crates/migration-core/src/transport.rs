@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -32,7 +33,7 @@ pub enum Address {
 
 /// An address string that does not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("bad migration address {input:?}: {reason} (expected tcp:HOST:PORT or unix:PATH)")]
+#[error("bad address {input:?}: {reason} (expected tcp:HOST:PORT or unix:PATH)")]
 pub struct AddressError {
     /// What was given.
     pub input: String,
@@ -128,12 +129,36 @@ impl Stream {
         }
     }
 
+    /// Writes all of `bufs`, in order, with as few system calls as the kernel allows: a
+    /// header and its payload leave together without being copied into one buffer.
+    pub fn write_all_vectored(&mut self, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+        io::IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match self.write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// Shuts the connection down in one or both directions; the peer's reads see EOF. Used
     /// to break a migration off from another thread (cancel).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.shutdown(how),
             Stream::Unix(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 }
@@ -262,6 +287,15 @@ impl Listener {
             Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
             Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
         })
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+        }
     }
 }
 

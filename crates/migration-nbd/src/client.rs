@@ -317,7 +317,11 @@ impl Shared {
         for f in drained {
             f.fail(ClientError::Disconnected(why.clone()));
         }
-        let _ = self.writer.lock().expect("writer lock").shutdown();
+        let _ = self
+            .writer
+            .lock()
+            .expect("writer lock")
+            .shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -346,7 +350,7 @@ impl Client {
         export: &str,
         opts: &ClientOptions,
     ) -> Result<Client, ClientError> {
-        let stream = Stream::connect(addr).map_err(|e| ClientError::Connect {
+        let stream = crate::addr::connect(addr).map_err(|e| ClientError::Connect {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
@@ -802,7 +806,7 @@ impl Client {
             let mut w = self.shared.writer.lock().expect("writer lock");
             let r = std::io::Write::write_all(&mut *w, &raw)
                 .map_err(|e| ClientError::Disconnected(format!("sending DISC: {e}")));
-            let _ = w.shutdown();
+            let _ = w.shutdown(std::net::Shutdown::Both);
             r
         } else {
             Ok(())

@@ -23,6 +23,6 @@ pub mod server;
 pub mod transmission;
 pub mod wire;
 
-pub use addr::{Address, Listener, NbdUri, Stream};
+pub use addr::{Address, Listener, NbdUri, Stream, connect};
 pub use client::{BlockExtent, Client, ClientError, ClientOptions, ClientPool, Ticket, ZeroFlags};
 pub use server::{ExportConfig, Server, ServerConfig, ServerHandle};

@@ -123,12 +123,12 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             eprintln!(
                 "migration-nbd: serving {} export(s) on {}",
                 server.exports().len(),
-                listener.local_addr()?
+                listener.local_address()?
             );
             if print_address {
                 use std::io::Write;
                 let mut out = std::io::stdout();
-                writeln!(out, "{}", listener.local_addr()?)?;
+                writeln!(out, "{}", listener.local_address()?)?;
                 out.flush()?;
             }
             server.serve(&listener)?;

@@ -267,6 +267,8 @@ impl Server {
             if self.inner.stop.load(Ordering::SeqCst) {
                 return Ok(());
             }
+            // Replies are small and latency-bound, as the NBD protocol notes.
+            let _ = stream.set_nodelay(true);
             let active = self.inner.conns.lock().expect("conns lock").len();
             if active >= self.inner.config.max_connections {
                 warn!(
@@ -291,7 +293,7 @@ impl Server {
 
     /// Starts the accept loop on its own thread.
     pub fn spawn(&self, listener: Listener) -> io::Result<ServerHandle> {
-        let address = listener.local_addr()?;
+        let address = listener.local_address()?;
         let listener = Arc::new(listener);
         let server = self.clone();
         let l = listener.clone();
@@ -322,7 +324,7 @@ impl Server {
         let result = self.connection(stream);
         let mut conns = self.inner.conns.lock().expect("conns lock");
         if let Some(s) = conns.remove(&id) {
-            let _ = s.shutdown();
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         self.inner.conns_changed.notify_all();
         result
@@ -387,7 +389,11 @@ impl Server {
         });
         let reader = InBuf::new(stream, &input);
         let result = run_transmission(conn.clone(), reader, cfg.workers_per_connection);
-        let _ = conn.writer.lock().expect("writer lock").shutdown();
+        let _ = conn
+            .writer
+            .lock()
+            .expect("writer lock")
+            .shutdown(std::net::Shutdown::Both);
         result
     }
 }
@@ -458,13 +464,13 @@ impl ServerHandle {
         let inner = &self.server.inner;
         inner.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop with a connection of our own.
-        let _ = Stream::connect(&self.address);
+        let _ = crate::addr::connect(&self.address);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
         let mut conns = inner.conns.lock().expect("conns lock");
         for s in conns.values() {
-            let _ = s.shutdown();
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         while !conns.is_empty() {
             conns = inner.conns_changed.wait(conns).expect("conns lock");
@@ -646,7 +652,11 @@ fn run_transmission(
                         let Ok(job) = job else { return };
                         if conn.execute(job).is_err() {
                             // The client is gone; the reader will notice too.
-                            let _ = conn.writer.lock().expect("writer lock").shutdown();
+                            let _ = conn
+                                .writer
+                                .lock()
+                                .expect("writer lock")
+                                .shutdown(std::net::Shutdown::Both);
                         }
                     }
                 },
