@@ -144,6 +144,33 @@ impl Stream {
         Ok(())
     }
 
+    /// Reads what the connection has, at most `max` bytes, straight into `buf`'s spare
+    /// capacity (grown as needed), and returns how many bytes came; 0 is the end of the
+    /// stream. Unlike [`Read::read`] into a zeroed slice, this neither initialises memory
+    /// the socket is about to overwrite nor copies it once more afterwards.
+    pub fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        buf.reserve(max);
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max);
+        let fd = self.as_fd().as_raw_fd();
+        let n = loop {
+            // SAFETY: `spare` is `len` writable bytes owned by `buf`; the kernel writes at
+            // most `len` of them and reports how many, and only those are marked as filled.
+            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, 0) };
+            if n >= 0 {
+                break n as usize;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        };
+        // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        Ok(n)
+    }
+
     /// Shuts the connection down in one or both directions; the peer's reads see EOF. Used
     /// to break a migration off from another thread (cancel).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
@@ -564,6 +591,24 @@ impl<S: Write, C: Clock> Write for Channel<S, C> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn read_buf_appends_what_arrives_and_sees_the_end() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Stream::Unix(a);
+        let mut buf = bytes::BytesMut::from(&b"kept"[..]);
+        b.write_all(b"hello world").unwrap();
+        let mut got = 0;
+        while got < 11 {
+            let n = s.read_buf(&mut buf, 4).unwrap();
+            assert!((1..=4).contains(&n), "read {n} bytes with a limit of 4");
+            got += n;
+        }
+        assert_eq!(&buf[..], b"kepthello world");
+        drop(b);
+        assert_eq!(s.read_buf(&mut buf, 1 << 20).unwrap(), 0);
+        assert_eq!(&buf[..], b"kepthello world");
+    }
 
     #[test]
     fn parses_and_prints_addresses() {

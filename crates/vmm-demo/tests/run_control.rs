@@ -221,3 +221,29 @@ fn software_pace_sets_a_floor_on_time_per_page() {
     vm.pause().unwrap();
     vm.check().unwrap();
 }
+
+/// A slowly paced software vCPU sleeps between bursts of pages (here 64 pages at 100 ms
+/// each: 6.4 s); a pause must not wait for the end of that sleep.
+#[test]
+fn software_pause_does_not_wait_out_the_pacing() {
+    let mut vm = Vm::new(&small_config(1), GuestKind::Software, Console::Discard).unwrap();
+    vm.set_software_pace(Duration::from_millis(100));
+    vm.resume().unwrap();
+    // The first burst has run once some RAM changed from the initial image.
+    let h0 = vm.ram_hash().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while vm.ram_hash().unwrap() == h0 {
+        assert!(Instant::now() < deadline, "the software vCPU never ran");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    vm.pause().unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "pausing took {took:?}: it waited for the pacing sleep"
+    );
+    let h1 = vm.ram_hash().unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(vm.ram_hash().unwrap(), h1, "RAM changed while paused");
+}

@@ -188,6 +188,42 @@ impl<'a> PageBatchWriter<'a> {
         self.entry(index, CODE_RAW, None, page);
     }
 
+    /// Appends the page at `src`, copied straight into the batch (no staging copy), as a
+    /// raw page, or as a zero page if the copy is all zero. Returns whether it went as a
+    /// zero page.
+    ///
+    /// The zero check looks at the copy, so the entry always describes exactly the bytes
+    /// that were sent, even if the memory at `src` changes meanwhile (a guest writing the
+    /// page being copied: the dirty log re-sends it).
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of one page. Other threads may write it concurrently
+    /// (as guest RAM is); the bytes copied are then some mix of old and new.
+    #[inline]
+    pub unsafe fn push_raw_from(&mut self, index: u64, src: *const u8) -> bool {
+        let ps = self.page_size as usize;
+        let at = self.out.len();
+        self.out.reserve(ENTRY_HEADER + ps);
+        self.out.put_u64_le(index);
+        self.out.put_u8(CODE_RAW);
+        let data_at = self.out.len();
+        let spare = self.out.spare_capacity_mut();
+        // SAFETY: `reserve` made room for the page; the caller vouches for `src`. The
+        // copy is a plain memcpy, as vm-memory's own copies of guest RAM are.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, spare.as_mut_ptr().cast::<u8>(), ps);
+            self.out.set_len(data_at + ps);
+        }
+        let zero = crate::page::is_zero_page(&self.out[data_at..]);
+        if zero {
+            self.out.truncate(data_at);
+            self.out[data_at - 1] = CODE_ZERO;
+        }
+        self.crc.update(&self.out[at..]);
+        self.pages += 1;
+        zero
+    }
+
     /// Appends a zstd frame of a page.
     ///
     /// # Panics

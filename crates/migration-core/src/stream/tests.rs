@@ -337,6 +337,51 @@ proptest! {
         prop_assert_eq!(&unbounded, &want);
     }
 
+    /// Pages copied straight from memory into a batch encode exactly as staged copies do:
+    /// the same bytes on the wire, zero pages as zero entries.
+    #[test]
+    fn pages_copied_in_place_encode_as_staged_pages(
+        pages in proptest::collection::vec(
+            prop_oneof![
+                Just(None),
+                (0usize..512, any::<u8>()).prop_map(Some),
+            ],
+            1..24,
+        ),
+    ) {
+        const PS: usize = 512;
+        let mut mem = vec![0u8; PS * pages.len()];
+        for (i, p) in pages.iter().enumerate() {
+            if let Some((off, v)) = p {
+                // A non-zero byte somewhere (or a zero one: then the page is zero).
+                mem[i * PS + off] = *v;
+            }
+        }
+        let mut staged = BytesMut::new();
+        let mut w = PageBatchWriter::new(&mut staged, PS as u32);
+        for (i, page) in mem.chunks(PS).enumerate() {
+            if page.iter().all(|&b| b == 0) {
+                w.push_zero(i as u64 * 3);
+            } else {
+                w.push_raw(i as u64 * 3, page);
+            }
+        }
+        w.finish();
+        let mut direct = BytesMut::new();
+        let mut w = PageBatchWriter::new(&mut direct, PS as u32);
+        let mut zeros = 0;
+        for i in 0..pages.len() {
+            // SAFETY: `mem` holds `pages.len()` pages.
+            if unsafe { w.push_raw_from(i as u64 * 3, mem.as_ptr().add(i * PS)) } {
+                zeros += 1;
+            }
+        }
+        w.finish();
+        prop_assert_eq!(&staged[..], &direct[..]);
+        let want_zeros = mem.chunks(PS).filter(|p| p.iter().all(|&b| b == 0)).count();
+        prop_assert_eq!(zeros, want_zeros);
+    }
+
     /// Real encodings end to end: a source encodes pages (some against a previous copy)
     /// through the batch writer; the destination decodes the stream and applies each page
     /// onto its copy; both copies end up equal.
