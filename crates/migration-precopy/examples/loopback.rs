@@ -3,6 +3,10 @@
 //! only reads, and prints the bulk pass rates.
 //!
 //! `cargo run --release -p migration-precopy --example loopback [MIB]`
+//!
+//! Environment knobs for experiments: `NO_PREFAULT` (the destination's prefault helper
+//! off), `PREPOP` (destination RAM populated before the migration starts), `THP`
+//! (destination RAM advised as transparent huge pages).
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -61,6 +65,21 @@ fn main() {
     let layout = RamLayout::of_memory(&mem).unwrap();
     for real in [false, true] {
         let (a, mut b) = UnixStream::pair().unwrap();
+        let dmem = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        {
+            use vm_memory::GuestMemoryBackend;
+            let h = dmem.get_host_address(GuestAddress(0)).unwrap();
+            // Advice on a mapping of `size` bytes that `dmem` owns; neither changes what
+            // the memory holds.
+            if std::env::var_os("THP").is_some() {
+                // SAFETY: see above.
+                unsafe { libc::madvise(h.cast(), size, libc::MADV_HUGEPAGE) };
+            }
+            if std::env::var_os("PREPOP").is_some() {
+                // SAFETY: see above.
+                unsafe { libc::madvise(h.cast(), size, libc::MADV_POPULATE_WRITE) };
+            }
+        }
         let dest = std::thread::Builder::new()
             .name("dest".into())
             .spawn(move || {
@@ -70,7 +89,6 @@ fn main() {
                         ..DestinationOptions::default()
                     };
                     let inc = Incoming::accept(Stream::Unix(b), &opts).unwrap();
-                    let dmem = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
                     let l = RamLayout::of_memory(&dmem).unwrap();
                     let ram = GuestRam::with_layout(&dmem, l);
                     inc.receive(&ram, &mut Idle, &mut |_| Ok(()), &mut |_| {})

@@ -54,7 +54,7 @@ use bytes::{Bytes, BytesMut};
 use migration_core::bitmap::DirtyBitmap;
 use migration_core::dirty::{DirtyTracker, TrackerError};
 use migration_core::geometry::{GuestRam, RamAccessError};
-use migration_core::page::{EncodedPage, PageEncoder, PageError, is_zero_page};
+use migration_core::page::{EncodedPage, PageEncoder, PageError};
 use migration_core::pagemap::populated_pages;
 use migration_core::stats::{IterationStats, MigrationStats, PageCounts, Phase, ProgressEvent};
 use migration_core::stream::{
@@ -442,6 +442,7 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
     }
 
     fn set_phase(&mut self, p: Phase) {
+        tracing::debug!(phase = %p, "source phase");
         self.phase = p;
         (self.progress)(&ProgressEvent::Phase(p));
     }
@@ -683,7 +684,9 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
                 last.dirty_rate_bps = m.dirty_rate_bps();
                 last.expected_downtime = m.expected_downtime();
             }
-            match planner.decide(&m) {
+            let decision = planner.decide(&m);
+            tracing::debug!(?decision, dirty_pages, "planner");
+            match decision {
                 Decision::StopAndCopy => {
                     let last_pass = self
                         .stats
@@ -767,8 +770,9 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
                 data: s.data,
             }))?;
         }
-        tracker.stop()?;
-        self.tracker_started = false;
+        // The tracker is stopped after the commit, not here: with the guest paused it
+        // records nothing, and stopping it (un-write-protecting all of RAM, or turning the
+        // dirty log off) takes milliseconds that would only lengthen the downtime.
         self.end_pass(iteration, pass_start, bytes_before, 0)?;
         self.send_record(&Record::EndOfData)?;
         self.flush()?;
@@ -819,6 +823,11 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
         self.flush()?;
         self.stats.downtime = pause_at.elapsed();
         tracing::debug!(since_pause = ?self.stats.downtime, "verdict: running; committed");
+        self.tracker_started = false;
+        if let Err(e) = tracker.stop() {
+            // The guest runs on the destination now; this copy is never resumed.
+            tracing::warn!(error = %e, "stopping the dirty tracker after the hand-over");
+        }
         self.set_phase(Phase::Completed);
         Ok(Run::Completed)
     }
@@ -941,20 +950,22 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
         self.check_cancel()?;
         self.poll_returns()?;
         let ps = self.page_size;
-        let mut off = 0;
-        for piece in &self.pending {
-            let n = piece.len();
-            let slice = self.ram.pages_slice(piece.start, n)?;
-            // Volatile copy: the guest may be writing these pages right now.
-            slice.copy_to(&mut self.scratch[off..off + n * ps]);
-            off += n * ps;
-        }
         let mut buf = match self.sender().buffer() {
             Ok(b) => b,
             Err(e) => return Err(self.connection_error(e)),
         };
         let mut counts = PageCounts::default();
-        {
+        if let Some(enc) = self.encoder.as_mut() {
+            let mut off = 0;
+            for piece in &self.pending {
+                let n = piece.len();
+                let slice = self.ram.pages_slice(piece.start, n)?;
+                // Volatile copy: the guest may be writing these pages right now.
+                slice.copy_to(&mut self.scratch[off..off + n * ps]);
+                off += n * ps;
+            }
+            // A consistent copy to encode from: the encoders and the delta cache must see
+            // the bytes that are sent.
             let mut w = PageBatchWriter::new(&mut buf, ps as u32);
             let mut off = 0;
             // Deltas only once a page is re-sent: the bulk pass would only thrash the cache.
@@ -964,38 +975,44 @@ impl<M: GuestMemoryBackend, V: VmControl + ?Sized> Engine<'_, '_, M, V> {
                     let page = &self.scratch[off..off + ps];
                     off += ps;
                     let index = idx as u64;
-                    match self.encoder.as_mut() {
-                        None => {
-                            if is_zero_page(page) {
-                                w.push_zero(index);
-                                counts.zero += 1;
-                            } else {
-                                w.push_raw(index, page);
-                                counts.raw += 1;
-                            }
+                    let prev = match (&mut self.cache, use_cache) {
+                        (Some(c), true) => c.get(index),
+                        _ => None,
+                    };
+                    let e = enc.encode(page, prev);
+                    match e {
+                        EncodedPage::Zero => counts.zero += 1,
+                        EncodedPage::Raw(_) => counts.raw += 1,
+                        EncodedPage::Zstd(_) => counts.zstd += 1,
+                        EncodedPage::Delta(_) => counts.delta += 1,
+                    }
+                    let zero = matches!(e, EncodedPage::Zero);
+                    w.push(index, e);
+                    if let (Some(c), true) = (&mut self.cache, use_cache) {
+                        if zero {
+                            c.remove(index);
+                        } else {
+                            c.insert(index, page);
                         }
-                        Some(enc) => {
-                            let prev = match (&mut self.cache, use_cache) {
-                                (Some(c), true) => c.get(index),
-                                _ => None,
-                            };
-                            let e = enc.encode(page, prev);
-                            match e {
-                                EncodedPage::Zero => counts.zero += 1,
-                                EncodedPage::Raw(_) => counts.raw += 1,
-                                EncodedPage::Zstd(_) => counts.zstd += 1,
-                                EncodedPage::Delta(_) => counts.delta += 1,
-                            }
-                            let zero = matches!(e, EncodedPage::Zero);
-                            w.push(index, e);
-                            if let (Some(c), true) = (&mut self.cache, use_cache) {
-                                if zero {
-                                    c.remove(index);
-                                } else {
-                                    c.insert(index, page);
-                                }
-                            }
-                        }
+                    }
+                }
+            }
+            w.finish();
+        } else {
+            // Raw pages go from guest RAM straight into the batch: one copy, not two.
+            let mut w = PageBatchWriter::new(&mut buf, ps as u32);
+            for piece in &self.pending {
+                // Checks that the piece lies in guest RAM (in one region, as split).
+                let slice = self.ram.pages_slice(piece.start, piece.len())?;
+                let base = slice.ptr_guard().as_ptr();
+                for (i, idx) in piece.clone().enumerate() {
+                    // SAFETY: the piece's `len()` pages lie in one mapping from `base`, which
+                    // lives as long as `self.ram`; the guest may write them meanwhile, which
+                    // `push_raw_from` allows for.
+                    if unsafe { w.push_raw_from(idx as u64, base.add(i * ps)) } {
+                        counts.zero += 1;
+                    } else {
+                        counts.raw += 1;
                     }
                 }
             }
