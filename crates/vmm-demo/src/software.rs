@@ -31,6 +31,8 @@ pub(crate) struct SoftVcpu {
     /// Where the vCPU is; current while it is parked.
     pub(crate) pos: Mutex<SoftPosition>,
     kick: AtomicBool,
+    /// The vCPU thread, once it runs: a kick wakes it from a pacing sleep.
+    thread: std::sync::OnceLock<std::thread::Thread>,
     pub(crate) counters: VcpuCounters,
 }
 
@@ -43,12 +45,16 @@ impl SoftVcpu {
                 addr: w.segments(index)[0].0,
             }),
             kick: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
             counters: VcpuCounters::default(),
         }
     }
 
     pub(crate) fn kick(&self) {
         self.kick.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
     }
 
     pub(crate) fn position(&self) -> SoftPosition {
@@ -132,6 +138,7 @@ pub(crate) fn vcpu_thread(
     serial: Arc<Serial>,
 ) {
     let n = vcpu.index;
+    let _ = vcpu.thread.set(std::thread::current());
     if ctl.park_point() == Parked::Exit {
         return;
     }
@@ -160,7 +167,13 @@ pub(crate) fn vcpu_thread(
             let due = pace_start + Duration::from_nanos(pace.saturating_mul(paced));
             let now = Instant::now();
             if due > now {
-                std::thread::sleep(due - now);
+                // Parked rather than asleep, so that a pause is not kept waiting for the
+                // end of a pacing delay (with a slow pace, many milliseconds).
+                let mut now = now;
+                while due > now && !vcpu.kick.load(Ordering::SeqCst) {
+                    std::thread::park_timeout(due - now);
+                    now = Instant::now();
+                }
             } else if now - due > TIMESLICE {
                 // Far behind (descheduled): start over rather than run flat out.
                 (pace_start, paced) = (now, 0);

@@ -228,9 +228,10 @@ fn software_pace_sets_a_floor_on_time_per_page() {
 fn software_pause_does_not_wait_out_the_pacing() {
     let mut vm = Vm::new(&small_config(1), GuestKind::Software, Console::Discard).unwrap();
     vm.set_software_pace(Duration::from_millis(100));
-    vm.resume().unwrap();
-    // The first burst has run once some RAM changed from the initial image.
     let h0 = vm.ram_hash().unwrap();
+    vm.resume().unwrap();
+    // The first burst has run once some RAM changed from the initial image; then the
+    // vCPU sleeps.
     let deadline = Instant::now() + WAIT;
     while vm.ram_hash().unwrap() == h0 {
         assert!(Instant::now() < deadline, "the software vCPU never ran");
