@@ -11,6 +11,7 @@
 //!   sans-io encoder and decoder;
 //! - [`page`]: zero-page detection, zstd and delta encoding of single pages;
 //! - [`pagemap`]: which pages of guest RAM hold data at all, from the kernel's page tables;
+//! - [`place`]: received pages put into fresh guest RAM with `UFFDIO_COPY`, unfaulted;
 //! - [`transport`]: `tcp:HOST:PORT` and `unix:PATH` addresses, and a byte-counting,
 //!   rate-limited channel;
 //! - [`vm`]: the [`VmControl`](vm::VmControl) trait a VMM implements so engines can drive it;
@@ -22,6 +23,7 @@ pub mod dirty;
 pub mod geometry;
 pub mod page;
 pub mod pagemap;
+pub mod place;
 pub mod stats;
 pub mod stream;
 pub mod transport;
