@@ -162,6 +162,7 @@ fn kvm_guest_over_tcp() {
         "500ms",
     ]);
     assert_migrated(&v, "kvm");
+    assert_eq!(v["destination"]["placement"], json!("prefault"), "{v:#}");
 }
 
 #[test]
@@ -180,10 +181,18 @@ fn kvm_guest_over_unix_socket() {
         "2M",
         "--transport",
         "unix",
+        "--placement",
+        "userfaultfd",
         "--run-after",
         "500ms",
     ]);
     assert_migrated(&v, "kvm");
+    // Falls back to prefaulting where userfaultfd is closed to us.
+    let placement = v["destination"]["placement"].as_str().unwrap_or_default();
+    if placement != "userfaultfd" {
+        eprintln!("kvm_guest_over_unix_socket: userfaultfd not available, placed by {placement}");
+        assert_eq!(placement, "prefault", "{v:#}");
+    }
 }
 
 #[test]
@@ -199,10 +208,13 @@ fn software_guest_over_tcp() {
         "1M",
         "--transport",
         "tcp",
+        "--placement",
+        "write",
         "--run-after",
         "500ms",
     ]);
     assert_migrated(&v, "software");
+    assert_eq!(v["destination"]["placement"], json!("write"), "{v:#}");
 }
 
 #[test]

@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release -p migration-precopy --example loopback [MIB]`
 //!
-//! Environment knobs for experiments: `NO_PREFAULT` (the destination's prefault helper
-//! off), `PREPOP` (destination RAM populated before the migration starts), `THP`
+//! Environment knobs for experiments: `UFFD` (`UFFDIO_COPY` placement),
+//! `NO_PREFAULT` (the destination's prefault helper off), `PREPOP` (destination RAM populated before the migration starts), `THP`
 //! (destination RAM advised as transparent huge pages).
 
 use std::io::Read;
@@ -86,6 +86,7 @@ fn main() {
                 if real {
                     let opts = DestinationOptions {
                         prefault: std::env::var_os("NO_PREFAULT").is_none(),
+                        userfaultfd: std::env::var_os("UFFD").is_some(),
                         ..DestinationOptions::default()
                     };
                     let inc = Incoming::accept(Stream::Unix(b), &opts).unwrap();

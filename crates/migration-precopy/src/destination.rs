@@ -30,6 +30,7 @@ use bytes::BytesMut;
 use migration_core::bitmap::DirtyBitmap;
 use migration_core::geometry::{GuestRam, RamLayout};
 use migration_core::page::{EncodedPage, PageDecoder, PageError};
+use migration_core::place::FreshPages;
 use migration_core::stats::PageCounts;
 use migration_core::stream::{
     Ack, Config, DecoderOptions, DeviceState, Direction, Frame, IterationEnd, PageData, Record,
@@ -54,6 +55,15 @@ pub struct DestinationOptions {
     /// fault costs microseconds, and taking them off the receiving thread is most of what
     /// bounds the destination's rate.
     pub prefault: bool,
+    /// Place pages that arrive for untouched RAM with `UFFDIO_COPY`
+    /// ([`migration_core::place`]): no page fault and no clearing of the page before it is
+    /// written, and no helper thread; where userfaultfd is not available, `prefault`
+    /// applies instead. Default off: it takes the least CPU in all, but it puts all of the
+    /// page allocation on the receiving thread, one `ioctl` per page, where `prefault`
+    /// moves it to a second thread. Measured on a 2-core host, 256 MiB of random RAM
+    /// migrated from a KVM guest: 1033 MB/s with it against 1207 MB/s with `prefault`
+    /// (medians of 7).
+    pub userfaultfd: bool,
 }
 
 impl Default for DestinationOptions {
@@ -63,6 +73,7 @@ impl Default for DestinationOptions {
             expected_vm: None,
             idle_timeout: None,
             prefault: true,
+            userfaultfd: false,
         }
     }
 }
@@ -139,11 +150,37 @@ pub struct DestinationStats {
     pub switchover: Duration,
     /// Time spent in the caller's verification.
     pub verify_time: Duration,
+    /// How pages were put into untouched guest RAM.
+    pub placement: Placement,
+}
+
+/// How the destination puts pages into guest RAM it has not touched yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Ordinary writes: each first write of a page faults it in.
+    #[default]
+    Write,
+    /// Ordinary writes, with a helper thread faulting RAM in ahead of them.
+    Prefault,
+    /// `UFFDIO_COPY`: the kernel fills a new page from the received bytes.
+    Userfaultfd,
+}
+
+impl Placement {
+    /// The name used in reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Placement::Write => "write",
+            Placement::Prefault => "prefault",
+            Placement::Userfaultfd => "userfaultfd",
+        }
+    }
 }
 
 /// An incoming migration whose header and config were read.
 pub struct Incoming {
     prefault: bool,
+    userfaultfd: bool,
     stream: Stream,
     dec: StreamDecoder,
     buf: BytesMut,
@@ -207,6 +244,35 @@ unsafe fn copy_page_nt(src: *const u8, dst: *mut u8, len: usize) {
     unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
 }
 
+/// Writes one received page into guest RAM: placed with `UFFDIO_COPY` where the page was
+/// never written and `fresh` is registered, else copied in.
+fn put_page<M: GuestMemoryBackend>(
+    ram: &GuestRam<'_, M>,
+    fresh: Option<&FreshPages>,
+    written: &mut DirtyBitmap,
+    idx: usize,
+    data: &[u8],
+) -> Result<(), String> {
+    let host = ram.host_address(idx).map_err(|e| e.to_string())?;
+    if let (false, Some(f)) = (written.test(idx), fresh) {
+        // SAFETY: `host` starts a page of the RAM `f` registered.
+        let placed = unsafe { f.place(host, data) }.map_err(|e| format!("placing: {e}"))?;
+        if placed {
+            written.set(idx);
+            return Ok(());
+        }
+        // Present already (RAM someone touched): written below like any other.
+    }
+    // SAFETY: `host` starts a page of guest RAM (`data.len()` bytes, checked by the
+    // callers, in one mapping) that lives as long as `ram`; the guest is not running, so
+    // nothing else touches it. Not through `write_slice`: its dirty-bitmap update, an
+    // atomic read-modify-write, waits for the whole page's stores to drain, page after
+    // page, and the destination's own writes are not guest dirtying anyway.
+    unsafe { copy_page_nt(data.as_ptr(), host, data.len()) };
+    written.set(idx);
+    Ok(())
+}
+
 /// Reads what the socket has into `buf`.
 fn read_more(s: &mut Stream, buf: &mut BytesMut, received: &mut u64) -> io::Result<usize> {
     let n = s.read_buf(buf, READ_CHUNK)?;
@@ -259,6 +325,7 @@ impl Incoming {
         match (r, header) {
             (Ok(config), Some(header)) => Ok(Incoming {
                 prefault: opts.prefault,
+                userfaultfd: opts.userfaultfd,
                 stream,
                 dec,
                 buf,
@@ -366,10 +433,24 @@ impl Incoming {
         let zero = vec![0u8; ps];
         let mut states: Vec<DeviceState> = Vec::new();
         let mut ack = BytesMut::with_capacity(64);
-        let mut prefault = if self.prefault {
+        let mut fresh = if self.userfaultfd {
+            FreshPages::register(ram)
+                .map_err(|e| {
+                    tracing::debug!(error = %e, "no userfaultfd placement; writing pages");
+                })
+                .ok()
+        } else {
+            None
+        };
+        let mut prefault = if self.prefault && fresh.is_none() {
             Prefaulter::start(ram)
         } else {
             None
+        };
+        stats.placement = match (&fresh, &prefault) {
+            (Some(_), _) => Placement::Userfaultfd,
+            (None, Some(_)) => Placement::Prefault,
+            (None, None) => Placement::Write,
         };
         // Set once everything was checked and `Running` sent: from then on only the
         // source's `Complete` lets the guest run here.
@@ -420,10 +501,11 @@ impl Incoming {
                         match &p.data {
                             PageData::Zero => {
                                 stats.pages.zero += 1;
+                                // Untouched RAM reads as zero already (and stays
+                                // unallocated).
                                 if written.test(idx) {
-                                    ram.memory()
-                                        .write_slice(&zero, gpa)
-                                        .map_err(|e| err(e.to_string()))?;
+                                    put_page(ram, fresh.as_ref(), &mut written, idx, &zero)
+                                        .map_err(err)?;
                                 }
                             }
                             PageData::Raw(d) => {
@@ -431,35 +513,30 @@ impl Incoming {
                                 if d.len() != ps {
                                     return Err(err(format!("raw page of {} bytes", d.len())));
                                 }
-                                let host = ram.host_address(idx).map_err(|e| err(e.to_string()))?;
-                                // SAFETY: `host` starts a page of guest RAM (`ps` bytes in
-                                // one mapping) that lives as long as `ram`; the guest is
-                                // not running, so nothing else touches it. Not through
-                                // `write_slice`: its dirty-bitmap update, an atomic
-                                // read-modify-write, waits for the whole page's stores to
-                                // drain, page after page, and the destination's own
-                                // writes are not guest dirtying anyway.
-                                unsafe { copy_page_nt(d.as_ptr(), host, ps) };
-                                written.set(idx);
+                                put_page(ram, fresh.as_ref(), &mut written, idx, d).map_err(err)?;
                             }
                             PageData::Zstd(_) | PageData::Delta(_) => {
                                 let enc: EncodedPage<'_> = p.data.as_encoded();
                                 if matches!(enc, EncodedPage::Delta(_)) {
                                     stats.pages.delta += 1;
-                                    // A delta applies onto the copy this side holds.
-                                    ram.memory()
-                                        .read_slice(&mut scratch, gpa)
-                                        .map_err(|e| err(e.to_string()))?;
+                                    // A delta applies onto the copy this side holds: zero
+                                    // for a page never written (which, registered for
+                                    // placement, must not be read).
+                                    if written.test(idx) {
+                                        ram.memory()
+                                            .read_slice(&mut scratch, gpa)
+                                            .map_err(|e| err(e.to_string()))?;
+                                    } else {
+                                        scratch.fill(0);
+                                    }
                                 } else {
                                     stats.pages.zstd += 1;
                                 }
                                 decoder
                                     .apply(enc, &mut scratch)
                                     .map_err(|e: PageError| err(e.to_string()))?;
-                                ram.memory()
-                                    .write_slice(&scratch, gpa)
-                                    .map_err(|e| err(e.to_string()))?;
-                                written.set(idx);
+                                put_page(ram, fresh.as_ref(), &mut written, idx, &scratch)
+                                    .map_err(err)?;
                             }
                         }
                     }
@@ -486,6 +563,11 @@ impl Incoming {
                     let end_at = Instant::now();
                     // Prefaulting is over; stopping it now keeps it out of the downtime.
                     prefault = None;
+                    // Everything arrived: RAM is ordinary memory again before anything
+                    // reads it (pages never sent are zero).
+                    if let Some(f) = fresh.take() {
+                        f.finish()?;
+                    }
                     stats.device_states = states.len();
                     vm.load_device_state(&states)?;
                     tracing::debug!(since_end = ?end_at.elapsed(), "device state loaded");

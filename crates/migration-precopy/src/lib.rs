@@ -21,6 +21,8 @@ mod link;
 pub mod policy;
 pub mod source;
 
-pub use destination::{DestinationError, DestinationOptions, DestinationStats, Incoming};
+pub use destination::{
+    DestinationError, DestinationOptions, DestinationStats, Incoming, Placement,
+};
 pub use link::{CancelToken, ReturnEvent, ReturnPath};
 pub use source::{HandOver, LimitPolicy, SourceError, SourceOptions, SourceOutcome, migrate};

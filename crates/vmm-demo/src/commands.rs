@@ -413,6 +413,9 @@ pub struct DestinationArgs {
     /// Give up when no migration byte arrives for this long.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub idle_timeout: Duration,
+    /// How received pages go into guest RAM not touched yet.
+    #[arg(long, value_enum, default_value_t = PlacementKind::Prefault)]
+    pub placement: PlacementKind,
     /// Print the report as one JSON object (the guest console goes to standard error).
     #[arg(long)]
     pub json: bool,
@@ -434,6 +437,8 @@ pub struct DestinationReport {
     pub bytes_received: u64,
     /// Pages applied by encoding.
     pub pages: PagesReport,
+    /// How pages went into untouched guest RAM: `write`, `prefault` or `userfaultfd`.
+    pub placement: String,
     /// From `Complete` to the guest resumed, ms.
     pub switchover_ms: f64,
     /// Of which the oracle and hash checks, ms.
@@ -479,6 +484,8 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
         stream,
         &DestinationOptions {
             idle_timeout: Some(a.idle_timeout),
+            prefault: a.placement != PlacementKind::Write,
+            userfaultfd: a.placement == PlacementKind::Userfaultfd,
             ..DestinationOptions::default()
         },
     )
@@ -541,6 +548,7 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     }
     rep.bytes_received = stats.bytes_received;
     rep.pages = stats.pages.into();
+    rep.placement = stats.placement.as_str().into();
     rep.switchover_ms = stats.switchover.as_secs_f64() * 1e3;
     rep.verify_ms = stats.verify_time.as_secs_f64() * 1e3;
     let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
@@ -579,6 +587,19 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     Ok(())
 }
 
+/// How the destination puts received pages into guest RAM it has not touched yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementKind {
+    /// Ordinary writes; each page faults in on its first write.
+    Write,
+    /// Ordinary writes, with a helper thread faulting RAM in ahead of them.
+    Prefault,
+    /// `UFFDIO_COPY` fills new pages from the received bytes (no fault, no clearing);
+    /// falls back to `prefault` where userfaultfd is not available.
+    Userfaultfd,
+}
+
 /// Transport of the demo's migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -601,6 +622,9 @@ pub struct DemoArgs {
     /// Transport between the two processes.
     #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
     pub transport: TransportKind,
+    /// How the destination puts received pages into guest RAM it has not touched yet.
+    #[arg(long, value_enum, default_value_t = PlacementKind::Prefault)]
+    pub placement: PlacementKind,
     /// A disk image the VM is given (for the storage-policy check); repeatable.
     #[arg(long)]
     pub disk: Vec<String>,
@@ -672,8 +696,14 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
         TransportKind::Unix => format!("unix:{}", dir.join("migration.sock").display()),
     };
     let mut dst = Command::new(&exe);
+    let placement = a
+        .placement
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default();
     dst.args(["destination", "--listen", &listen, "--json", "--run-for"])
         .arg(format!("{}ms", a.run_after.as_millis()))
+        .args(["--placement", &placement])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
