@@ -169,7 +169,35 @@ fn read_u64(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, OracleError> {
 }
 
 fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    // Equal pages are the rule: one memcmp, and a byte search only for a report.
+    if a == b {
+        return None;
+    }
     a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// Runs `f` over `0..n` split into contiguous ranges, one per core (the guest is paused,
+/// so its cores are free), and returns the results in range order.
+fn on_all_cores<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .clamp(1, n.max(1));
+    let per = n.div_ceil(threads);
+    if threads == 1 {
+        return vec![f(0..n)];
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let f = &f;
+                s.spawn(move || f(t * per..((t + 1) * per).min(n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
 }
 
 /// Reads the pass number vCPU `index` has recorded in its control block.
@@ -248,23 +276,36 @@ pub fn check(mem: &GuestMemoryMmap, w: &Workload) -> Result<OracleReport, Oracle
         });
     }
     let ws = w.working_set();
+    let first = w.first_data_page();
+    let pages: Vec<(usize, GuestAddress)> = w.ram().pages().collect();
+    // Every other data page still holds its initial content: checked on all cores, and
+    // the lowest page found wrong is reported.
+    let results = on_all_cores(pages.len(), |range| -> Result<usize, OracleError> {
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut expected = vec![0u8; PAGE_SIZE as usize];
+        let mut checked = 0;
+        for &(idx, gpa) in &pages[range] {
+            if idx < first || ws.contains(&idx) {
+                continue;
+            }
+            mem.read_slice(&mut page, gpa)
+                .map_err(|e| mem_err(gpa.0, e))?;
+            w.initial_page(gpa.0, &mut expected);
+            if let Some(offset) = first_difference(&page, &expected) {
+                return Err(OracleError::Corrupted {
+                    gpa: gpa.0,
+                    offset,
+                    found: page[offset],
+                    expected: expected[offset],
+                });
+            }
+            checked += 1;
+        }
+        Ok(checked)
+    });
     let mut data_pages = ws.len();
-    for (idx, gpa) in w.ram().pages() {
-        if idx < w.first_data_page() || ws.contains(&idx) {
-            continue;
-        }
-        mem.read_slice(&mut page, gpa)
-            .map_err(|e| mem_err(gpa.0, e))?;
-        w.initial_page(gpa.0, &mut expected);
-        if let Some(offset) = first_difference(&page, &expected) {
-            return Err(OracleError::Corrupted {
-                gpa: gpa.0,
-                offset,
-                found: page[offset],
-                expected: expected[offset],
-            });
-        }
-        data_pages += 1;
+    for r in results {
+        data_pages += r?;
     }
     Ok(OracleReport { vcpus, data_pages })
 }
@@ -314,22 +355,42 @@ fn check_reserved(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), OracleError
     Ok(())
 }
 
-/// A 64-bit fingerprint (XXH3) of all guest RAM, regions in ascending address order.
+/// A 64-bit fingerprint of all guest RAM: the XXH3 of each 8 MiB piece (regions in
+/// ascending address order, each cut into pieces from its start), hashed on all cores,
+/// then the XXH3 of those digests in order.
 pub fn ram_hash(mem: &GuestMemoryMmap) -> Result<u64, OracleError> {
+    const PIECE: u64 = 8 << 20;
     const CHUNK: usize = 1 << 20;
-    let mut h = Xxh3Default::new();
-    let mut buf = vec![0u8; CHUNK];
     let mut regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
     regions.sort_unstable();
-    for (base, len) in regions {
-        let mut off = 0u64;
-        while off < len {
-            let n = (len - off).min(CHUNK as u64) as usize;
-            let gpa = base + off;
-            mem.read_slice(&mut buf[..n], GuestAddress(gpa))
-                .map_err(|e| mem_err(gpa, e))?;
-            h.update(&buf[..n]);
-            off += n as u64;
+    let pieces: Vec<(u64, u64)> = regions
+        .iter()
+        .flat_map(|&(base, len)| {
+            (0..len.div_ceil(PIECE)).map(move |i| (base + i * PIECE, (len - i * PIECE).min(PIECE)))
+        })
+        .collect();
+    let digests = on_all_cores(pieces.len(), |range| -> Result<Vec<u64>, OracleError> {
+        let mut buf = vec![0u8; CHUNK];
+        let mut out = Vec::with_capacity(range.len());
+        for &(base, len) in &pieces[range] {
+            let mut h = Xxh3Default::new();
+            let mut off = 0u64;
+            while off < len {
+                let n = (len - off).min(CHUNK as u64) as usize;
+                let gpa = base + off;
+                mem.read_slice(&mut buf[..n], GuestAddress(gpa))
+                    .map_err(|e| mem_err(gpa, e))?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            out.push(h.digest());
+        }
+        Ok(out)
+    });
+    let mut h = Xxh3Default::new();
+    for d in digests {
+        for x in d? {
+            h.update(&x.to_le_bytes());
         }
     }
     Ok(h.digest())
