@@ -171,6 +171,10 @@ pub enum PagemapError {
 /// writes it after the scan; a migration scans after starting its dirty tracker, so a later
 /// write is sent again anyway.
 ///
+/// Pages that a [`UffdWpTracker`](crate::dirty::UffdWpTracker) protects with PTE markers
+/// (`wp_unpopulated`) count as holding data: markers are swap entries to the kernel's
+/// page walk, and cannot be told from a page being swapped out or migrated.
+///
 /// Only anonymous private memory qualifies (a `GuestMemoryMmap` built with `from_ranges`,
 /// say); for anything else this returns [`PagemapError::NotAnonymous`] rather than a wrong
 /// answer.

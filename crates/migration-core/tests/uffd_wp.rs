@@ -580,3 +580,35 @@ fn union_of_uffd_and_vmm_bitmap_reports_both_and_names_failures() {
         other => panic!("expected member 0 to be stopped, got {other:?}"),
     }
 }
+
+/// With the default configuration a started tracker leaves untouched pages telling apart
+/// from written ones, so a migration's bulk pass can skip them: `populated_pages` reports
+/// exactly the pages written, before and after the tracker started.
+#[test]
+fn default_tracker_keeps_untouched_pages_visible_as_unpopulated() {
+    let r = ram::<()>();
+    let before = [3usize, 40];
+    for &p in &before {
+        r.mem
+            .write_slice(&[1u8; 8], r.layout.page_to_gpa(p).unwrap())
+            .unwrap();
+    }
+    let f = features();
+    if !f.wp() {
+        eprintln!("skipped: this kernel has no userfaultfd write protection for anonymous memory");
+        return;
+    }
+    let mut t = UffdWpTracker::for_memory(&r.mem, &r.layout, UffdWpConfig::default()).unwrap();
+    t.start().expect("start");
+    let after = 17usize;
+    r.mem
+        .write_slice(&[2u8; 8], r.layout.page_to_gpa(after).unwrap())
+        .unwrap();
+    let populated: Vec<usize> = migration_core::pagemap::populated_pages(&r.mem, &r.layout)
+        .unwrap()
+        .iter_ones()
+        .collect();
+    assert_eq!(populated, [3, 17, 40]);
+    assert_eq!(sync(&mut t, &r.layout), [17]);
+    t.stop().unwrap();
+}

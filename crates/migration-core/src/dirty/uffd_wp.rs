@@ -203,8 +203,13 @@ pub struct UffdWpConfig {
     /// Asynchronous or synchronous write protection.
     pub mode: UffdWpMode,
     /// Protect never-touched pages with `UFFD_FEATURE_WP_UNPOPULATED` where the kernel offers
-    /// it (true, the default), or map them first with `MADV_POPULATE_READ` (false, and what
-    /// happens anyway on kernels before 6.4).
+    /// it (true), or map them first with `MADV_POPULATE_READ` (false, the default, and what
+    /// happens anyway on kernels before 6.4). The default because of
+    /// [`populated_pages`](crate::pagemap::populated_pages): a PTE marker looks like a
+    /// swapped-out page to `PAGEMAP_SCAN`, so with markers every untouched page counts as
+    /// holding data and a migration reads all of them, where the shared zero page that
+    /// `MADV_POPULATE_READ` maps is told apart. Measured: an idle 256 MiB software guest
+    /// migrates in 16-19 ms this way, 55-60 ms with markers.
     pub wp_unpopulated: bool,
     /// Entries of the `PAGEMAP_SCAN` output buffer (24 bytes each), allocated at start. A
     /// scan that fills it continues where it stopped, so this bounds memory, not results.
@@ -215,7 +220,7 @@ impl Default for UffdWpConfig {
     fn default() -> Self {
         UffdWpConfig {
             mode: UffdWpMode::Auto,
-            wp_unpopulated: true,
+            wp_unpopulated: false,
             scan_buffer: 4096,
         }
     }
