@@ -605,6 +605,12 @@ fn migrate_command_moves_a_running_guest() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(out.status.success(), "{v}");
     assert_eq!(v["mode"], json!("precopy"));
+    // Standard error is a pipe here, not a terminal: no progress bar, no pass lines.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("pass 0:") && !err.contains("pages") && !err.contains('\r'),
+        "progress output on a pipe: {err:?}"
+    );
     let (st, rep) = dst.report();
     assert!(st.success(), "{rep}");
     assert_eq!(rep["verified"], json!(true));
@@ -613,4 +619,79 @@ fn migrate_command_moves_a_running_guest() {
     let out = src.out.take().unwrap().join().unwrap();
     let report: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(report["migrated"], json!(true), "{report}");
+}
+
+/// With standard error on a terminal, `migrate` draws a progress bar and prints a line per
+/// pass: run it on a pseudo-terminal and read what it drew.
+#[test]
+fn migrate_command_draws_progress_on_a_terminal() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds into the two ints; no name, termios or size given.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        eprintln!(
+            "skipped migrate_command_draws_progress_on_a_terminal: no pseudo-terminal here: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    // SAFETY: both fds were just opened for us and nothing else owns them.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let src = Source::start(&[]);
+    let dst = Destination::start();
+    let sock = src._dir.path().join("control.sock");
+    let mut child = Command::new(bin())
+        .args(["migrate", "--control"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--to", &dst.addr, "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .unwrap();
+    // Read the terminal while the child writes; the read ends (EIO) once the child, the
+    // slave's last holder, exits.
+    let term = std::thread::spawn(move || {
+        let mut f = std::fs::File::from(master);
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let st = child.wait().unwrap();
+    let drawn = term.join().unwrap();
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(st.success(), "{v}");
+    assert!(
+        drawn.contains("pass 0:"),
+        "no pass line on the terminal: {drawn:?}"
+    );
+    assert!(
+        drawn.contains("pages"),
+        "no progress bar on the terminal: {drawn:?}"
+    );
+    let (st, rep) = dst.report();
+    assert!(st.success(), "{rep}");
+    assert_eq!(rep["verified"], json!(true));
 }
