@@ -547,6 +547,12 @@ impl Incoming {
                     // re-send was faulted in then, and faulting ahead during the
                     // stop-and-copy would only lengthen the downtime.
                     prefault = None;
+                    stats.iterations.push(it);
+                    stats.bytes_received = self.received;
+                    // Reported before it is acknowledged: the source may pause its guest
+                    // on the acknowledgement, and whoever watches this side then has
+                    // seen every pass the guest was not paused for.
+                    progress(stats);
                     ack.clear();
                     ReturnRecord::Ack(Ack::Iteration(it.iteration)).encode(&mut ack);
                     // The stream is what counts: a source that already gave up may have
@@ -554,9 +560,6 @@ impl Incoming {
                     if let Err(e) = self.stream.write_all(&ack) {
                         tracing::debug!(%e, "acknowledging a pass");
                     }
-                    stats.iterations.push(it);
-                    stats.bytes_received = self.received;
-                    progress(stats);
                 }
                 Record::Abort { reason } => return Err(DestinationError::Aborted(reason)),
                 Record::EndOfData if ready.is_none() => {

@@ -403,6 +403,21 @@ fn run_source(
     Result<SourceOutcome<VmmBitmapTracker>, SourceError>,
     Vec<ProgressEvent>,
 ) {
+    run_source_with(guest, stream, opts, cancel_at, &mut |_| {})
+}
+
+/// [`run_source`], calling `on_event` on the engine's thread with each event (to hold the
+/// engine back at a chosen point).
+fn run_source_with(
+    guest: &Guest,
+    stream: Stream,
+    opts: SourceOptions,
+    cancel_at: Option<Phase>,
+    on_event: &mut dyn FnMut(&ProgressEvent),
+) -> (
+    Result<SourceOutcome<VmmBitmapTracker>, SourceError>,
+    Vec<ProgressEvent>,
+) {
     let layout = layout_of(&guest.mem);
     let ram = GuestRam::with_layout(&*guest.mem, layout.clone());
     let tracker = VmmBitmapTracker::new(&guest.mem, &layout).unwrap();
@@ -411,6 +426,7 @@ fn run_source(
     let mut events = Vec::new();
     let c = cancel.clone();
     let result = migrate(&ram, &mut vm, tracker, stream, &opts, &cancel, &mut |e| {
+        on_event(e);
         events.push(e.clone());
         if let ProgressEvent::Phase(p) = e {
             if Some(*p) == cancel_at {
@@ -496,7 +512,14 @@ fn zstd_and_delta_encoding_round_trip() {
     };
     let (a, b) = UnixStream::pair().unwrap();
     let dest = destination(b, |_| Ok(()));
-    let (result, _) = run_source(&guest, Stream::Unix(a), o, None);
+    // After each pass the writer sweeps its pages once more before the engine goes on, so
+    // every pass re-sends pages the one before sent (and cached): deltas, however the
+    // threads are scheduled.
+    let (result, _) = run_source_with(&guest, Stream::Unix(a), o, None, &mut |e| {
+        if matches!(e, ProgressEvent::IterationDone(_)) {
+            guest.wait_passes(1);
+        }
+    });
     // With a 1 us limit it cannot converge: the handover gives everything back.
     let h = match result {
         Ok(SourceOutcome::LimitReached(h)) => h,
