@@ -195,6 +195,34 @@ fn kvm_guest_over_unix_socket() {
     }
 }
 
+/// An idle guest (no working set: its vCPUs halt) migrates like any other: verified by
+/// the oracle on both sides, with no pass to make.
+#[test]
+fn idle_guests_migrate_halted() {
+    let mut kinds = vec!["software"];
+    if kvm_or_skip("idle_guests_migrate_halted (KVM half)") {
+        kinds.push("kvm");
+    }
+    for guest in kinds {
+        let v = demo(&[
+            "--guest",
+            guest,
+            "--mem",
+            "32M",
+            "--vcpus",
+            "2",
+            "--working-set",
+            "0",
+            "--run-after",
+            "200ms",
+        ]);
+        assert_eq!(v["verified"], json!(true), "{v:#}");
+        assert_eq!(v["guest"], json!(guest));
+        assert_eq!(v["destination"]["passes_at_end"], json!([0, 0]), "{v:#}");
+        assert_eq!(v["destination"]["hash_checked"], json!(true), "{v:#}");
+    }
+}
+
 #[test]
 fn software_guest_over_tcp() {
     let v = demo(&[

@@ -92,7 +92,8 @@ pub struct VmArgs {
     /// Number of vCPUs; each walks its own share of the working set.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Bytes of RAM the guest keeps dirtying, one counter per 4 KiB page.
+    /// Bytes of RAM the guest keeps dirtying, one counter per 4 KiB page; 0 for an idle
+    /// guest, whose vCPUs halt.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub working_set: u64,
     /// Initial content of the rest of RAM: zero (compressible) or random (incompressible).

@@ -5,7 +5,10 @@
 //! (see [`layout::control_block`]) and `rsp` at the end of that page, interrupts off. It
 //! then walks its share of the working set forever: one `add qword [page], 1` per page,
 //! and after each full pass it increments its pass counter and prints
-//! `"vcpuN pass <decimal>\n"` on the serial port 0x3f8, one `out` per byte.
+//! `"vcpuN pass <decimal>\n"` on the serial port 0x3f8, one `out` per byte. A vCPU with no
+//! share (an idle guest: no working set) halts instead, for good: with interrupts off,
+//! `hlt` waits forever, and KVM parks the vCPU thread in the kernel, so an idle guest takes
+//! no CPU (as an idle guest of QEMU's migration tests, halted, does not).
 //!
 //! The software vCPU ([`crate::software`]) does the same thing step for step from Rust.
 
@@ -19,14 +22,20 @@ pub const SERIAL_PORT: u16 = 0x3f8;
 /// The guest program, assembled from the listing beside each line (Intel syntax; checked
 /// with GNU as and objdump).
 #[rustfmt::skip]
-pub const PROGRAM: [u8; 110] = [
-    // pass_loop (0x00):
+pub const PROGRAM: [u8; 120] = [
+    // entry (0x00):
+    0x48, 0x83, 0x7e, 0x08, 0x00,             // cmp  qword [rsi+0x08], 0  any segment?
+    0x75, 0x03,                               // jne  pass_loop
+    // idle (0x07):
+    0xf4,                                     // hlt                     interrupts are off
+    0xeb, 0xfd,                               // jmp  idle
+    // pass_loop (0x0a):
     0x48, 0x8d, 0x5e, 0x40,                   // lea  rbx, [rsi+0x40]    first segment
     0x48, 0x8b, 0x4e, 0x08,                   // mov  rcx, [rsi+0x08]    segment count
-    // seg_loop (0x08):
+    // seg_loop (0x12):
     0x48, 0x8b, 0x3b,                         // mov  rdi, [rbx]         segment start
     0x48, 0x8b, 0x53, 0x08,                   // mov  rdx, [rbx+8]       segment end
-    // page_loop (0x0f):
+    // page_loop (0x19):
     0x48, 0x83, 0x07, 0x01,                   // add  qword [rdi], 1     the counter (COUNTER_OFFSET 0)
     0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add  rdi, 0x1000        next page
     0x48, 0x39, 0xd7,                         // cmp  rdi, rdx
@@ -38,7 +47,7 @@ pub const PROGRAM: [u8; 110] = [
     0x48, 0x8d, 0x5e, 0x18,                   // lea  rbx, [rsi+0x18]    report prefix
     0x48, 0x8b, 0x4e, 0x10,                   // mov  rcx, [rsi+0x10]    its length
     0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // prefix_loop (0x37):
+    // prefix_loop (0x41):
     0x8a, 0x03,                               // mov  al, [rbx]
     0xee,                                     // out  dx, al
     0x48, 0xff, 0xc3,                         // inc  rbx
@@ -47,7 +56,7 @@ pub const PROGRAM: [u8; 110] = [
     0x48, 0x8b, 0x06,                         // mov  rax, [rsi]         the pass number
     0xb9, 0x0a, 0x00, 0x00, 0x00,             // mov  ecx, 10
     0x45, 0x31, 0xc0,                         // xor  r8d, r8d           digit count
-    // div_loop (0x4d):
+    // div_loop (0x57):
     0x31, 0xd2,                               // xor  edx, edx
     0x48, 0xf7, 0xf1,                         // div  rcx                rax = q, rdx = r
     0x80, 0xc2, 0x30,                         // add  dl, '0'
@@ -56,7 +65,7 @@ pub const PROGRAM: [u8; 110] = [
     0x48, 0x85, 0xc0,                         // test rax, rax
     0x75, 0xef,                               // jnz  div_loop
     0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // digit_loop (0x62):
+    // digit_loop (0x6c):
     0x58,                                     // pop  rax
     0xee,                                     // out  dx, al
     0x49, 0xff, 0xc8,                         // dec  r8
@@ -192,17 +201,19 @@ mod tests {
     fn program_jumps_land_on_their_labels() {
         // Each rel8 jump: (offset of the displacement byte, target label).
         for (disp_at, target) in [
-            (0x1e, 0x0f),
-            (0x27, 0x08),
-            (0x41, 0x37),
-            (0x5d, 0x4d),
-            (0x68, 0x62),
-            (0x6d, 0x00),
+            (0x06, 0x0a),
+            (0x09, 0x07),
+            (0x28, 0x19),
+            (0x31, 0x12),
+            (0x4b, 0x41),
+            (0x67, 0x57),
+            (0x72, 0x6c),
+            (0x77, 0x0a),
         ] {
             let next = disp_at + 1;
             let rel = PROGRAM[disp_at] as i8 as isize;
             assert_eq!(next as isize + rel, target as isize, "jump at {disp_at:#x}");
         }
-        assert_eq!(PROGRAM.len(), 0x6e);
+        assert_eq!(PROGRAM.len(), 0x78);
     }
 }

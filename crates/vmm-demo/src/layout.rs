@@ -94,7 +94,8 @@ pub struct VmConfig {
     pub ram_regions: u32,
     /// Number of vCPUs, each walking its own share of the working set.
     pub vcpus: u32,
-    /// Bytes of the working set the vCPUs keep dirtying, a multiple of the page size.
+    /// Bytes of the working set the vCPUs keep dirtying, a multiple of the page size; 0 for
+    /// an idle guest, whose vCPUs halt.
     pub working_set_bytes: u64,
     /// Initial content of data pages.
     pub fill: Fill,
@@ -140,10 +141,10 @@ pub enum ConfigError {
     /// RAM ends above what the identity map covers.
     #[error("RAM would end at {0:#x}, above the {MAX_GUEST_PHYS:#x} the page tables map")]
     TooLarge(u64),
-    /// Working set not page aligned, empty, smaller than one page per vCPU, or larger than
-    /// the data pages.
+    /// Working set not page aligned, smaller than one page per vCPU (but for none at all,
+    /// an idle guest), or larger than the data pages.
     #[error(
-        "working set of {bytes} bytes: it must be a non-zero multiple of {PAGE_SIZE}, at least one page per vCPU, and at most the {data_bytes} bytes of data pages"
+        "working set of {bytes} bytes: it must be a multiple of {PAGE_SIZE}, 0 (an idle guest) or at least one page per vCPU, and at most the {data_bytes} bytes of data pages"
     )]
     WorkingSet {
         /// Requested working set.
@@ -206,10 +207,11 @@ impl Workload {
         let data_pages = ram.page_count() - first_data_page;
         let ws = config.working_set_bytes;
         let ws_pages = (ws / PAGE_SIZE) as usize;
-        if ws == 0
-            || ws % PAGE_SIZE != 0
+        // No working set is an idle guest: every vCPU halts. Otherwise each vCPU walks a
+        // share of at least one page.
+        if ws % PAGE_SIZE != 0
             || ws_pages > data_pages
-            || ws_pages < config.vcpus as usize
+            || (ws_pages != 0 && ws_pages < config.vcpus as usize)
         {
             return Err(ConfigError::WorkingSet {
                 bytes: ws,
@@ -364,6 +366,30 @@ mod tests {
         assert_eq!(segs[1].0, 6 << 20);
         let pages: u64 = segs.iter().map(|(s, e)| (e - s) / PAGE_SIZE).sum();
         assert_eq!(pages as usize, w.share(crossing).len());
+    }
+
+    #[test]
+    fn no_working_set_is_an_idle_guest_with_no_segments() {
+        let w = Workload::new(&VmConfig {
+            working_set_bytes: 0,
+            vcpus: 2,
+            ..VmConfig::default()
+        })
+        .unwrap();
+        assert!(w.working_set().is_empty());
+        for v in 0..2 {
+            assert!(w.share(v).is_empty());
+            assert!(w.segments(v).is_empty());
+        }
+        // One page for two vCPUs is still refused: one would have nothing to walk.
+        assert!(
+            Workload::new(&VmConfig {
+                working_set_bytes: PAGE_SIZE,
+                vcpus: 2,
+                ..VmConfig::default()
+            })
+            .is_err()
+        );
     }
 
     #[test]

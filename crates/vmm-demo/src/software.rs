@@ -40,9 +40,10 @@ impl SoftVcpu {
     pub(crate) fn new(index: u32, w: &Workload) -> SoftVcpu {
         SoftVcpu {
             index,
+            // An idle vCPU (no share) has no position: (0, 0).
             pos: Mutex::new(SoftPosition {
                 segment: 0,
-                addr: w.segments(index)[0].0,
+                addr: w.segments(index).first().map_or(0, |s| s.0),
             }),
             kick: AtomicBool::new(false),
             thread: std::sync::OnceLock::new(),
@@ -64,6 +65,16 @@ impl SoftVcpu {
     /// Checks `p` against the vCPU's share and takes it as its position.
     pub(crate) fn set_position(&self, p: SoftPosition, w: &Workload) -> Result<(), String> {
         let segs = w.segments(self.index);
+        if segs.is_empty()
+            && p == (SoftPosition {
+                segment: 0,
+                addr: 0,
+            })
+        {
+            // Idle: halted, nowhere in a share it does not have.
+            *self.pos.lock().unwrap_or_else(|e| e.into_inner()) = p;
+            return Ok(());
+        }
         let seg = usize::try_from(p.segment)
             .ok()
             .and_then(|i| segs.get(i))
@@ -149,8 +160,25 @@ pub(crate) fn vcpu_thread(
     // Pacing: `paced` pages done since `pace_start`.
     let mut pace_start = Instant::now();
     let mut paced = 0u64;
+    // No segment to walk: the program halts for good (see `guest::PROGRAM`). Read again
+    // after each pause, as RAM may have been replaced meanwhile (an incoming migration).
+    let halted = |mem: &GuestMemoryMmap| {
+        load(mem, layout::control_block_addr(n) + cb::SEGMENT_COUNT).map(|c| c == 0)
+    };
+    let mut idle = match halted(&mem) {
+        Ok(i) => i,
+        Err(e) => {
+            ctl.fail(format!("software vcpu{n} stopped: {e}"));
+            return;
+        }
+    };
     loop {
-        if let Err(e) = step(&mem, n, &mut pos, &serial) {
+        if idle {
+            // Like `hlt` with interrupts off: nothing but the VMM's kick wakes it.
+            while !vcpu.kick.load(Ordering::SeqCst) {
+                std::thread::park();
+            }
+        } else if let Err(e) = step(&mem, n, &mut pos, &serial) {
             *vcpu.pos.lock().unwrap_or_else(|e| e.into_inner()) = pos;
             ctl.fail(format!("software vcpu{n} stopped: {e}"));
             return;
@@ -188,6 +216,13 @@ pub(crate) fn vcpu_thread(
                 Parked::Exit => return,
                 Parked::Resumed => {
                     pos = vcpu.position();
+                    idle = match halted(&mem) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            ctl.fail(format!("software vcpu{n} stopped: {e}"));
+                            return;
+                        }
+                    };
                     slice_start = Instant::now();
                     (pace_start, paced) = (slice_start, 0);
                 }
