@@ -68,6 +68,9 @@ for i in $(seq "$RUNS"); do
             $BIN demo --json $GA --mem "$MEM" --fill $FILL --working-set 0 --no-hash-check --run-before 300ms --run-after 300ms | row "$G-idle-$FILL-nochk"
         done
     done
+    # Destination RAM populated before the migration (QEMU: -mem-prealloc, compare.py
+    # --dst-prealloc): no page fault on arrival.
+    $BIN demo --json --guest kvm --mem "$MEM" --fill random --working-set 0 --dst-prealloc --no-hash-check --run-before 300ms --run-after 300ms | row kvm-idle-random-prealloc-nochk
     $BIN demo --json --guest kvm --mem "$MEM" --fill random --working-set 4K --no-hash-check --run-before 300ms --run-after 300ms | row kvm-walking-4K-random-nochk
     $BIN demo --json --guest kvm --mem "$MEM" --fill random --working-set 16M --run-before 300ms --run-after 300ms | row kvm-busy-16M
     $BIN demo --json --guest kvm --mem "$MEM" --fill random --working-set 16M --no-hash-check --run-before 300ms --run-after 300ms | row kvm-busy-16M-nochk

@@ -246,7 +246,7 @@ fn software_guest_over_tcp() {
 }
 
 #[test]
-fn software_guest_over_unix_socket_with_zstd_and_delta() {
+fn software_guest_over_unix_socket_with_zstd_delta_and_preallocated_ram() {
     let v = demo(&[
         "--guest",
         "software",
@@ -263,10 +263,12 @@ fn software_guest_over_unix_socket_with_zstd_and_delta() {
         "--zstd",
         "--delta-cache",
         "8M",
+        "--dst-prealloc",
         "--run-after",
         "500ms",
     ]);
     assert_migrated(&v, "software");
+    assert_eq!(v["destination"]["preallocated"], json!(true), "{v:#}");
 }
 
 #[test]

@@ -41,7 +41,7 @@ use crate::migration::{
     self, DestinationVm, DiskArg, MigrateOptions, MigrationReport, PagesReport,
 };
 use crate::serial::Console;
-use crate::vm::{MachineInfo, Vm, VmHandle};
+use crate::vm::{MachineInfo, PreallocatedRam, Vm, VmHandle};
 
 /// What the run loop is doing, as the control socket sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -416,6 +416,13 @@ pub struct DestinationArgs {
     /// How received pages go into guest RAM not touched yet.
     #[arg(long, value_enum, default_value_t = PlacementKind::Prefault)]
     pub placement: PlacementKind,
+    /// Allocate and populate this much guest RAM before listening (QEMU's `-mem-prealloc`),
+    /// laid out in `--prealloc-regions` regions; used if the incoming VM has that RAM.
+    #[arg(long, value_parser = crate::cli::parse_size)]
+    pub prealloc: Option<u64>,
+    /// Regions of the preallocated RAM.
+    #[arg(long, default_value_t = 1, requires = "prealloc")]
+    pub prealloc_regions: u32,
     /// Print the report as one JSON object (the guest console goes to standard error).
     #[arg(long)]
     pub json: bool,
@@ -439,6 +446,8 @@ pub struct DestinationReport {
     pub pages: PagesReport,
     /// How pages went into untouched guest RAM: `write`, `prefault` or `userfaultfd`.
     pub placement: String,
+    /// Guest RAM was allocated and populated before the migration (`--prealloc`).
+    pub preallocated: bool,
     /// From `Complete` to the guest resumed, ms.
     pub switchover_ms: f64,
     /// Of which the oracle and hash checks, ms.
@@ -475,6 +484,11 @@ pub fn destination_command(a: &DestinationArgs) -> DestinationReport {
 
 fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(), String> {
     let addr: Address = a.listen.parse().map_err(|e| format!("{e}"))?;
+    let prealloc = a
+        .prealloc
+        .map(|bytes| PreallocatedRam::new(bytes, a.prealloc_regions))
+        .transpose()
+        .map_err(|e| format!("preallocating guest RAM: {e}"))?;
     let listener = Listener::bind(&addr).map_err(|e| e.to_string())?;
     let local = listener.local_address().map_err(|e| e.to_string())?;
     eprintln!("vmm-demo destination: listening on {local}");
@@ -484,7 +498,8 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
         stream,
         &DestinationOptions {
             idle_timeout: Some(a.idle_timeout),
-            prefault: a.placement != PlacementKind::Write,
+            // Preallocated RAM has every page in place already.
+            prefault: a.placement != PlacementKind::Write && prealloc.is_none(),
             userfaultfd: a.placement == PlacementKind::Userfaultfd,
             ..DestinationOptions::default()
         },
@@ -503,8 +518,15 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
     } else {
         Console::Stdout
     };
-    let vm = match Vm::new_incoming(&info.config, info.guest, console) {
-        Ok(v) => v,
+    let built = match prealloc {
+        Some(ram) => Vm::new_incoming_on(&info.config, info.guest, console, ram),
+        None => Vm::new_incoming(&info.config, info.guest, console).map(|v| (v, false)),
+    };
+    let vm = match built {
+        Ok((v, preallocated)) => {
+            rep.preallocated = preallocated;
+            v
+        }
         Err(e) => {
             return Err(incoming
                 .refuse(&format!("building the VM: {e}"))
@@ -628,6 +650,10 @@ pub struct DemoArgs {
     /// How the destination puts received pages into guest RAM it has not touched yet.
     #[arg(long, value_enum, default_value_t = PlacementKind::Prefault)]
     pub placement: PlacementKind,
+    /// Start the destination with its guest RAM allocated and populated beforehand
+    /// (`destination --prealloc`, QEMU's `-mem-prealloc`).
+    #[arg(long)]
+    pub dst_prealloc: bool,
     /// A disk image the VM is given (for the storage-policy check); repeatable.
     #[arg(long)]
     pub disk: Vec<String>,
@@ -707,6 +733,16 @@ pub fn demo_command(a: &DemoArgs) -> Result<Value, String> {
     dst.args(["destination", "--listen", &listen, "--json", "--run-for"])
         .arg(format!("{}ms", a.run_after.as_millis()))
         .args(["--placement", &placement])
+        .args(if a.dst_prealloc {
+            vec![
+                "--prealloc".to_string(),
+                a.vm.mem.to_string(),
+                "--prealloc-regions".to_string(),
+                a.vm.ram_regions.to_string(),
+            ]
+        } else {
+            vec![]
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

@@ -33,5 +33,6 @@ pub use layout::{Fill, VmConfig, Workload};
 pub use oracle::{OracleError, OracleReport};
 pub use serial::{Console, ConsoleLine};
 pub use vm::{
-    GuestKind, HostRange, MachineInfo, MemorySlot, Vm, VmHandle, VmmError, kvm_available,
+    GuestKind, HostRange, MachineInfo, MemorySlot, PreallocatedRam, Vm, VmHandle, VmmError,
+    kvm_available,
 };

@@ -173,6 +173,74 @@ struct Inner {
     runnable: AtomicBool,
 }
 
+fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let ranges: Vec<(GuestAddress, usize)> = workload
+        .regions()
+        .iter()
+        .map(|&(b, s)| (GuestAddress(b), s as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+        bytes,
+        message: e.to_string(),
+    })
+}
+
+/// Guest RAM allocated and populated before an incoming migration, as QEMU's
+/// `-mem-prealloc` does for a destination: the migration then writes into pages that are
+/// there already instead of faulting each one in (allocate, clear, map) as it arrives,
+/// which is the costliest part of receiving. The price is all of guest RAM resident from
+/// the start, pages that arrive as zero included.
+pub struct PreallocatedRam {
+    regions: Vec<(u64, u64)>,
+    mem: GuestMemoryMmap,
+}
+
+impl std::fmt::Debug for PreallocatedRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreallocatedRam")
+            .field("regions", &self.regions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreallocatedRam {
+    /// RAM for a VM of `mem_bytes` in `ram_regions` regions (the layout
+    /// [`Workload::new`] gives them), every page populated.
+    pub fn new(mem_bytes: u64, ram_regions: u32) -> Result<PreallocatedRam, VmmError> {
+        use vm_memory::GuestMemoryRegion;
+        let config = VmConfig {
+            mem_bytes,
+            ram_regions,
+            vcpus: 1,
+            working_set_bytes: 0,
+            ..VmConfig::default()
+        };
+        let workload = Workload::new(&config)?;
+        let mem = alloc_ram(&workload, mem_bytes)?;
+        for r in mem.iter() {
+            // SAFETY: advice on the region's own mapping, `len()` bytes from `as_ptr()`;
+            // populating writes nothing into the (zero) pages.
+            let rc = unsafe {
+                libc::madvise(
+                    r.as_ptr().cast(),
+                    r.len() as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc != 0 {
+                return Err(VmmError::Memory {
+                    bytes: mem_bytes,
+                    message: format!("populating guest RAM: {}", std::io::Error::last_os_error()),
+                });
+            }
+        }
+        Ok(PreallocatedRam {
+            regions: workload.regions().to_vec(),
+            mem,
+        })
+    }
+}
+
 /// A VM: guest RAM, vCPU threads, the serial console. Dropping it stops the threads.
 pub struct Vm {
     inner: Arc<Inner>,
@@ -189,7 +257,7 @@ pub struct VmHandle {
 impl Vm {
     /// A VM running the workload from its start, paused: call `resume` to run it.
     pub fn new(config: &VmConfig, kind: GuestKind, console: Console) -> Result<Vm, VmmError> {
-        Self::build(config, kind, console, false)
+        Self::build(config, kind, console, false, None)
     }
 
     /// A VM to receive a migration: RAM empty (never touched, so all zero), vCPUs paused
@@ -199,7 +267,32 @@ impl Vm {
         kind: GuestKind,
         console: Console,
     ) -> Result<Vm, VmmError> {
-        Self::build(config, kind, console, true)
+        Self::build(config, kind, console, true, None)
+    }
+
+    /// [`Vm::new_incoming`] on RAM allocated beforehand, if it has the layout this VM
+    /// needs; otherwise on fresh RAM. Returns whether `ram` was used.
+    pub fn new_incoming_on(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+        ram: PreallocatedRam,
+    ) -> Result<(Vm, bool), VmmError> {
+        let regions = Workload::new(config)?.regions().to_vec();
+        if regions == ram.regions {
+            Ok((
+                Self::build(config, kind, console, true, Some(ram.mem))?,
+                true,
+            ))
+        } else {
+            tracing::warn!(
+                ?regions,
+                preallocated = ?ram.regions,
+                "the incoming VM's RAM differs from the preallocated RAM; allocating afresh"
+            );
+            drop(ram);
+            Ok((Self::build(config, kind, console, true, None)?, false))
+        }
     }
 
     fn build(
@@ -207,17 +300,13 @@ impl Vm {
         kind: GuestKind,
         console: Console,
         incoming: bool,
+        ram: Option<GuestMemoryMmap>,
     ) -> Result<Vm, VmmError> {
         let workload = Workload::new(config)?;
-        let ranges: Vec<(GuestAddress, usize)> = workload
-            .regions()
-            .iter()
-            .map(|&(b, s)| (GuestAddress(b), s as usize))
-            .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
-            bytes: config.mem_bytes,
-            message: e.to_string(),
-        })?;
+        let mem = match ram {
+            Some(m) => m,
+            None => alloc_ram(&workload, config.mem_bytes)?,
+        };
         if !incoming {
             crate::guest::write_image(&mem, &workload)
                 .map_err(|e| VmmError::Image(e.to_string()))?;

@@ -110,3 +110,39 @@ fn memory_slots_are_enough_for_the_kvm_dirty_log() {
     );
     vm.check().unwrap();
 }
+
+/// Preallocated RAM is populated page for page, and an incoming VM of that layout is built
+/// on it (on fresh RAM when the layouts differ).
+#[test]
+fn incoming_vm_uses_preallocated_ram_of_its_layout() {
+    use vmm_demo::PreallocatedRam;
+    let cfg = small_config(2);
+    for kind in common::kinds("incoming_vm_uses_preallocated_ram_of_its_layout") {
+        let ram = PreallocatedRam::new(cfg.mem_bytes, cfg.ram_regions).unwrap();
+        let (vm, used) = Vm::new_incoming_on(&cfg, kind, Console::Discard, ram).unwrap();
+        assert!(
+            used,
+            "{kind}: same layout, the preallocated RAM must be used"
+        );
+        let populated =
+            migration_core::pagemap::populated_pages(vm.memory().as_ref(), vm.ram_layout())
+                .unwrap();
+        assert_eq!(
+            populated.count(),
+            vm.ram_layout().page_count(),
+            "{kind}: every page of preallocated RAM is present"
+        );
+        drop(vm);
+        // Another layout: fresh RAM, nothing present.
+        let ram = PreallocatedRam::new(cfg.mem_bytes * 2, cfg.ram_regions).unwrap();
+        let (vm, used) = Vm::new_incoming_on(&cfg, kind, Console::Discard, ram).unwrap();
+        assert!(!used);
+        let populated =
+            migration_core::pagemap::populated_pages(vm.memory().as_ref(), vm.ram_layout())
+                .unwrap();
+        assert!(
+            populated.count() < vm.ram_layout().page_count() / 2,
+            "{kind}: fresh RAM is mostly untouched"
+        );
+    }
+}
