@@ -325,16 +325,21 @@ impl Report {
         self.findings.iter().any(|f| f.rule == rule)
     }
 
-    /// One line per error, for a VMM's refusal message.
+    /// One line per error, with its remedy where the rule has one, for a VMM's refusal
+    /// message.
     pub fn summary(&self) -> String {
         let errs: Vec<String> = self
             .errors()
             .map(|f| {
                 format!(
-                    "{}: {} [{}]",
+                    "{}: {} [{}]{}",
                     f.disk.as_deref().unwrap_or("plan"),
                     f.message,
-                    f.rule
+                    f.rule,
+                    f.remedy
+                        .as_ref()
+                        .map(|r| format!("; remedy: {r}"))
+                        .unwrap_or_default()
                 )
             })
             .collect();

@@ -524,7 +524,9 @@ fn whole_plan_takes_the_worst_disk() {
     assert_eq!(r.verdict, Unsafe);
     assert_eq!(r.errors().count(), 1);
     assert!(
-        r.summary().contains("c: ") && r.summary().contains("local-storage-not-shared"),
+        r.summary().contains("c: ")
+            && r.summary().contains("local-storage-not-shared")
+            && r.summary().contains("; remedy: "),
         "{}",
         r.summary()
     );

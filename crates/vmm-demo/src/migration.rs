@@ -119,37 +119,22 @@ pub fn check_storage(disks: &[DiskArg], allow_unsafe: bool) -> Result<Option<Str
     }
     let report = migration_storage_policy::check_plan(&plan)
         .map_err(|e| format!("storage-policy check: {e}"))?;
-    let why: Vec<String> = report
-        .errors()
-        .map(|f| {
-            format!(
-                "{} ({}): {}{}",
-                f.disk.as_deref().unwrap_or("?"),
-                f.rule,
-                f.message,
-                f.remedy
-                    .as_ref()
-                    .map(|r| format!("; remedy: {r}"))
-                    .unwrap_or_default()
-            )
-        })
-        .collect();
     let summary = format!("storage policy: {}", report.verdict.as_str());
     if report.is_safe() {
         Ok(Some(summary))
     } else if allow_unsafe {
         tracing::warn!(
             "migrating despite an unsafe disk setup (--unsafe): {}",
-            why.join("; ")
+            report.summary()
         );
         Ok(Some(format!(
             "{summary} (overridden by --unsafe): {}",
-            why.join("; ")
+            report.summary()
         )))
     } else {
         Err(format!(
             "refusing to migrate: the disk setup is unsafe for live migration ({}); pass --unsafe to migrate anyway",
-            why.join("; ")
+            report.summary()
         ))
     }
 }
