@@ -38,7 +38,7 @@ use migration_core::stream::{
 };
 use migration_core::transport::Stream;
 use migration_core::vm::{VmControl, VmError};
-use vm_memory::{Bytes as _, GuestMemoryBackend};
+use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 
 /// Settings of the receiving side.
 #[derive(Debug, Clone)]
@@ -251,9 +251,13 @@ fn put_page<M: GuestMemoryBackend>(
     fresh: Option<&FreshPages>,
     written: &mut DirtyBitmap,
     idx: usize,
+    gpa: GuestAddress,
     data: &[u8],
 ) -> Result<(), String> {
-    let host = ram.host_address(idx).map_err(|e| e.to_string())?;
+    let host = ram
+        .memory()
+        .get_host_address(gpa)
+        .map_err(|e| e.to_string())?;
     if let (false, Some(f)) = (written.test(idx), fresh) {
         // SAFETY: `host` starts a page of the RAM `f` registered.
         let placed = unsafe { f.place(host, data) }.map_err(|e| format!("placing: {e}"))?;
@@ -504,7 +508,7 @@ impl Incoming {
                                 // Untouched RAM reads as zero already (and stays
                                 // unallocated).
                                 if written.test(idx) {
-                                    put_page(ram, fresh.as_ref(), &mut written, idx, &zero)
+                                    put_page(ram, fresh.as_ref(), &mut written, idx, gpa, &zero)
                                         .map_err(err)?;
                                 }
                             }
@@ -513,7 +517,8 @@ impl Incoming {
                                 if d.len() != ps {
                                     return Err(err(format!("raw page of {} bytes", d.len())));
                                 }
-                                put_page(ram, fresh.as_ref(), &mut written, idx, d).map_err(err)?;
+                                put_page(ram, fresh.as_ref(), &mut written, idx, gpa, d)
+                                    .map_err(err)?;
                             }
                             PageData::Zstd(_) | PageData::Delta(_) => {
                                 let enc: EncodedPage<'_> = p.data.as_encoded();
@@ -535,7 +540,7 @@ impl Incoming {
                                 decoder
                                     .apply(enc, &mut scratch)
                                     .map_err(|e: PageError| err(e.to_string()))?;
-                                put_page(ram, fresh.as_ref(), &mut written, idx, &scratch)
+                                put_page(ram, fresh.as_ref(), &mut written, idx, gpa, &scratch)
                                     .map_err(err)?;
                             }
                         }
