@@ -39,12 +39,15 @@
 //!
 //! # Reading guest RAM
 //!
-//! The guest writes its RAM while pages are read. Pages are copied out with `vm-memory`'s
-//! `VolatileSlice::copy_to` (volatile reads; the compiler may not assume the bytes stay
-//! put), one run of contiguous pages at a time, into a scratch buffer the engine owns; all
-//! encoding (zero check, zstd, delta, CRC) then works on that private copy, so a page
-//! changing under the encoder can never make the encoded form disagree with itself. A page
-//! torn by a concurrent write is dirty in the tracker and is sent again.
+//! The guest writes its RAM while pages are read. Each page is copied once, and
+//! everything that decides what is sent looks at the copy, never at guest RAM again, so a
+//! page changing meanwhile can never make the encoded form disagree with itself. Without
+//! an encoder a page goes straight from guest RAM into the batch buffer, where the zero
+//! check and the CRC read it ([`PageBatchWriter::push_raw_from`]); with zstd or delta
+//! encoding, one run of contiguous pages at a time is copied out with `vm-memory`'s
+//! `VolatileSlice::copy_to` into a scratch buffer the engine owns, and encoded from there
+//! (the delta cache keeps exactly the bytes sent). A page torn by a concurrent write is
+//! dirty in the tracker and is sent again.
 
 use std::io;
 use std::net::Shutdown;
@@ -330,7 +333,7 @@ where
         returns: Some(returns),
         page_size,
         batch_pages,
-        scratch: vec![0u8; batch_pages * page_size],
+        scratch: Vec::new(),
         pending: Vec::with_capacity(batch_pages),
         pending_pages: 0,
         encoder: None,
@@ -350,7 +353,10 @@ where
     };
     if opts.zstd_level.is_some() || opts.delta_cache_bytes.is_some() {
         match PageEncoder::new(page_size, opts.zstd_level) {
-            Ok(e) => eng.encoder = Some(e),
+            Ok(e) => {
+                eng.encoder = Some(e);
+                eng.scratch = vec![0u8; batch_pages * page_size];
+            }
             Err(e) => return Err(eng.fail(e.into(), &mut tracker)),
         }
     }
@@ -412,7 +418,8 @@ struct Engine<'r, 'm, M: GuestMemoryBackend, V: VmControl + ?Sized> {
     returns: Option<ReturnPath>,
     page_size: usize,
     batch_pages: usize,
-    /// Private copies of the pages of the batch being built.
+    /// Private copies of the pages of the batch being built, for the encoder (empty
+    /// without one).
     scratch: Vec<u8>,
     /// Page runs of the batch being built.
     pending: Vec<std::ops::Range<usize>>,
