@@ -498,9 +498,10 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
         stream,
         &DestinationOptions {
             idle_timeout: Some(a.idle_timeout),
-            // Preallocated RAM has every page in place already.
+            // Preallocated RAM has every page in place already: nothing to fault in or
+            // place (UFFDIO_COPY would fail on each page and fall back to a copy).
             prefault: a.placement != PlacementKind::Write && prealloc.is_none(),
-            userfaultfd: a.placement == PlacementKind::Userfaultfd,
+            userfaultfd: a.placement == PlacementKind::Userfaultfd && prealloc.is_none(),
             ..DestinationOptions::default()
         },
     )
