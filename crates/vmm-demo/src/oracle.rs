@@ -541,6 +541,16 @@ mod tests {
                     expected: b
                 })
             );
+            // Two damaged pages, checked on different cores: the lower one is reported.
+            let first = w.working_set().end;
+            let low = w.ram().page_to_gpa(first).unwrap().0;
+            let lb: u8 = mem.read_obj(GuestAddress(low + 9)).unwrap();
+            mem.write_obj(lb ^ 1, GuestAddress(low + 9)).unwrap();
+            assert!(matches!(
+                check(&mem, &w),
+                Err(OracleError::Corrupted { gpa, offset: 9, .. }) if gpa == low
+            ));
+            mem.write_obj(lb, GuestAddress(low + 9)).unwrap();
             mem.write_obj(b, GuestAddress(gpa + 123)).unwrap();
             // Beside the counter of a working-set page.
             let p = nth_page(&w, 1, 0);
