@@ -1,7 +1,7 @@
 //! Criterion benchmarks of NBD request handling: the codecs and checks every request goes
 //! through, a whole negotiation, and our client against our server over a unix socket.
 //! Comparisons with qemu-nbd, nbdkit and nbdcopy are in
-//! `crates/migration-nbd/bench/nbd-throughput.sh` (external processes).
+//! `migration-nbd/bench/nbd-throughput.sh` (external processes).
 
 use std::hint::black_box;
 use std::os::unix::fs::FileExt;

@@ -15,7 +15,7 @@ set -euo pipefail
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-5}
 here=$(cd "$(dirname "$0")" && pwd)
-root=$(cd "$here/../../.." && pwd)
+root=$(cd "$here/../.." && pwd)
 
 for t in qemu-nbd nbdkit nbdcopy; do
     command -v "$t" >/dev/null || { echo "bench: $t not installed (run scripts/setup.sh)" >&2; exit 1; }
