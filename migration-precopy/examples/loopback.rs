@@ -4,8 +4,8 @@
 //!
 //! `cargo run --release -p migration-precopy --example loopback [MIB]`
 //!
-//! Environment knobs for experiments: `UFFD` (`UFFDIO_COPY` placement),
-//! `NO_PREFAULT` (the destination's prefault helper off), `PREPOP` (destination RAM populated before the migration starts), `THP`
+//! Environment knobs for experiments: `PLACEMENT=write|prefault|userfaultfd` (how the
+//! destination puts pages into untouched RAM), `PREPOP` (destination RAM populated before the migration starts), `THP`
 //! (destination RAM advised as transparent huge pages).
 
 use std::io::Read;
@@ -85,8 +85,9 @@ fn main() {
             .spawn(move || {
                 if real {
                     let opts = DestinationOptions {
-                        prefault: std::env::var_os("NO_PREFAULT").is_none(),
-                        userfaultfd: std::env::var_os("UFFD").is_some(),
+                        placement: std::env::var("PLACEMENT")
+                            .map(|p| p.parse().expect("PLACEMENT"))
+                            .unwrap_or_default(),
                         ..DestinationOptions::default()
                     };
                     let inc = Incoming::accept(Stream::Unix(b), &opts).unwrap();

@@ -49,21 +49,9 @@ pub struct DestinationOptions {
     pub expected_vm: Option<[u8; 16]>,
     /// Give up when no byte arrives for this long (`None`: wait forever).
     pub idle_timeout: Option<Duration>,
-    /// Fault guest RAM in ahead of the pages arriving, on a helper thread
-    /// (`MADV_POPULATE_WRITE`, 2 MiB at a time, only just ahead of where non-zero pages
-    /// land, so zero RAM stays unallocated). Default on: under nested virtualisation a page
-    /// fault costs microseconds, and taking them off the receiving thread is most of what
-    /// bounds the destination's rate.
-    pub prefault: bool,
-    /// Place pages that arrive for untouched RAM with `UFFDIO_COPY`
-    /// ([`migration_core::place`]): no page fault and no clearing of the page before it is
-    /// written, and no helper thread; where userfaultfd is not available, `prefault`
-    /// applies instead. Default off: it takes the least CPU in all, but it puts all of the
-    /// page allocation on the receiving thread, one `ioctl` per page, where `prefault`
-    /// moves it to a second thread. Measured on a 2-core host, 256 MiB of random RAM
-    /// migrated from a KVM guest: 1033 MB/s with it against 1207 MB/s with `prefault`
-    /// (medians of 7).
-    pub userfaultfd: bool,
+    /// How pages are put into guest RAM this side has not touched yet. Default
+    /// [`Placement::Prefault`].
+    pub placement: Placement,
 }
 
 impl Default for DestinationOptions {
@@ -72,8 +60,7 @@ impl Default for DestinationOptions {
             max_record_len: migration_core::stream::DEFAULT_MAX_RECORD_LEN,
             expected_vm: None,
             idle_timeout: None,
-            prefault: true,
-            userfaultfd: false,
+            placement: Placement::default(),
         }
     }
 }
@@ -154,15 +141,29 @@ pub struct DestinationStats {
     pub placement: Placement,
 }
 
-/// How the destination puts pages into guest RAM it has not touched yet.
+/// How the destination puts pages into guest RAM it has not touched yet: asked for in
+/// [`DestinationOptions::placement`], and reported as used in
+/// [`DestinationStats::placement`] (userfaultfd falls back to prefaulting where the kernel
+/// refuses it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Placement {
-    /// Ordinary writes: each first write of a page faults it in.
-    #[default]
+    /// Ordinary writes: each first write of a page faults it in. The right choice for RAM
+    /// populated beforehand (QEMU's `-mem-prealloc`), where there is nothing to fault.
     Write,
-    /// Ordinary writes, with a helper thread faulting RAM in ahead of them.
+    /// Ordinary writes, with a helper thread faulting RAM in ahead of them
+    /// (`MADV_POPULATE_WRITE`, 2 MiB at a time, only just ahead of where non-zero pages
+    /// land, so zero RAM stays unallocated). The default: under nested virtualisation a
+    /// page fault costs microseconds, and taking them off the receiving thread is most of
+    /// what bounds the destination's rate.
+    #[default]
     Prefault,
-    /// `UFFDIO_COPY`: the kernel fills a new page from the received bytes.
+    /// `UFFDIO_COPY` ([`migration_core::place`]): the kernel fills a new page from the
+    /// received bytes, with no page fault, no clearing of the page before it is written,
+    /// and no helper thread. It takes the least CPU in all, but puts all of the page
+    /// allocation on the receiving thread, one `ioctl` per page, where `Prefault` moves it
+    /// to a second thread. Measured on a 2-core host, 256 MiB of random RAM migrated from
+    /// a KVM guest: 1033 MB/s with it against 1207 MB/s with `Prefault` (medians of 7).
     Userfaultfd,
 }
 
@@ -177,10 +178,35 @@ impl Placement {
     }
 }
 
+impl std::fmt::Display for Placement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A placement name that is not one of `write`, `prefault`, `userfaultfd`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown placement {0:?} (expected write, prefault or userfaultfd)")]
+pub struct UnknownPlacement(pub String);
+
+impl std::str::FromStr for Placement {
+    type Err = UnknownPlacement;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Placement::Write,
+            Placement::Prefault,
+            Placement::Userfaultfd,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| UnknownPlacement(s.to_string()))
+    }
+}
+
 /// An incoming migration whose header and config were read.
 pub struct Incoming {
-    prefault: bool,
-    userfaultfd: bool,
+    placement: Placement,
     stream: Stream,
     dec: StreamDecoder,
     buf: BytesMut,
@@ -328,8 +354,7 @@ impl Incoming {
         })();
         match (r, header) {
             (Ok(config), Some(header)) => Ok(Incoming {
-                prefault: opts.prefault,
-                userfaultfd: opts.userfaultfd,
+                placement: opts.placement,
                 stream,
                 dec,
                 buf,
@@ -437,7 +462,7 @@ impl Incoming {
         let zero = vec![0u8; ps];
         let mut states: Vec<DeviceState> = Vec::new();
         let mut ack = BytesMut::with_capacity(64);
-        let mut fresh = if self.userfaultfd {
+        let mut fresh = if self.placement == Placement::Userfaultfd {
             FreshPages::register(ram)
                 .map_err(|e| {
                     tracing::debug!(error = %e, "no userfaultfd placement; writing pages");
@@ -446,7 +471,7 @@ impl Incoming {
         } else {
             None
         };
-        let mut prefault = if self.prefault && fresh.is_none() {
+        let mut prefault = if self.placement != Placement::Write && fresh.is_none() {
             Prefaulter::start(ram)
         } else {
             None
@@ -648,7 +673,7 @@ fn send_failed(s: &mut Stream, reason: &str) {
 }
 
 /// Faults destination RAM in ahead of the receiving thread (see
-/// [`DestinationOptions::prefault`]).
+/// [`Placement::Prefault`]).
 struct Prefaulter {
     tx: Option<std::sync::mpsc::SyncSender<(usize, usize)>>,
     /// Asks the helper to give up what is still queued.

@@ -18,8 +18,8 @@ use migration_core::stream::DeviceState;
 use migration_core::transport::Stream;
 use migration_core::vm::{VmControl, VmError, VmOp};
 use migration_precopy::{
-    CancelToken, DestinationError, DestinationOptions, Incoming, LimitPolicy, SourceError,
-    SourceOptions, SourceOutcome, migrate,
+    CancelToken, DestinationError, DestinationOptions, Incoming, LimitPolicy, Placement,
+    SourceError, SourceOptions, SourceOutcome, migrate,
 };
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};
@@ -573,7 +573,7 @@ fn userfaultfd_placement_round_trips_every_encoding() {
         };
         let (a, b) = UnixStream::pair().unwrap();
         let dest_opts = DestinationOptions {
-            userfaultfd: true,
+            placement: Placement::Userfaultfd,
             ..DestinationOptions::default()
         };
         let dest = slow_destination(b, |_| Ok(()), Duration::ZERO, Arc::default(), dest_opts);

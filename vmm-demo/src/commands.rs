@@ -500,8 +500,11 @@ fn destination_inner(a: &DestinationArgs, rep: &mut DestinationReport) -> Result
             idle_timeout: Some(a.idle_timeout),
             // Preallocated RAM has every page in place already: nothing to fault in or
             // place (UFFDIO_COPY would fail on each page and fall back to a copy).
-            prefault: a.placement != PlacementKind::Write && prealloc.is_none(),
-            userfaultfd: a.placement == PlacementKind::Userfaultfd && prealloc.is_none(),
+            placement: match (a.placement, &prealloc) {
+                (_, Some(_)) | (PlacementKind::Write, None) => migration_precopy::Placement::Write,
+                (PlacementKind::Prefault, None) => migration_precopy::Placement::Prefault,
+                (PlacementKind::Userfaultfd, None) => migration_precopy::Placement::Userfaultfd,
+            },
             ..DestinationOptions::default()
         },
     )
