@@ -25,7 +25,8 @@ fn bench(c: &mut Criterion) {
         let layout = RamLayout::of_memory(&mem).unwrap();
         if stride > 0 {
             for p in (0..layout.page_count()).step_by(stride) {
-                mem.write_obj(1u8, layout.page_to_gpa(p).unwrap()).unwrap();
+                mem.write_obj(1u8, GuestAddress(layout.page_to_gpa(p).unwrap()))
+                    .unwrap();
             }
         }
         if let Err(e) = populated_pages(&mem, &layout) {

@@ -18,7 +18,7 @@ use std::os::fd::AsRawFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::bitmap::DirtyBitmap;
-use crate::geometry::RamLayout;
+use crate::layout::RamLayout;
 
 // From include/uapi/linux/fs.h (Linux 6.7+); the libc crate does not have them yet.
 #[repr(C)]
@@ -211,7 +211,7 @@ pub fn populated_pages<M: GuestMemoryBackend>(
         if !covered(&anon, host, host + len) {
             return Err(PagemapError::NotAnonymous { host, len });
         }
-        let Some(first_page) = layout.gpa_to_page(region.start_addr()) else {
+        let Some(first_page) = layout.gpa_to_page(region.start_addr().0) else {
             return Err(PagemapError::NoHostMapping { gpa });
         };
         scan(&pagemap, host, host + len, query, &mut out, |a, b| {
@@ -277,13 +277,13 @@ mod tests {
         let layout = RamLayout::of_memory(&mem).unwrap();
         let written = [0usize, 5, 1000, 2047, 2048, 2050, 2303];
         for &p in &written {
-            let gpa = layout.page_to_gpa(p).unwrap();
+            let gpa = GuestAddress(layout.page_to_gpa(p).unwrap());
             mem.write_obj(0xabu8, gpa).unwrap();
         }
         // Read a few others: they map the zero page and must still count as zero.
         let mut b = [0u8; 16];
         for p in [1usize, 7, 2049] {
-            mem.read_slice(&mut b, layout.page_to_gpa(p).unwrap())
+            mem.read_slice(&mut b, GuestAddress(layout.page_to_gpa(p).unwrap()))
                 .unwrap();
         }
         let pop = match populated_pages(&mem, &layout) {

@@ -132,7 +132,7 @@ impl Drop for FreshPages {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geometry::RamLayout;
+    use crate::layout::RamLayout;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     fn ram(regions: &[(u64, usize)]) -> GuestMemoryMmap {
@@ -167,7 +167,7 @@ mod tests {
         pages.finish().unwrap();
         for (idx, want) in [(0usize, 1u8), (1, 0), (15, 2), (16, 3), (17, 0), (23, 4)] {
             let mut buf = vec![0xaau8; 4096];
-            mem.read_slice(&mut buf, layout.page_to_gpa(idx).unwrap())
+            mem.read_slice(&mut buf, GuestAddress(layout.page_to_gpa(idx).unwrap()))
                 .unwrap();
             assert!(
                 buf.iter().all(|&b| b == want),

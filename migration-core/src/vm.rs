@@ -6,29 +6,7 @@
 //! VMM decides what a blob holds (KVM registers, an irqchip, a virtio queue) and how it
 //! checks a version it is handed; the engine only carries the blobs across.
 
-use bytes::Bytes;
-
-/// One device's (or vCPU's) saved state: who it belongs to, in which format, and the bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceState {
-    /// Stable identifier of the device, unique within the VM: `"vcpu0"`, `"pit"`, `"virtio-blk0"`.
-    pub id: String,
-    /// Version of the blob's format, so a newer destination can refuse or convert old state.
-    pub version: u32,
-    /// The state itself, opaque to the engine.
-    pub data: Bytes,
-}
-
-impl DeviceState {
-    /// A blob for device `id` in format `version`.
-    pub fn new(id: impl Into<String>, version: u32, data: impl Into<Bytes>) -> Self {
-        DeviceState {
-            id: id.into(),
-            version,
-            data: data.into(),
-        }
-    }
-}
+pub use crate::stream::DeviceState;
 
 /// The operation a [`VmError`] comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -145,7 +145,7 @@ impl<B: NewBitmap> Guest<B> {
         let mut table = Vec::new();
         let mut addrs = Vec::new();
         for (i, &p) in pages.iter().enumerate() {
-            let gpa = self.layout.page_to_gpa(p).unwrap().0 + (i as u64 * 97) % 4096;
+            let gpa = self.layout.page_to_gpa(p).unwrap() + (i as u64 * 97) % 4096;
             assert_ne!(gpa >> 12, 0, "the code page must stay clean");
             assert_ne!(gpa >> 12, TABLE_GPA >> 12, "the table page must stay clean");
             table.extend_from_slice(&(gpa as u32).to_le_bytes());
@@ -373,10 +373,13 @@ fn kvm_log_and_vmm_bitmap_in_a_union_report_guest_and_vmm_writes() {
     let guest_pages = sorted([g.pages(0, &[4]), g.pages(1, &[9, 10])].concat());
     g.write_pages(&guest_pages, 0x77);
     // The table page was written by the VMM (through vm-memory) to program the guest.
-    let table_page = g.layout.gpa_to_page(GuestAddress(TABLE_GPA)).unwrap();
+    let table_page = g.layout.gpa_to_page(TABLE_GPA).unwrap();
     let vmm_page = g.pages(1, &[1000])[0];
     g.mem
-        .write_obj(0xabcdu32, g.layout.page_to_gpa(vmm_page).unwrap())
+        .write_obj(
+            0xabcdu32,
+            GuestAddress(g.layout.page_to_gpa(vmm_page).unwrap()),
+        )
         .unwrap();
     let expected = sorted([guest_pages, vec![table_page, vmm_page]].concat());
     assert_eq!(sync(&mut union, &g.layout), expected);

@@ -6,6 +6,8 @@
 //! tests compare that record with what the tracker reports, in the asynchronous form
 //! (`UFFD_FEATURE_WP_ASYNC` + `PAGEMAP_SCAN`) and in the synchronous fallback.
 
+#![cfg(feature = "host")]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Barrier, Mutex};
 use std::time::{Duration, Instant};
@@ -534,7 +536,7 @@ fn union_of_uffd_and_vmm_bitmap_reports_both_and_names_failures() {
     union.start().unwrap();
     ram.write(3, 0, 1); // raw: only uffd sees it
     ram.mem
-        .write_obj(7u64, ram.layout.page_to_gpa(1200).unwrap())
+        .write_obj(7u64, GuestAddress(ram.layout.page_to_gpa(1200).unwrap()))
         .unwrap(); // both see it
     assert_eq!(sync(&mut union, &ram.layout), vec![3, 1200]);
     assert_eq!(sync(&mut union, &ram.layout), Vec::<usize>::new());
@@ -590,7 +592,7 @@ fn default_tracker_keeps_untouched_pages_visible_as_unpopulated() {
     let before = [3usize, 40];
     for &p in &before {
         r.mem
-            .write_slice(&[1u8; 8], r.layout.page_to_gpa(p).unwrap())
+            .write_slice(&[1u8; 8], GuestAddress(r.layout.page_to_gpa(p).unwrap()))
             .unwrap();
     }
     let f = features();
@@ -602,7 +604,10 @@ fn default_tracker_keeps_untouched_pages_visible_as_unpopulated() {
     t.start().expect("start");
     let after = 17usize;
     r.mem
-        .write_slice(&[2u8; 8], r.layout.page_to_gpa(after).unwrap())
+        .write_slice(
+            &[2u8; 8],
+            GuestAddress(r.layout.page_to_gpa(after).unwrap()),
+        )
         .unwrap();
     let populated: Vec<usize> = migration_core::pagemap::populated_pages(&r.mem, &r.layout)
         .unwrap()

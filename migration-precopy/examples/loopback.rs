@@ -13,10 +13,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
 use migration_core::dirty::VmmBitmapTracker;
-use migration_core::geometry::{GuestRam, RamLayout};
 use migration_core::stats::{Phase, ProgressEvent};
 use migration_core::transport::Stream;
 use migration_core::vm::{DeviceState, VmControl, VmError};
+use migration_core::{GuestRam, RamLayout};
 use migration_precopy::{CancelToken, DestinationOptions, Incoming, SourceOptions, migrate};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryMmap};

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use migration_core::bitmap::DirtyBitmap;
-use migration_core::geometry::{GuestRam, RamLayout};
 use migration_core::page::{EncodedPage, PageDecoder, PageError};
 use migration_core::place::FreshPages;
 use migration_core::stats::PageCounts;
@@ -38,6 +37,7 @@ use migration_core::stream::{
 };
 use migration_core::transport::Stream;
 use migration_core::vm::{VmControl, VmError};
+use migration_core::{GuestRam, RamLayout};
 use vm_memory::{Bytes as _, GuestAddress, GuestMemoryBackend};
 
 /// Settings of the receiving side.
@@ -519,10 +519,12 @@ impl Incoming {
                     }
                     for p in &batch.pages {
                         let idx = p.index as usize;
-                        let gpa = layout.page_to_gpa(idx).ok_or(DestinationError::Page {
-                            page: p.index,
-                            what: "outside guest RAM".into(),
-                        })?;
+                        let gpa = layout.page_to_gpa(idx).map(GuestAddress).ok_or(
+                            DestinationError::Page {
+                                page: p.index,
+                                what: "outside guest RAM".into(),
+                            },
+                        )?;
                         let err = |what: String| DestinationError::Page {
                             page: p.index,
                             what,

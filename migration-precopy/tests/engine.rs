@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use migration_core::dirty::VmmBitmapTracker;
-use migration_core::geometry::{GuestRam, RamLayout};
 use migration_core::stats::{Phase, ProgressEvent};
 use migration_core::stream::DeviceState;
 use migration_core::transport::Stream;
 use migration_core::vm::{VmControl, VmError, VmOp};
+use migration_core::{GuestRam, RamLayout};
 use migration_precopy::{
     CancelToken, DestinationError, DestinationOptions, Incoming, LimitPolicy, Placement,
     SourceError, SourceOptions, SourceOutcome, migrate,
@@ -82,7 +82,7 @@ impl Guest {
                 x ^= x << 17;
                 w.copy_from_slice(&x.to_le_bytes());
             }
-            mem.write_slice(&page, layout.page_to_gpa(p).unwrap())
+            mem.write_slice(&page, GuestAddress(layout.page_to_gpa(p).unwrap()))
                 .unwrap();
         }
         let ctl = Arc::new(Ctl::default());
@@ -169,7 +169,7 @@ fn writer(
                 drop(g);
                 tick = Instant::now();
             }
-            let gpa = layout.page_to_gpa(p).unwrap();
+            let gpa = GuestAddress(layout.page_to_gpa(p).unwrap());
             let v: u64 = mem.read_obj(gpa).unwrap();
             mem.write_obj(v + 1, gpa).unwrap();
             if per_ms > 0 {
@@ -356,8 +356,8 @@ fn ram_equal(a: &Mem, b: &Mem) {
     let layout = layout_of(a);
     let (mut x, mut y) = (vec![0u8; PAGE as usize], vec![0u8; PAGE as usize]);
     for (p, gpa) in layout.pages() {
-        a.read_slice(&mut x, gpa).unwrap();
-        b.read_slice(&mut y, gpa).unwrap();
+        a.read_slice(&mut x, GuestAddress(gpa)).unwrap();
+        b.read_slice(&mut y, GuestAddress(gpa)).unwrap();
         assert!(x == y, "page {p} differs between source and destination");
     }
 }

@@ -180,8 +180,8 @@ pub fn write_image(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), vm_memory:
         if idx < w.first_data_page() {
             continue;
         }
-        w.initial_page(gpa.0, &mut page);
-        mem.write_slice(&page, gpa)?;
+        w.initial_page(gpa, &mut page);
+        mem.write_slice(&page, GuestAddress(gpa))?;
     }
     Ok(())
 }

@@ -19,7 +19,7 @@
 
 use std::ops::Range;
 
-use migration_core::geometry::{LayoutError, RamLayout};
+use migration_core::layout::{LayoutError, RamLayout};
 use serde::{Deserialize, Serialize};
 
 /// The page size the guest walks and the VMM tracks.
@@ -230,7 +230,7 @@ impl Workload {
             start += len;
             let segs: Vec<(u64, u64)> = ram
                 .split_at_regions(share.clone())
-                .map(|(gpa, pages)| (gpa.0, gpa.0 + pages.len() as u64 * PAGE_SIZE))
+                .map(|(gpa, pages)| (gpa, gpa + pages.len() as u64 * PAGE_SIZE))
                 .collect();
             if segs.len() as u64 > control_block::MAX_SEGMENTS {
                 return Err(ConfigError::Segments(i as u32));
@@ -301,7 +301,7 @@ impl Workload {
         fill_page(self.config.fill, self.config.seed, gpa, buf);
         let in_ws = self
             .ram
-            .gpa_to_page(vm_memory::GuestAddress(gpa))
+            .gpa_to_page(gpa)
             .is_some_and(|p| self.working_set.contains(&p));
         if in_ws {
             let off = COUNTER_OFFSET as usize;

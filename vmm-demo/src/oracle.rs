@@ -277,7 +277,8 @@ pub fn check(mem: &GuestMemoryMmap, w: &Workload) -> Result<OracleReport, Oracle
     }
     let ws = w.working_set();
     let first = w.first_data_page();
-    let pages: Vec<(usize, GuestAddress)> = w.ram().pages().collect();
+    let pages: Vec<(usize, GuestAddress)> =
+        w.ram().pages().map(|(p, a)| (p, GuestAddress(a))).collect();
     // Every other data page still holds its initial content: checked on all cores, and
     // the lowest page found wrong is reported.
     let results = on_all_cores(pages.len(), |range| -> Result<usize, OracleError> {
@@ -529,7 +530,7 @@ mod tests {
         for fill in [Fill::Zero, Fill::Random] {
             let (mem, w) = setup(fill);
             let last = w.ram().page_count() - 1;
-            let gpa = w.ram().page_to_gpa(last).unwrap().0;
+            let gpa = w.ram().page_to_gpa(last).unwrap();
             let b: u8 = mem.read_obj(GuestAddress(gpa + 123)).unwrap();
             mem.write_obj(b ^ 0x10, GuestAddress(gpa + 123)).unwrap();
             assert_eq!(
@@ -543,7 +544,7 @@ mod tests {
             );
             // Two damaged pages, checked on different cores: the lower one is reported.
             let first = w.working_set().end;
-            let low = w.ram().page_to_gpa(first).unwrap().0;
+            let low = w.ram().page_to_gpa(first).unwrap();
             let lb: u8 = mem.read_obj(GuestAddress(low + 9)).unwrap();
             mem.write_obj(lb ^ 1, GuestAddress(low + 9)).unwrap();
             assert!(matches!(

@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
-use migration_core::geometry::RamLayout;
+use migration_core::RamLayout;
 use migration_core::vm::{DeviceState, VmControl, VmError, VmOp};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};

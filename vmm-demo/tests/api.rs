@@ -24,10 +24,7 @@ fn ram_layout_and_host_ranges_describe_guest_memory() {
         assert_eq!(ranges.len(), vm.workload().regions().len());
         for (r, &(base, size)) in ranges.iter().zip(vm.workload().regions()) {
             assert_eq!((r.guest_base, r.size), (base, size));
-            let page = vm
-                .ram_layout()
-                .gpa_to_page(vm_memory::GuestAddress(base))
-                .unwrap();
+            let page = vm.ram_layout().gpa_to_page(base).unwrap();
             assert_eq!(r.host_addr, ram.host_address(page).unwrap() as u64);
         }
         match kind {

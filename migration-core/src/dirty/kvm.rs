@@ -35,7 +35,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use super::{DirtyTracker, TrackerError, check_len};
 use crate::bitmap::{DirtyBitmap, words_for};
-use crate::geometry::RamLayout;
+use crate::layout::RamLayout;
 
 const BACKEND: &str = "kvm-dirty-log";
 
@@ -174,7 +174,7 @@ impl<V: Borrow<VmFd>> KvmDirtyLog<V> {
             }
             let pages = pages as usize;
             let first_page = layout
-                .gpa_to_page(vm_memory::GuestAddress(r.guest_phys_addr))
+                .gpa_to_page(r.guest_phys_addr)
                 .ok_or_else(|| what("is not RAM of the layout"))?;
             let region_end = layout
                 .region_of_page(first_page)

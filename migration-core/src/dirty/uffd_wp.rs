@@ -44,7 +44,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use super::{DirtyTracker, TrackerError, check_len};
 use crate::bitmap::DirtyBitmap;
-use crate::geometry::RamLayout;
+use crate::layout::RamLayout;
 use crate::pagemap::{
     PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, ScanQuery,
     open_pagemap, scan,
@@ -404,7 +404,7 @@ impl UffdWpTracker {
                 .get_host_address(MemoryRegionAddress(0))
                 .map_err(|_| what("has no host mapping"))?;
             let first_page = layout
-                .gpa_to_page(base)
+                .gpa_to_page(base.0)
                 .ok_or_else(|| what("is not RAM of the layout"))?;
             ranges.push(HostRange {
                 host_addr: host as usize,

@@ -14,7 +14,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegi
 
 use super::{DirtyTracker, TrackerError, check_len};
 use crate::bitmap::{DirtyBitmap, words_for};
-use crate::geometry::RamLayout;
+use crate::layout::RamLayout;
 
 const BACKEND: &str = "vmm-bitmap";
 
@@ -60,7 +60,7 @@ impl VmmBitmapTracker {
                 ),
             };
             let first_page = layout
-                .gpa_to_page(base)
+                .gpa_to_page(base.0)
                 .ok_or_else(|| config("is not RAM of the layout".into()))?;
             let pages = (len / page_size) as usize;
             let layout_region = layout

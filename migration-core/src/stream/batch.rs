@@ -55,7 +55,7 @@ impl PageData {
 /// One page of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
-    /// Global page index (see [`crate::geometry`]).
+    /// Global page index (see [`crate::layout`]).
     pub index: u64,
     /// The page's data.
     pub data: PageData,

@@ -2,7 +2,7 @@
 
 use super::header::Direction;
 use super::wire::RecordType;
-use crate::geometry::LayoutError;
+use crate::layout::LayoutError;
 
 /// Formats a UUID the usual way (8-4-4-4-12 hex digits).
 pub(crate) struct UuidFmt<'a>(pub &'a [u8; 16]);

@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::batch::{self, PageBatch};
 use super::error::PayloadError;
 use super::wire::{RECORD_OVERHEAD, Reader, RecordType, begin_record, end_record, put_string};
-use crate::geometry::{LayoutError, RamLayout};
+use crate::layout::{LayoutError, RamLayout};
 use crate::page::varint;
 
 /// The guest's RAM layout and the VMM's own configuration, sent once before any page.
@@ -45,10 +45,31 @@ impl Config {
     }
 }
 
-/// One device's saved state travels as [`crate::vm::DeviceState`], in one record, so it must
-/// fit the receiver's [`DecoderOptions::max_record_len`](super::DecoderOptions::max_record_len)
-/// (64 MiB by default); a VMM with larger device state raises that limit on both sides.
-pub use crate::vm::DeviceState;
+/// One device's (or vCPU's) saved state: who it belongs to, in which format, and the bytes.
+///
+/// It travels in one record, so it must fit the receiver's
+/// [`DecoderOptions::max_record_len`](super::DecoderOptions::max_record_len) (64 MiB by
+/// default); a VMM with larger device state raises that limit on both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Stable identifier of the device, unique within the VM: `"vcpu0"`, `"pit"`, `"virtio-blk0"`.
+    pub id: String,
+    /// Version of the blob's format, so a newer destination can refuse or convert old state.
+    pub version: u32,
+    /// The state itself, opaque to the engine.
+    pub data: Bytes,
+}
+
+impl DeviceState {
+    /// A blob for device `id` in format `version`.
+    pub fn new(id: impl Into<String>, version: u32, data: impl Into<Bytes>) -> Self {
+        DeviceState {
+            id: id.into(),
+            version,
+            data: data.into(),
+        }
+    }
+}
 
 /// What one pass of pre-copy sent, as the source saw it. Informational: the record is
 /// skippable, and the destination uses it for progress reports.
