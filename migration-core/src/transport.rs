@@ -2,8 +2,9 @@
 //!
 //! Addresses are written as QEMU and Cloud Hypervisor users write them: `tcp:HOST:PORT`
 //! (HOST may be a name, an IPv4 address or a bracketed IPv6 address) or `unix:PATH`.
-//! [`connect`] and [`Listener`] give a [`Stream`] for either; [`Channel`] wraps any byte
-//! stream, counts what crosses it in both directions, and can hold the outgoing rate under a
+//! [`connect`] and [`Listener`] give a [`Stream`] for either. Engines do not insist on
+//! `Stream`: their drivers run over any [`Connection`] (a plain `TcpStream`, a TLS session,
+//! a socket handed over by an orchestrator). [`Channel`] wraps any byte stream, counts what crosses it in both directions, and can hold the outgoing rate under a
 //! limit with a token bucket whose clock is injected, so its behaviour is tested without
 //! sleeping.
 
@@ -149,26 +150,7 @@ impl Stream {
     /// stream. Unlike [`Read::read`] into a zeroed slice, this neither initialises memory
     /// the socket is about to overwrite nor copies it once more afterwards.
     pub fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        buf.reserve(max);
-        let spare = buf.spare_capacity_mut();
-        let len = spare.len().min(max);
-        let fd = self.as_fd().as_raw_fd();
-        let n = loop {
-            // SAFETY: `spare` is `len` writable bytes owned by `buf`; the kernel writes at
-            // most `len` of them and reports how many, and only those are marked as filled.
-            let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), len, 0) };
-            if n >= 0 {
-                break n as usize;
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        };
-        // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
-        unsafe { buf.set_len(buf.len() + n) };
-        Ok(n)
+        recv_into_spare(self.as_fd(), buf, max)
     }
 
     /// Shuts the connection down in one or both directions; the peer's reads see EOF. Used
@@ -219,6 +201,122 @@ impl Write for Stream {
             Stream::Tcp(s) => s.flush(),
             Stream::Unix(s) => s.flush(),
         }
+    }
+}
+
+/// Receives at most `max` bytes from the socket `fd` into `buf`'s spare capacity.
+fn recv_into_spare(fd: BorrowedFd<'_>, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let len = spare.len().min(max);
+    let n = loop {
+        // SAFETY: `spare` is `len` writable bytes owned by `buf`; the kernel writes at most
+        // `len` of them and reports how many, and only those are marked as filled.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len, 0) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    // SAFETY: the kernel initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
+/// A connected, two-way byte stream a migration engine's threaded driver runs over: TCP,
+/// a unix socket, TLS over either, or a socket an orchestrator handed over as an fd.
+///
+/// The drivers write the migration stream on one thread while another reads the return
+/// path, and break the connection off from a third (a cancel, a watchdog): hence
+/// [`try_clone`](Self::try_clone) for a second handle and [`shutdown`](Self::shutdown)
+/// through a shared reference. A handle from `try_clone` must be usable for reading while
+/// the original writes (for TLS: a session split into its two directions, or kernel TLS on
+/// the socket).
+pub trait Connection: Read + Write + Send + Sized + 'static {
+    /// A second handle on the same connection.
+    fn try_clone(&self) -> io::Result<Self>;
+
+    /// Ends the connection in one or both directions, waking any thread blocked reading
+    /// or writing it; the peer's reads see the end of the stream.
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+
+    /// Makes reads give up with `WouldBlock`/`TimedOut` after `timeout` without a byte
+    /// (`None`: wait forever).
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Sends small writes at once instead of coalescing them (TCP's `TCP_NODELAY`):
+    /// acknowledgements, verdicts and post-copy page requests are latency-bound. A
+    /// transport without such a knob does nothing.
+    fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        let _ = nodelay;
+        Ok(())
+    }
+
+    /// Reads at most `max` bytes into `buf`'s spare capacity and returns how many came (0:
+    /// the end of the stream). The default reads through a zeroed slice; sockets override
+    /// it to receive straight into the buffer.
+    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+        let len = buf.len();
+        buf.resize(len + max, 0);
+        let r = self.read(&mut buf[len..]);
+        let n = *r.as_ref().unwrap_or(&0);
+        buf.truncate(len + n);
+        r
+    }
+}
+
+impl Connection for Stream {
+    fn try_clone(&self) -> io::Result<Self> {
+        Stream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        Stream::shutdown(self, how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        Stream::set_read_timeout(self, timeout)
+    }
+    fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        Stream::set_nodelay(self, nodelay)
+    }
+    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+        Stream::read_buf(self, buf, max)
+    }
+}
+
+impl Connection for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        TcpStream::shutdown(self, how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        TcpStream::set_nodelay(self, nodelay)
+    }
+    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+        recv_into_spare(self.as_fd(), buf, max)
+    }
+}
+
+impl Connection for UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        UnixStream::try_clone(self)
+    }
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        UnixStream::shutdown(self, how)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+        recv_into_spare(self.as_fd(), buf, max)
     }
 }
 
@@ -591,6 +689,65 @@ impl<S: Write, C: Clock> Write for Channel<S, C> {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    /// A connection that only has the trait's defaults: what a TLS wrapper starts from.
+    struct Plain(UnixStream);
+
+    impl Read for Plain {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl Write for Plain {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Connection for Plain {
+        fn try_clone(&self) -> io::Result<Self> {
+            self.0.try_clone().map(Plain)
+        }
+        fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+            self.0.shutdown(how)
+        }
+        fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_read_timeout(t)
+        }
+    }
+
+    #[test]
+    fn default_read_buf_keeps_only_what_arrived() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut s = Plain(a);
+        s.set_nodelay(true).unwrap();
+        let mut buf = bytes::BytesMut::from(&b"kept"[..]);
+        b.write_all(b"hello").unwrap();
+        let n = Connection::read_buf(&mut s, &mut buf, 1 << 16).unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(&buf[..], b"kepthello");
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let e = Connection::read_buf(&mut s, &mut buf, 64).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        );
+        assert_eq!(
+            &buf[..],
+            b"kepthello",
+            "a failed read leaves nothing behind"
+        );
+        Connection::shutdown(&s, Shutdown::Both).unwrap();
+        let mut c = s.try_clone().unwrap();
+        assert_eq!(Connection::read_buf(&mut c, &mut buf, 64).unwrap(), 0);
+    }
 
     #[test]
     fn read_buf_appends_what_arrives_and_sees_the_end() {
