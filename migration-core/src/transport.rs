@@ -259,7 +259,7 @@ pub trait Connection: Read + Write + Send + Sized + 'static {
     /// Reads at most `max` bytes into `buf`'s spare capacity and returns how many came (0:
     /// the end of the stream). The default reads through a zeroed slice; sockets override
     /// it to receive straight into the buffer.
-    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    fn read_into(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
         let len = buf.len();
         buf.resize(len + max, 0);
         let r = self.read(&mut buf[len..]);
@@ -282,7 +282,7 @@ impl Connection for Stream {
     fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         Stream::set_nodelay(self, nodelay)
     }
-    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    fn read_into(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
         Stream::read_buf(self, buf, max)
     }
 }
@@ -300,7 +300,7 @@ impl Connection for TcpStream {
     fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         TcpStream::set_nodelay(self, nodelay)
     }
-    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    fn read_into(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
         recv_into_spare(self.as_fd(), buf, max)
     }
 }
@@ -315,7 +315,7 @@ impl Connection for UnixStream {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_read_timeout(self, timeout)
     }
-    fn read_buf(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
+    fn read_into(&mut self, buf: &mut bytes::BytesMut, max: usize) -> io::Result<usize> {
         recv_into_spare(self.as_fd(), buf, max)
     }
 }
@@ -727,11 +727,11 @@ mod tests {
         s.set_nodelay(true).unwrap();
         let mut buf = bytes::BytesMut::from(&b"kept"[..]);
         b.write_all(b"hello").unwrap();
-        let n = Connection::read_buf(&mut s, &mut buf, 1 << 16).unwrap();
+        let n = Connection::read_into(&mut s, &mut buf, 1 << 16).unwrap();
         assert_eq!(n, 5);
         assert_eq!(&buf[..], b"kepthello");
         s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
-        let e = Connection::read_buf(&mut s, &mut buf, 64).unwrap_err();
+        let e = Connection::read_into(&mut s, &mut buf, 64).unwrap_err();
         assert!(
             matches!(
                 e.kind(),
@@ -746,7 +746,7 @@ mod tests {
         );
         Connection::shutdown(&s, Shutdown::Both).unwrap();
         let mut c = s.try_clone().unwrap();
-        assert_eq!(Connection::read_buf(&mut c, &mut buf, 64).unwrap(), 0);
+        assert_eq!(Connection::read_into(&mut c, &mut buf, 64).unwrap(), 0);
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //!   of sent pages that delta encoding works against).
 #![deny(missing_docs)]
 
+mod batcher;
 pub mod cache;
 pub mod destination;
 pub mod estimate;
@@ -22,7 +23,11 @@ pub mod policy;
 pub mod source;
 
 pub use destination::{
-    DestinationError, DestinationOptions, DestinationStats, Incoming, Placement,
+    DestinationAction, DestinationError, DestinationEvent, DestinationMachine, DestinationOptions,
+    DestinationStats, Incoming, PageWriteError, Placement, ProtocolViolation, VerifyError,
 };
-pub use link::{CancelToken, ReturnEvent, ReturnPath};
-pub use source::{HandOver, LimitPolicy, SourceError, SourceOptions, SourceOutcome, migrate};
+pub use link::{CancelToken, ReturnEvent, ReturnPath, ReturnPathError};
+pub use source::{
+    HandOver, LimitPolicy, ReturnViolation, SourceAction, SourceError, SourceEvent, SourceMachine,
+    SourceOptions, SourceOutcome, SourceResult, migrate,
+};

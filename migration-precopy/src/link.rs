@@ -10,8 +10,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use migration_core::stream::{DecoderOptions, Frame, ReturnDecoder, ReturnRecord};
-use migration_core::transport::{Channel, ChannelCounters, Stream};
+use migration_core::stream::{DecoderOptions, Frame, ReturnDecoder, ReturnRecord, StreamError};
+use migration_core::transport::{Channel, ChannelCounters, Connection};
 
 /// Cancels a migration from any thread.
 ///
@@ -23,10 +23,21 @@ pub struct CancelToken {
     inner: Arc<CancelInner>,
 }
 
-#[derive(Debug, Default)]
+/// Shuts down the connection of the migration being cancelled.
+type Breaker = Box<dyn Fn() + Send>;
+
+#[derive(Default)]
 struct CancelInner {
     cancelled: AtomicBool,
-    stream: Mutex<Option<Stream>>,
+    breaker: Mutex<Option<Breaker>>,
+}
+
+impl std::fmt::Debug for CancelInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CancelInner")
+            .field("cancelled", &self.cancelled)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CancelToken {
@@ -38,9 +49,9 @@ impl CancelToken {
     /// Asks the migration to stop. Idempotent.
     pub fn cancel(&self) {
         self.inner.cancelled.store(true, Ordering::SeqCst);
-        if let Ok(s) = self.inner.stream.lock() {
-            if let Some(s) = s.as_ref() {
-                let _ = s.shutdown(Shutdown::Both);
+        if let Ok(b) = self.inner.breaker.lock() {
+            if let Some(b) = b.as_ref() {
+                b();
             }
         }
     }
@@ -52,18 +63,20 @@ impl CancelToken {
 
     /// Registers the connection to shut down on cancel (a clone of it); if the token was
     /// cancelled already, shuts it down now.
-    pub(crate) fn attach(&self, s: &Stream) -> io::Result<()> {
+    pub(crate) fn attach<C: Connection>(&self, s: &C) -> io::Result<()> {
         let clone = s.try_clone()?;
-        let mut slot = self.inner.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner());
         if self.is_cancelled() {
             let _ = clone.shutdown(Shutdown::Both);
         }
-        *slot = Some(clone);
+        *slot = Some(Box::new(move || {
+            let _ = clone.shutdown(Shutdown::Both);
+        }));
         Ok(())
     }
 
     pub(crate) fn detach(&self) {
-        let mut slot = self.inner.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.inner.breaker.lock().unwrap_or_else(|e| e.into_inner());
         *slot = None;
     }
 }
@@ -74,19 +87,19 @@ const BUFFERS: usize = 3;
 
 /// Sends filled buffers on a writer thread so that encoding the next batch overlaps the
 /// system call that sends this one.
-pub(crate) struct Sender {
+pub(crate) struct Sender<C> {
     to_writer: Option<SyncSender<BytesMut>>,
     back: Receiver<Result<BytesMut, io::Error>>,
     free: Vec<BytesMut>,
     in_flight: usize,
-    thread: Option<JoinHandle<Channel<Stream>>>,
+    thread: Option<JoinHandle<Channel<C>>>,
     counters: Arc<ChannelCounters>,
     busy_ns: Arc<AtomicU64>,
     failed: Option<io::ErrorKind>,
 }
 
-impl Sender {
-    pub(crate) fn new(channel: Channel<Stream>, buf_capacity: usize) -> io::Result<Sender> {
+impl<C: Connection> Sender<C> {
+    pub(crate) fn new(channel: Channel<C>, buf_capacity: usize) -> io::Result<Sender<C>> {
         let counters = channel.counters();
         let (to_writer, rx) = mpsc::sync_channel::<BytesMut>(BUFFERS);
         let (back_tx, back) = mpsc::sync_channel(BUFFERS);
@@ -203,7 +216,7 @@ impl Sender {
     }
 
     /// Flushes, stops the writer thread and hands back the channel.
-    pub(crate) fn into_channel(mut self) -> io::Result<Channel<Stream>> {
+    pub(crate) fn into_channel(mut self) -> io::Result<Channel<C>> {
         self.flush()?;
         self.to_writer = None;
         self.thread
@@ -213,7 +226,7 @@ impl Sender {
     }
 }
 
-impl Drop for Sender {
+impl<C> Drop for Sender<C> {
     fn drop(&mut self) {
         self.to_writer = None;
         // Unblock the writer if the receiver side is gone; it exits when its queue drains
@@ -226,13 +239,32 @@ impl Drop for Sender {
 }
 
 /// What the return-path reader thread reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
+#[non_exhaustive]
 pub enum ReturnEvent {
     /// A record from the destination.
     Record(ReturnRecord),
-    /// The return path ended: `None` after a verdict or a clean end, otherwise why it
-    /// broke (EOF without verdict, a read error, a malformed record).
-    Closed(Option<String>),
+    /// The return path ended: `None` after its last record (a verdict), otherwise why it
+    /// broke.
+    Closed(Option<ReturnPathError>),
+}
+
+/// How the return path ended before its last record.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReturnPathError {
+    /// The destination closed it.
+    #[error("the destination closed the return path without a verdict")]
+    Closed,
+    /// Reading it failed.
+    #[error("reading the return path: {0}")]
+    Io(#[source] io::Error),
+    /// What arrived is not a valid return path.
+    #[error("{0}")]
+    Stream(#[source] StreamError),
+    /// The reader thread stopped without saying why.
+    #[error("the return-path reader stopped")]
+    ReaderGone,
 }
 
 /// The return path: a thread reading the destination's records from a clone of the
@@ -248,7 +280,11 @@ impl ReturnPath {
     /// Starts reading `stream` (a clone of the migration connection) on its own thread.
     /// The header must carry `vm_id`; bitmaps and page requests are checked against
     /// `page_count`.
-    pub fn start(stream: Stream, vm_id: [u8; 16], page_count: u64) -> io::Result<ReturnPath> {
+    pub fn start<C: Connection>(
+        stream: C,
+        vm_id: [u8; 16],
+        page_count: u64,
+    ) -> io::Result<ReturnPath> {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("precopy-return".into())
@@ -273,9 +309,7 @@ impl ReturnPath {
             Err(TryRecvError::Empty) => None,
             Err(TryRecvError::Disconnected) => {
                 self.closed = true;
-                Some(ReturnEvent::Closed(Some(
-                    "return-path reader stopped".into(),
-                )))
+                Some(ReturnEvent::Closed(Some(ReturnPathError::ReaderGone)))
             }
         }
     }
@@ -298,9 +332,7 @@ impl ReturnPath {
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => {
                 self.closed = true;
-                Some(ReturnEvent::Closed(Some(
-                    "return-path reader stopped".into(),
-                )))
+                Some(ReturnEvent::Closed(Some(ReturnPathError::ReaderGone)))
             }
         }
     }
@@ -316,7 +348,12 @@ impl Drop for ReturnPath {
     }
 }
 
-fn read_returns(mut s: Stream, vm_id: [u8; 16], page_count: u64, tx: mpsc::Sender<ReturnEvent>) {
+fn read_returns<C: Read>(
+    mut s: C,
+    vm_id: [u8; 16],
+    page_count: u64,
+    tx: mpsc::Sender<ReturnEvent>,
+) {
     let mut dec = ReturnDecoder::new(DecoderOptions {
         expected_vm: Some(vm_id),
         page_count: Some(page_count),
@@ -340,26 +377,25 @@ fn read_returns(mut s: Stream, vm_id: [u8; 16], page_count: u64, tx: mpsc::Sende
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(ReturnEvent::Closed(Some(format!("return path: {e}"))));
+                    let _ = tx.send(ReturnEvent::Closed(Some(ReturnPathError::Stream(e))));
                     return;
                 }
             }
         }
         match s.read(&mut chunk) {
             Ok(0) => {
+                // No verdict came (it would have ended the loop above).
                 let why = match dec.finish(&buf) {
-                    Ok(()) => None,
-                    Err(e) => Some(format!("return path: {e}")),
+                    Ok(()) => ReturnPathError::Closed,
+                    Err(e) => ReturnPathError::Stream(e),
                 };
-                let _ = tx.send(ReturnEvent::Closed(why));
+                let _ = tx.send(ReturnEvent::Closed(Some(why)));
                 return;
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                let _ = tx.send(ReturnEvent::Closed(Some(format!(
-                    "return path: reading: {e}"
-                ))));
+                let _ = tx.send(ReturnEvent::Closed(Some(ReturnPathError::Io(e))));
                 return;
             }
         }
