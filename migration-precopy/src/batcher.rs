@@ -259,9 +259,9 @@ mod tests {
         }
     }
 
-    /// A byte that changes and changes back (a lock word), re-sent in the last, partial
-    /// batch of a pass: the destination must end with the source's bytes whatever the
-    /// batch boundaries.
+    /// A byte that changes and changes back (a lock word), in a page re-sent once in a
+    /// full batch and once alone in the last, partial batch of a pass: the destination
+    /// must end with the source's bytes whatever the batch boundaries.
     #[test]
     fn partial_batches_of_resend_passes_keep_the_delta_cache_true() {
         let mem: GuestMemoryMmap =
@@ -271,34 +271,37 @@ mod tests {
         let mut dst = vec![vec![0u8; 4096]; 8];
         let mut deltas = 0;
         let mut src = [0u8; 4096];
-        for (pass, v) in [1u8, 2, 1, 2, 1].into_iter().enumerate() {
-            mem.write_slice(&[v; 64], GuestAddress(0)).unwrap();
-            mem.write_slice(&[9u8; 100], GuestAddress(5 * 4096))
-                .unwrap();
-            // Five pages: one full batch of four, then page 0 alone in the partial one.
+        mem.write_slice(&[7u8; 8 * 4096], GuestAddress(0)).unwrap();
+        for pass in 0..6 {
+            let word = if pass % 2 == 0 { 0xff } else { 0 };
+            mem.write_slice(&[word; 8], GuestAddress(64)).unwrap();
             let kind = if pass == 0 {
                 PassKind::Bulk
             } else {
                 PassKind::Resend
             };
+            // Page 0 with pages 1-3 (one full batch), or alone after pages 4-7.
+            let runs: &[std::ops::Range<usize>] = if pass % 2 == 0 {
+                &[0..4]
+            } else {
+                &[4..8, 0..1]
+            };
             let mut buf = BytesMut::new();
-            let mut rest = 4..8;
-            while !rest.is_empty() {
-                rest = b.queue(ram.layout(), rest);
-                if b.is_full() {
-                    deltas += b.encode(&ram, kind, &mut buf).unwrap().delta;
+            for run in runs {
+                let mut rest = run.clone();
+                while !rest.is_empty() {
+                    rest = b.queue(ram.layout(), rest);
+                    if b.is_full() {
+                        deltas += b.encode(&ram, kind, &mut buf).unwrap().delta;
+                    }
                 }
             }
-            assert_eq!(b.queue(ram.layout(), 0..1), 1..1);
             deltas += b.encode(&ram, kind, &mut buf).unwrap().delta;
             assert_eq!(b.pending_pages(), 0);
             apply(&buf, &mut dst);
-            for p in [0usize, 4, 5, 6, 7] {
-                mem.read_slice(&mut src, GuestAddress(p as u64 * 4096))
-                    .unwrap();
-                assert!(dst[p] == src, "page {p} differs after pass {pass}");
-            }
+            mem.read_slice(&mut src, GuestAddress(0)).unwrap();
+            assert!(dst[0] == src, "page 0 differs after pass {pass}");
         }
-        assert!(deltas >= 3, "re-sent pages went as deltas ({deltas})");
+        assert!(deltas >= 2, "re-sent pages went as deltas ({deltas})");
     }
 }
