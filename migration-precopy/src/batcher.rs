@@ -281,14 +281,14 @@ mod tests {
                 PassKind::Resend
             };
             // Page 0 with pages 1-3 (one full batch), or alone after pages 4-7.
-            let runs: &[std::ops::Range<usize>] = if pass % 2 == 0 {
-                &[0..4]
+            let runs: &[(usize, usize)] = if pass % 2 == 0 {
+                &[(0, 4)]
             } else {
-                &[4..8, 0..1]
+                &[(4, 8), (0, 1)]
             };
             let mut buf = BytesMut::new();
-            for run in runs {
-                let mut rest = run.clone();
+            for &(start, end) in runs {
+                let mut rest = start..end;
                 while !rest.is_empty() {
                     rest = b.queue(ram.layout(), rest);
                     if b.is_full() {

@@ -427,7 +427,8 @@ impl World {
                 let out = self.dst.take_transmit();
                 let ack = std::mem::take(&mut self.dst_acking);
                 // A broken connection carries nothing back either.
-                if !self.cut && !(self.faults.no_acks && ack) {
+                let dropped = self.faults.no_acks && ack;
+                if !self.cut && !dropped {
                     self.ret_wire.extend_from_slice(&out);
                 }
                 Some(DestinationEvent::Transmitted(Ok(())))
