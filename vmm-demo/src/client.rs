@@ -57,6 +57,9 @@ pub enum ClientError {
     /// The server answered with an error.
     #[error("{}", .0.desc)]
     Refused(ErrorReply),
+    /// The request could not be written as JSON.
+    #[error("encoding the request")]
+    Encode(#[source] serde_json::Error),
 }
 
 impl ClientError {
@@ -121,11 +124,7 @@ impl ControlClient {
         req: &Request,
         on_event: &mut dyn FnMut(&Event),
     ) -> Result<R, ClientError> {
-        let mut line = serde_json::to_string(req).map_err(|source| ClientError::BadAnswer {
-            path: self.path.clone(),
-            line: format!("{req:?}"),
-            source,
-        })?;
+        let mut line = serde_json::to_string(req).map_err(ClientError::Encode)?;
         line.push('\n');
         self.send_raw(&line)?;
         loop {

@@ -414,6 +414,23 @@ mod tests {
         assert_eq!(m.command(), "migrate");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn no_line_makes_the_request_parser_panic(line in proptest::prelude::any::<String>()) {
+            let _ = parse(&line);
+        }
+
+        #[test]
+        fn no_json_object_makes_the_request_parser_panic(
+            execute in "(migrate|quit|query-status|[a-z-]{0,12})",
+            key in "[a-z_]{0,20}",
+            value in "(null|true|-1|1e400|\\[\\]|\\{\\}|\"[a-z:0-9.]{0,12}\")",
+        ) {
+            let line = format!(r#"{{"execute":"{execute}","arguments":{{"to":"tcp:h:1","{key}":{value}}}}}"#);
+            let _ = parse(&line);
+        }
+    }
+
     #[test]
     fn bad_requests_are_classified() {
         let class = |l: &str| parse(l).unwrap_err().class;
