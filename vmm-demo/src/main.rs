@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use vmm_demo::cli::{DemoArgs, DestinationArgs, MigrateArgs, RunArgs};
 use vmm_demo::commands;
 use vmm_demo::error::{Error, chain};
+use vmm_demo::protocol::RunState;
 
 /// A demo VMM on KVM whose guest is its own oracle.
 ///
@@ -133,6 +134,15 @@ fn main() -> ExitCode {
                     );
                 }
                 fail("migrate", &e);
+                if let Error::Control(c) = &e {
+                    if let Some(RunState::Paused { reason }) =
+                        c.reply().and_then(|r| r.status.as_ref())
+                    {
+                        eprintln!(
+                            "vmm-demo migrate: the guest is PAUSED on the source, not running: {reason}"
+                        );
+                    }
+                }
                 ExitCode::FAILURE
             }
         },
