@@ -11,8 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use vmm_demo::commands::ControlClient;
+use serde_json::Value;
+use vmm_demo::cli::{MigrateOptions, parse_phase};
+use vmm_demo::protocol::{ErrorClass, Event, MigrateRequest, RunState, StatusReply};
+use vmm_demo::report::{DemoReport, DestinationReport, MigrationReport, RunReport};
+use vmm_demo::{ClientError, ControlClient, GuestKind, PAGE_SIZE};
 
 /// The `vmm-demo` binary of this build profile, built once per test run.
 fn bin() -> &'static Path {
@@ -91,7 +94,8 @@ fn reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String>
     })
 }
 
-fn demo(args: &[&str]) -> Value {
+/// Runs `vmm-demo demo --json`: its report, typed, and as the JSON scripts read.
+fn demo_json(args: &[&str]) -> (DemoReport, Value) {
     let out = Command::new(bin())
         .arg("demo")
         .args(args)
@@ -101,47 +105,83 @@ fn demo(args: &[&str]) -> Value {
         .output()
         .expect("running vmm-demo demo");
     let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("demo printed no JSON ({e}): {text}"))
+    let v: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("demo printed no JSON ({e}): {text}"));
+    let r: DemoReport = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("demo printed no report ({e}): {v:#}"));
+    assert_eq!(
+        out.status.success(),
+        r.verified,
+        "exit {:?} for {r:#?}",
+        out.status
+    );
+    (r, v)
+}
+
+fn demo(args: &[&str]) -> DemoReport {
+    demo_json(args).0
 }
 
 /// Checks a completed demo: verified, and the guest kept printing passes on the
-/// destination after the switchover.
-fn assert_migrated(v: &Value, guest: &str) {
-    assert_eq!(v["verified"], json!(true), "not verified: {v:#}");
-    assert_eq!(v["guest"], json!(guest), "{v:#}");
-    assert!(v["error"].is_null(), "{v:#}");
-    for k in [
-        "mode",
-        "mem_bytes",
-        "total_ms",
-        "downtime_ms",
-        "downtime_limit_ms",
-        "bytes_on_wire",
-        "pages",
-        "iterations",
-        "max_throttle_pct",
-    ] {
-        assert!(!v[k].is_null(), "report lacks {k}: {v:#}");
-    }
-    let switch = v["destination"]["passes_at_switchover"][0]
-        .as_u64()
-        .unwrap();
-    let first = v["destination_console"]["first_pass"]
-        .as_u64()
+/// destination after the switchover; the downtime is the engine's, the oracle checks
+/// apart.
+fn assert_migrated(r: &DemoReport, guest: GuestKind) {
+    assert!(r.verified, "not verified: {r:#?}");
+    assert_eq!(r.guest, Some(guest), "{r:#?}");
+    assert!(r.error.is_none(), "{r:#?}");
+    let m = r.migration.as_ref().expect("migration figures");
+    let d = r.destination.as_ref().expect("the destination's report");
+    let switch = d.passes_at_switchover[0];
+    let first = r
+        .destination_console
+        .first_pass
         .expect("the destination printed passes");
-    let last = v["destination_console"]["last_pass"].as_u64().unwrap();
+    let last = r.destination_console.last_pass.unwrap();
     assert!(
         first > switch.saturating_sub(1) && last > first,
         "passes printed on the destination: {first}..{last}, switchover at {switch}"
     );
-    assert_eq!(v["destination"]["hash_checked"], json!(true));
-    let pages = &v["pages"];
-    let total: u64 = ["zero", "raw", "zstd", "delta"]
-        .iter()
-        .map(|k| pages[k].as_u64().unwrap())
-        .sum();
-    assert!(total >= v["mem_bytes"].as_u64().unwrap() / 4096, "{pages}");
+    assert!(d.hash_checked);
+    assert!(m.pages.total() >= r.mem_bytes / PAGE_SIZE, "{:?}", m.pages);
+    // Hashing RAM and checking it takes time on both sides; the engine's pause is what
+    // is left of the guest's pause without it.
+    let c = m.oracle_checks;
+    assert!(
+        c.source_hash_ms > 0.0 && c.destination_check_ms > 0.0,
+        "{c:?}"
+    );
+    assert_eq!(c.destination_check_ms, d.verify_ms);
+    assert!(m.downtime_ms <= m.paused_with_checks_ms, "{m:?}");
+    assert!(
+        m.downtime_ms == 0.0
+            || (m.downtime_ms + c.total_ms() - m.paused_with_checks_ms).abs() < 1e-6,
+        "{m:?}"
+    );
+    assert_eq!(m.downtime_without_checks_ms, m.downtime_ms);
+}
+
+/// The fields `scripts/bench-precopy.sh` reads, under the names it reads them by.
+fn assert_has_script_fields(v: &Value) {
+    for k in [
+        "total_ms",
+        "downtime_ms",
+        "downtime_without_checks_ms",
+        "paused_with_checks_ms",
+        "bytes_on_wire",
+        "throughput_mb_s",
+        "iterations",
+        "verified",
+    ] {
+        assert!(!v[k].is_null(), "report lacks {k}: {v:#}");
+    }
+    assert!(v["oracle_checks"]["source_hash_ms"].is_number(), "{v:#}");
+    assert!(
+        v["oracle_checks"]["destination_check_ms"].is_number(),
+        "{v:#}"
+    );
+    assert!(v["destination"]["verify_ms"].is_number(), "{v:#}");
+    assert!(v["iteration_details"][0]["bytes"].is_number(), "{v:#}");
+    assert!(v["iteration_details"][0]["ms"].is_number(), "{v:#}");
 }
 
 #[test]
@@ -149,7 +189,7 @@ fn kvm_guest_over_tcp() {
     if !kvm_or_skip("kvm_guest_over_tcp") {
         return;
     }
-    let v = demo(&[
+    let (r, v) = demo_json(&[
         "--guest",
         "kvm",
         "--mem",
@@ -161,8 +201,9 @@ fn kvm_guest_over_tcp() {
         "--run-after",
         "500ms",
     ]);
-    assert_migrated(&v, "kvm");
-    assert_eq!(v["destination"]["placement"], json!("prefault"), "{v:#}");
+    assert_migrated(&r, GuestKind::Kvm);
+    assert_has_script_fields(&v);
+    assert_eq!(v["destination"]["placement"], "prefault", "{v:#}");
 }
 
 #[test]
@@ -186,12 +227,12 @@ fn kvm_guest_over_unix_socket() {
         "--run-after",
         "500ms",
     ]);
-    assert_migrated(&v, "kvm");
+    assert_migrated(&v, GuestKind::Kvm);
     // Falls back to prefaulting where userfaultfd is closed to us.
-    let placement = v["destination"]["placement"].as_str().unwrap_or_default();
+    let placement = v.destination.as_ref().unwrap().placement.as_str();
     if placement != "userfaultfd" {
         eprintln!("kvm_guest_over_unix_socket: userfaultfd not available, placed by {placement}");
-        assert_eq!(placement, "prefault", "{v:#}");
+        assert_eq!(placement, "prefault", "{v:#?}");
     }
 }
 
@@ -199,14 +240,14 @@ fn kvm_guest_over_unix_socket() {
 /// the oracle on both sides, with no pass to make.
 #[test]
 fn idle_guests_migrate_halted() {
-    let mut kinds = vec!["software"];
+    let mut kinds = vec![GuestKind::Software];
     if kvm_or_skip("idle_guests_migrate_halted (KVM half)") {
-        kinds.push("kvm");
+        kinds.push(GuestKind::Kvm);
     }
     for guest in kinds {
         let v = demo(&[
             "--guest",
-            guest,
+            guest.as_str(),
             "--mem",
             "32M",
             "--vcpus",
@@ -216,10 +257,11 @@ fn idle_guests_migrate_halted() {
             "--run-after",
             "200ms",
         ]);
-        assert_eq!(v["verified"], json!(true), "{v:#}");
-        assert_eq!(v["guest"], json!(guest));
-        assert_eq!(v["destination"]["passes_at_end"], json!([0, 0]), "{v:#}");
-        assert_eq!(v["destination"]["hash_checked"], json!(true), "{v:#}");
+        assert!(v.verified, "{v:#?}");
+        assert_eq!(v.guest, Some(guest));
+        let d = v.destination.as_ref().unwrap();
+        assert_eq!(d.passes_at_end, [0, 0], "{v:#?}");
+        assert!(d.hash_checked, "{v:#?}");
     }
 }
 
@@ -241,8 +283,8 @@ fn software_guest_over_tcp() {
         "--run-after",
         "500ms",
     ]);
-    assert_migrated(&v, "software");
-    assert_eq!(v["destination"]["placement"], json!("write"), "{v:#}");
+    assert_migrated(&v, GuestKind::Software);
+    assert_eq!(v.destination.as_ref().unwrap().placement.as_str(), "write");
 }
 
 #[test]
@@ -267,8 +309,8 @@ fn software_guest_over_unix_socket_with_zstd_delta_and_preallocated_ram() {
         "--run-after",
         "500ms",
     ]);
-    assert_migrated(&v, "software");
-    assert_eq!(v["destination"]["preallocated"], json!(true), "{v:#}");
+    assert_migrated(&v, GuestKind::Software);
+    assert!(v.destination.as_ref().unwrap().preallocated, "{v:#?}");
 }
 
 #[test]
@@ -290,8 +332,8 @@ fn a_guest_faster_than_the_link_fails_cleanly_at_its_limit() {
         "--run-after",
         "200ms",
     ]);
-    assert_eq!(v["verified"], json!(false), "{v:#}");
-    let e = v["error"].as_str().expect("an error");
+    assert!(!v.verified, "{v:#?}");
+    let e = v.error.as_deref().expect("an error");
     assert!(
         e.contains("did not converge") && e.contains("iteration limit"),
         "{e}"
@@ -301,12 +343,13 @@ fn a_guest_faster_than_the_link_fails_cleanly_at_its_limit() {
         "{e}"
     );
     // The guest stayed on the source and passes the oracle there.
-    assert_eq!(v["source"]["verified"], json!(true), "{v:#}");
-    assert_eq!(v["source"]["migrated"], json!(false));
-    assert_ne!(
-        v["destination"]["ran_guest"],
-        json!(true),
-        "a destination ran the guest: {v:#}"
+    let s = v.source.as_ref().expect("the source's report");
+    assert!(s.verified, "{v:#?}");
+    assert!(!s.migrated);
+    assert_eq!(s.status, RunState::Running);
+    assert!(
+        !v.destination.as_ref().is_some_and(|d| d.ran_guest),
+        "a destination ran the guest: {v:#?}"
     );
 }
 
@@ -331,10 +374,12 @@ fn auto_converge_throttles_a_fast_guest_until_it_fits() {
         "--run-after",
         "300ms",
     ]);
-    assert_eq!(v["verified"], json!(true), "{v:#}");
-    assert!(v["max_throttle_pct"].as_u64().unwrap() >= 20, "{v:#}");
-    let guest = v["guest"].as_str().unwrap().to_string();
-    assert_migrated(&v, &guest);
+    assert!(v.verified, "{v:#?}");
+    assert!(
+        v.migration.as_ref().unwrap().max_throttle_pct >= 20,
+        "{v:#?}"
+    );
+    assert_migrated(&v, v.guest.unwrap());
 }
 
 #[test]
@@ -355,14 +400,14 @@ fn an_unsafe_disk_setup_is_refused_unless_overridden() {
         "--run-after",
         "200ms",
     ]);
-    assert_eq!(v["verified"], json!(false), "{v:#}");
-    let e = v["error"].as_str().unwrap();
+    assert!(!v.verified, "{v:#?}");
+    let e = v.error.as_deref().unwrap();
     assert!(
         e.contains("refusing to migrate") && e.contains("unsafe") && e.contains("--unsafe"),
         "{e}"
     );
-    assert_eq!(v["source"]["verified"], json!(true));
-    assert_ne!(v["destination"]["ran_guest"], json!(true));
+    assert!(v.source.as_ref().unwrap().verified);
+    assert!(!v.destination.as_ref().is_some_and(|d| d.ran_guest));
 }
 
 /// A source (`run --control`) for the tests that drive the control socket themselves.
@@ -411,10 +456,8 @@ impl Source {
         s
     }
 
-    fn status(&mut self) -> Value {
-        self.ctl
-            .call(&json!({"execute": "query-status"}), &mut |_| {})
-            .unwrap()
+    fn status(&mut self) -> StatusReply {
+        self.ctl.query_status().unwrap()
     }
 
     /// Waits until vCPU 0 has done more than `n` passes and the VM runs; returns its count.
@@ -422,32 +465,42 @@ impl Source {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let st = self.status();
-            let p = st["passes"][0].as_u64().unwrap();
-            if p > n && st["status"] == json!("running") && st["paused"] == json!(false) {
+            let p = st.passes[0];
+            if p > n && st.state == RunState::Running && !st.paused {
                 return p;
             }
             assert!(
                 Instant::now() < deadline,
-                "the source guest does not run: {st}"
+                "the source guest does not run: {st:?}"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
 
-    fn migrate(&mut self, args: Value, on_event: &mut dyn FnMut(&Value)) -> Result<Value, String> {
-        self.ctl
-            .call(&json!({"execute": "migrate", "arguments": args}), on_event)
+    fn migrate(
+        &mut self,
+        to: &str,
+        options: MigrateOptions,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<MigrationReport, ClientError> {
+        self.ctl.migrate(
+            MigrateRequest {
+                to: to.to_string(),
+                options,
+            },
+            on_event,
+        )
     }
 
     /// Asks the source to stop and returns its run report (oracle on the source).
-    fn quit(mut self) -> Value {
-        self.ctl
-            .call(&json!({"execute": "quit"}), &mut |_| {})
-            .unwrap();
-        self.proc.wait(Duration::from_secs(60));
+    fn quit(mut self) -> RunReport {
+        self.ctl.quit().unwrap();
+        let st = self.proc.wait(Duration::from_secs(60));
         let out = self.out.take().unwrap().join().unwrap();
-        serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("run printed no JSON ({e}): {out}"))
+        let r: RunReport = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("run printed no report ({e}): {out}"));
+        assert_eq!(st.code(), Some(if r.verified { 0 } else { 2 }), "{r:#?}");
+        r
     }
 }
 
@@ -508,10 +561,12 @@ impl Destination {
     }
 
     /// Waits for the destination to exit and returns its report.
-    fn report(mut self) -> (std::process::ExitStatus, Value) {
+    fn report(mut self) -> (std::process::ExitStatus, DestinationReport) {
         let st = self.proc.wait(Duration::from_secs(60));
         let out = self.out.take().unwrap().join().unwrap();
-        (st, serde_json::from_str(out.trim()).unwrap_or(Value::Null))
+        let r = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("destination printed no report ({e}): {out}"));
+        (st, r)
     }
 }
 
@@ -522,8 +577,13 @@ fn destination_killed_mid_migration_leaves_the_guest_running_on_the_source() {
     let pid = dst.proc.child.id();
     let mut killed = false;
     // 5 MB/s for 32 MiB of random RAM: seconds of bulk copy; kill at the first progress.
-    let r = src.migrate(json!({"to": dst.addr, "bandwidth": 5_000_000}), &mut |e| {
-        if !killed && e["event"] == json!("progress") && e["pages_sent"].as_u64().unwrap_or(0) > 0 {
+    let options = MigrateOptions {
+        bandwidth: Some(5_000_000),
+        ..MigrateOptions::default()
+    };
+    let addr = dst.addr.clone();
+    let r = src.migrate(&addr, options, &mut |e| {
+        if !killed && matches!(e, Event::Progress { pages_sent, .. } if *pages_sent > 0) {
             killed = true;
             // Kill the destination by its PID, mid-stream.
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -531,13 +591,17 @@ fn destination_killed_mid_migration_leaves_the_guest_running_on_the_source() {
     });
     assert!(killed, "no progress event before the end: {r:?}");
     let e = r.expect_err("the migration must fail");
+    let reply = e.reply().expect("an error reply");
+    assert_eq!(reply.class, ErrorClass::MigrationFailed);
+    assert_eq!(reply.status, Some(RunState::Running), "{reply:?}");
+    let e = e.to_string();
     assert!(e.contains("connection") || e.contains("destination"), "{e}");
     dst.proc.kill();
     let p = src.wait_passes_beyond(0);
     src.wait_passes_beyond(p + 2);
     let report = src.quit();
-    assert_eq!(report["verified"], json!(true), "{report:#}");
-    assert_eq!(report["migrated"], json!(false));
+    assert!(report.verified, "{report:#?}");
+    assert!(!report.migrated);
 }
 
 #[test]
@@ -545,25 +609,85 @@ fn cancel_at_each_phase_resumes_the_source_and_no_destination_runs() {
     let mut src = Source::start(&[]);
     for phase in ["setup", "bulk-copy", "iterating", "stop-and-copy"] {
         let dst = Destination::start();
-        let r = src.migrate(json!({"to": dst.addr, "cancel_at": phase}), &mut |_| {});
-        let e = r.expect_err("cancelled");
+        let options = MigrateOptions {
+            cancel_at: Some(parse_phase(phase).unwrap()),
+            ..MigrateOptions::default()
+        };
+        let r = src.migrate(&dst.addr, options, &mut |_| {});
+        let e = r.expect_err("cancelled").to_string();
         assert!(
             e.contains(&format!("cancelled during {phase}")),
             "{phase}: {e}"
         );
         let (st, rep) = dst.report();
-        assert!(!st.success(), "{phase}: the destination succeeded: {rep}");
-        assert_ne!(
-            rep["ran_guest"],
-            json!(true),
-            "{phase}: the destination ran the guest: {rep}"
+        assert!(!st.success(), "{phase}: the destination succeeded: {rep:?}");
+        assert!(
+            !rep.ran_guest,
+            "{phase}: the destination ran the guest: {rep:?}"
         );
         let p = src.wait_passes_beyond(0);
         src.wait_passes_beyond(p + 1);
     }
     let report = src.quit();
-    assert_eq!(report["verified"], json!(true), "{report:#}");
-    assert_eq!(report["migrated"], json!(false));
+    assert!(report.verified, "{report:#?}");
+    assert!(!report.migrated);
+}
+
+/// A migration that fails after the engine paused the guest, on a source that then cannot
+/// resume it: the error reply, `query-status` and the final report say the guest is
+/// paused, with why; nothing claims it runs, and no destination ran it either.
+#[test]
+fn a_guest_the_engine_left_paused_is_reported_paused() {
+    let mut src = Source::start(&[]);
+    let dst = Destination::start();
+    let options = MigrateOptions {
+        cancel_at: Some(parse_phase("stop-and-copy").unwrap()),
+        refuse_resume: true,
+        ..MigrateOptions::default()
+    };
+    let e = src
+        .migrate(&dst.addr, options, &mut |_| {})
+        .expect_err("cancelled");
+    let reply = e.reply().expect("an error reply");
+    assert_eq!(reply.class, ErrorClass::MigrationFailed);
+    let Some(RunState::Paused { reason }) = &reply.status else {
+        panic!("the reply does not say the guest is paused: {reply:?}");
+    };
+    assert!(
+        reason.contains("cancelled during stop-and-copy") && reason.contains("refuse_resume"),
+        "{reason}"
+    );
+    let (st, rep) = dst.report();
+    assert!(!st.success(), "the destination succeeded: {rep:?}");
+    assert!(!rep.ran_guest, "the destination ran the guest: {rep:?}");
+
+    let st = src.status();
+    assert!(matches!(&st.state, RunState::Paused { .. }), "{st:?}");
+    assert!(st.paused, "every vCPU is parked: {st:?}");
+    // Paused, so no migration may start from there.
+    let again = src
+        .migrate("tcp:127.0.0.1:1", MigrateOptions::default(), &mut |_| {})
+        .expect_err("a second migration of a paused guest");
+    assert_eq!(again.reply().map(|r| r.class), Some(ErrorClass::WrongState));
+    assert_eq!(src.status().passes, st.passes, "a paused guest made a pass");
+
+    let report = src.quit();
+    assert!(!report.verified, "{report:#?}");
+    assert!(!report.migrated);
+    assert!(
+        matches!(&report.status, RunState::Paused { reason: r } if r == reason),
+        "{report:#?}"
+    );
+    assert!(
+        report
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("left paused"),
+        "{report:#?}"
+    );
+    // The oracle still judged the guest's RAM: the failed migration lost nothing.
+    assert!(report.oracle.is_some(), "{report:#?}");
 }
 
 #[test]
@@ -603,22 +727,26 @@ fn a_corrupted_byte_is_refused_naming_the_record_and_the_source_resumes() {
         let _ = b.join();
     });
     let e = src
-        .migrate(json!({"to": proxy_addr}), &mut |_| {})
-        .expect_err("must be refused");
+        .migrate(&proxy_addr, MigrateOptions::default(), &mut |_| {})
+        .expect_err("must be refused")
+        .to_string();
     assert!(
         e.contains("the destination failed") && e.contains("page batch") && e.contains("CRC"),
         "{e}"
     );
     let (st, rep) = dst.report();
     assert!(!st.success());
-    let de = rep["error"].as_str().unwrap_or_default();
-    assert!(de.contains("page batch") && de.contains("offset"), "{rep}");
-    assert_ne!(rep["ran_guest"], json!(true));
+    let de = rep.error.as_deref().unwrap_or_default();
+    assert!(
+        de.contains("page batch") && de.contains("offset"),
+        "{rep:?}"
+    );
+    assert!(!rep.ran_guest);
     t.join().unwrap();
     let p = src.wait_passes_beyond(0);
     src.wait_passes_beyond(p + 1);
     let report = src.quit();
-    assert_eq!(report["verified"], json!(true), "{report:#}");
+    assert!(report.verified, "{report:#?}");
 }
 
 #[test]
@@ -632,9 +760,9 @@ fn migrate_command_moves_a_running_guest() {
         .args(["--to", &dst.addr, "--json"])
         .output()
         .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(out.status.success(), "{v}");
-    assert_eq!(v["mode"], json!("precopy"));
+    let v: MigrationReport = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{v:?}");
+    assert_eq!(v.to, dst.addr);
     // Standard error is a pipe here, not a terminal: no progress bar, no pass lines.
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -642,13 +770,15 @@ fn migrate_command_moves_a_running_guest() {
         "progress output on a pipe: {err:?}"
     );
     let (st, rep) = dst.report();
-    assert!(st.success(), "{rep}");
-    assert_eq!(rep["verified"], json!(true));
+    assert!(st.success(), "{rep:?}");
+    assert!(rep.verified);
     let mut src = src;
     src.proc.wait(Duration::from_secs(30));
     let out = src.out.take().unwrap().join().unwrap();
-    let report: Value = serde_json::from_str(out.trim()).unwrap();
-    assert_eq!(report["migrated"], json!(true), "{report}");
+    let report: RunReport = serde_json::from_str(out.trim()).unwrap();
+    assert!(report.migrated, "{report:?}");
+    assert_eq!(report.status, RunState::Migrated);
+    assert_eq!(report.migration.as_ref(), Some(&v));
 }
 
 /// With standard error on a terminal, `migrate` draws a progress bar and prints a line per
@@ -711,8 +841,8 @@ fn migrate_command_draws_progress_on_a_terminal() {
         .unwrap();
     let st = child.wait().unwrap();
     let drawn = term.join().unwrap();
-    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert!(st.success(), "{v}");
+    let v: MigrationReport = serde_json::from_str(stdout.trim()).unwrap();
+    assert!(st.success(), "{v:?}");
     assert!(
         drawn.contains("pass 0:"),
         "no pass line on the terminal: {drawn:?}"
@@ -722,6 +852,6 @@ fn migrate_command_draws_progress_on_a_terminal() {
         "no progress bar on the terminal: {drawn:?}"
     );
     let (st, rep) = dst.report();
-    assert!(st.success(), "{rep}");
-    assert_eq!(rep["verified"], json!(true));
+    assert!(st.success(), "{rep:?}");
+    assert!(rep.verified);
 }

@@ -94,6 +94,7 @@ struct SourceVm {
     paused: bool,
     throttle: u8,
     fail_resume: bool,
+    fail_unthrottle: bool,
 }
 
 /// The destination VM double.
@@ -329,8 +330,15 @@ impl World {
             }
             SourceAction::SetThrottle(p) => {
                 self.svm.log.push(format!("throttle {p}"));
-                self.svm.throttle = p;
-                Some(SourceEvent::Throttled(Ok(())))
+                if p == 0 && self.svm.fail_unthrottle {
+                    Some(SourceEvent::Throttled(Err(VmError::new(
+                        VmOp::Throttle,
+                        "the throttle thread is gone",
+                    ))))
+                } else {
+                    self.svm.throttle = p;
+                    Some(SourceEvent::Throttled(Ok(())))
+                }
             }
             SourceAction::SaveDeviceState => {
                 self.svm.log.push("save".into());
@@ -867,6 +875,31 @@ fn a_resume_that_fails_is_reported_with_the_guest_paused() {
         }
         e => panic!("{e}"),
     }
+}
+
+#[test]
+fn a_throttle_that_cannot_be_lifted_is_reported_with_the_guest_running() {
+    let steps: Vec<Step> = (0..50)
+        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
+        .collect();
+    let o = SourceOptions {
+        auto_converge: true,
+        max_iterations: Some(6),
+        downtime_limit: Duration::from_nanos(1),
+        ..opts()
+    };
+    let mut w = World::new(o, steps);
+    w.svm.fail_unthrottle = true;
+    w.run();
+    let e = w.source_error();
+    assert!(e.guest_running(), "{e}");
+    match e {
+        SourceError::ThrottleNotLifted { error, .. } => {
+            assert!(matches!(*error, SourceError::NotConverged(_)))
+        }
+        e => panic!("{e}"),
+    }
+    assert!(!w.svm.paused);
 }
 
 #[test]

@@ -1,16 +1,160 @@
-//! Command-line pieces: the VM options every command shares, and `vmm-demo run`.
+//! The command line: the argument structs of every command and the value parsers they use.
+//! Parsing only; what the commands do is in [`crate::commands`].
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
-use migration_core::vm::VmControl;
-use serde::Serialize;
+use migration_core::stats::Phase;
+use migration_precopy::Placement;
+use migration_storage_policy::CacheMode;
+use serde::{Deserialize, Serialize};
 
-use crate::control::VcpuStats;
 use crate::layout::{Fill, VmConfig};
-use crate::oracle::VcpuVerdict;
-use crate::serial::Console;
-use crate::vm::{GuestKind, Vm, kvm_available};
+
+/// A command-line value that does not parse. Each names the input as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// Not a number with an optional unit.
+    #[error("{input:?} is not a size such as 64M (a whole number with an optional K, M or G)")]
+    NotASize {
+        /// The input.
+        input: String,
+    },
+    /// A size with a unit other than B, K, M, G (KB, KiB, ...).
+    #[error("{input:?}: unknown unit {unit:?} (use K, M or G)")]
+    SizeUnit {
+        /// The input.
+        input: String,
+        /// The unit found.
+        unit: String,
+    },
+    /// A size beyond 2^64 - 1 bytes.
+    #[error("{input:?} is larger than 2^64 - 1 bytes")]
+    SizeTooLarge {
+        /// The input.
+        input: String,
+    },
+    /// Not a non-negative decimal number with an optional unit.
+    #[error("{input:?} is not a duration such as 500ms, 5s, 1.5s or 2m")]
+    NotADuration {
+        /// The input.
+        input: String,
+    },
+    /// A duration beyond what `Duration` (or a count of milliseconds in a u64) holds.
+    #[error("{input:?} is too long a duration")]
+    DurationTooLong {
+        /// The input.
+        input: String,
+    },
+    /// Not the name of a migration phase.
+    #[error(
+        "{input:?} is not a migration phase (setup, bulk-copy, iterating, stop-and-copy, awaiting-verdict, ...)"
+    )]
+    Phase {
+        /// The input.
+        input: String,
+    },
+}
+
+/// Parses a byte size: a whole number with an optional binary suffix K, M, G (or KB, KiB,
+/// ...; any case), or B.
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
+    let t = s.trim();
+    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    // `digits` is a prefix of `t` cut at a char boundary (ASCII letters are one byte).
+    let unit = t.get(digits.len()..).unwrap_or_default();
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => {
+            return Err(ValueError::SizeUnit {
+                input: s.into(),
+                unit: unit.into(),
+            });
+        }
+    };
+    let digits = digits.trim();
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ValueError::NotASize { input: s.into() });
+    }
+    let too_large = || ValueError::SizeTooLarge { input: s.into() };
+    let n: u64 = digits.parse().map_err(|_| too_large())?;
+    n.checked_mul(1 << shift).ok_or_else(too_large)
+}
+
+/// Parses a duration: a non-negative decimal number (`5`, `1.5`, `.25`) with a unit `ms`,
+/// `s` or `m`; a plain number is seconds. Exact to the nanosecond (digits beyond are cut).
+pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
+    let t = s.trim();
+    let (num, unit_ns): (&str, u128) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1_000_000)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1_000_000_000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000_000_000)
+    } else {
+        (t, 1_000_000_000)
+    };
+    let not = || ValueError::NotADuration { input: s.into() };
+    let too_long = || ValueError::DurationTooLong { input: s.into() };
+    let num = num.trim();
+    let (int, frac) = num.split_once('.').unwrap_or((num, ""));
+    let all_digits = |d: &str| d.bytes().all(|b| b.is_ascii_digit());
+    if (int.is_empty() && frac.is_empty()) || !all_digits(int) || !all_digits(frac) {
+        return Err(not());
+    }
+    let whole: u128 = if int.is_empty() {
+        0
+    } else {
+        // Only digits: parsing fails on overflow alone.
+        int.parse().map_err(|_| too_long())?
+    };
+    let mut nanos = whole.checked_mul(unit_ns).ok_or_else(too_long)?;
+    // At most a minute per unit: 20 fraction digits are past nanosecond precision, and
+    // 10^20 * 6 * 10^10 stays far below u128::MAX.
+    let frac = frac.get(..frac.len().min(20)).unwrap_or_default();
+    if !frac.is_empty() {
+        let f: u128 = frac.parse().map_err(|_| not())?;
+        let scale = 10u128.pow(frac.len() as u32);
+        nanos = nanos
+            .checked_add(f * unit_ns / scale)
+            .ok_or_else(too_long)?;
+    }
+    let secs = u64::try_from(nanos / 1_000_000_000).map_err(|_| too_long())?;
+    Ok(Duration::new(secs, (nanos % 1_000_000_000) as u32))
+}
+
+/// Parses a duration (see [`parse_duration`]) into whole milliseconds.
+pub fn parse_ms(s: &str) -> Result<u64, ValueError> {
+    let d = parse_duration(s)?;
+    u64::try_from(d.as_millis()).map_err(|_| ValueError::DurationTooLong { input: s.into() })
+}
+
+/// Every phase, for parsing a phase from its name.
+const PHASES: [Phase; 11] = [
+    Phase::Setup,
+    Phase::StorageMirror,
+    Phase::BulkCopy,
+    Phase::Iterating,
+    Phase::StopAndCopy,
+    Phase::Postcopy,
+    Phase::PostcopyPaused,
+    Phase::AwaitingVerdict,
+    Phase::Completed,
+    Phase::Failed,
+    Phase::Cancelled,
+];
+
+/// Parses a migration phase from the name it displays as (`bulk-copy`, ...).
+pub fn parse_phase(s: &str) -> Result<Phase, ValueError> {
+    PHASES
+        .into_iter()
+        .find(|p| p.to_string() == s)
+        .ok_or_else(|| ValueError::Phase { input: s.into() })
+}
 
 /// Which guest to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,61 +167,21 @@ pub enum GuestChoice {
     Software,
 }
 
-impl GuestChoice {
-    /// The guest kind this choice gives on this machine.
-    pub fn resolve(self) -> Result<GuestKind, String> {
-        match self {
-            GuestChoice::Auto => Ok(GuestKind::best_available()),
-            GuestChoice::Software => Ok(GuestKind::Software),
-            GuestChoice::Kvm if kvm_available() => Ok(GuestKind::Kvm),
-            GuestChoice::Kvm => Err(
-                "--guest kvm: /dev/kvm is missing or not usable (use --guest software or auto)"
-                    .into(),
-            ),
-        }
-    }
+/// Transport of the demo's migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    /// TCP on 127.0.0.1.
+    Tcp,
+    /// A unix socket.
+    Unix,
 }
 
-/// Parses a byte size: a number with an optional binary suffix K, M, G (or KiB, MiB, GiB).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &t[digits.len()..];
-    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size such as 64M"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// Parses a duration: a number with a unit ms, s or m (plain numbers are seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (t, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s or 2m"))?;
-    if !(v.is_finite() && v >= 0.0) {
-        return Err(format!("{s:?} is not a non-negative duration"));
-    }
-    Ok(Duration::from_secs_f64(v * scale))
+/// The name clap knows a value by, to pass it on to another process.
+fn value_name(v: &impl ValueEnum) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_string())
+        .unwrap_or_default()
 }
 
 /// The options that shape a VM, shared by every command that makes one.
@@ -114,23 +218,14 @@ pub struct VmArgs {
 impl VmArgs {
     /// These options as command-line arguments, to start another process with the same VM.
     pub fn to_args(&self) -> Vec<String> {
-        let guest = match self.guest {
-            GuestChoice::Auto => "auto",
-            GuestChoice::Kvm => "kvm",
-            GuestChoice::Software => "software",
-        };
-        let fill = match self.fill {
-            Fill::Zero => "zero",
-            Fill::Random => "random",
-        };
         [
             ("--mem", self.mem.to_string()),
             ("--ram-regions", self.ram_regions.to_string()),
             ("--vcpus", self.vcpus.to_string()),
             ("--working-set", self.working_set.to_string()),
-            ("--fill", fill.to_string()),
+            ("--fill", value_name(&self.fill)),
             ("--seed", self.seed.to_string()),
-            ("--guest", guest.to_string()),
+            ("--guest", value_name(&self.guest)),
             ("--software-page-ns", self.software_page_ns.to_string()),
         ]
         .into_iter()
@@ -176,241 +271,309 @@ pub struct RunArgs {
     /// Do not show the guest's console output.
     #[arg(long)]
     pub quiet: bool,
-    /// Serve the control socket (line-based JSON; see `vmm-demo migrate`) at `unix:PATH`.
-    /// Without --duration or --passes the guest then runs until it is migrated away or
-    /// asked to quit.
+    /// Serve the control socket (line-based JSON; see `vmm-demo migrate`) at `unix:PATH`
+    /// (or PATH). Without --duration or --passes the guest then runs until it is migrated
+    /// away or asked to quit.
     #[arg(long)]
     pub control: Option<String>,
     /// A disk image the VM is given, checked by the storage policy before a migration;
     /// repeatable.
     #[arg(long)]
     pub disk: Vec<String>,
-    /// Cache mode of the disks (none, directsync, writethrough, writeback, unsafe).
+    /// Cache mode of the disks (QEMU's names; QEMU's default writeback when absent).
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheMode>,
+}
+
+/// How to migrate: the options a QEMU user would expect, with the same defaults. Also the
+/// arguments of the control socket's `migrate` (as JSON, every field optional).
+#[derive(Debug, Clone, Args, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MigrateOptions {
+    /// Longest acceptable pause of the guest (e.g. 300ms).
+    #[arg(long = "downtime-limit", value_parser = parse_ms, default_value = "300ms")]
+    pub downtime_limit_ms: u64,
+    /// Cap on the migration stream, bytes per second (K, M, G suffixes). Default: none.
+    #[arg(long, value_parser = parse_size)]
+    pub bandwidth: Option<u64>,
+    /// Compress pages with zstd at this level (1 when given without a value).
+    #[arg(long, num_args = 0..=1, default_missing_value = "1")]
+    pub zstd: Option<i32>,
+    /// Send re-sent pages as deltas against a cache of their previous copies, of this size.
+    #[arg(long, value_parser = parse_size)]
+    pub delta_cache: Option<u64>,
+    /// Throttle the vCPUs when the guest dirties memory faster than the link carries it.
     #[arg(long)]
-    pub cache: Option<String>,
+    pub auto_converge: bool,
+    /// Give up after this many passes over dirty pages.
+    #[arg(long)]
+    pub max_iterations: Option<u32>,
+    /// Give up after this long iterating (e.g. 10s).
+    #[arg(long = "max-time", value_parser = parse_ms)]
+    pub max_time_ms: Option<u64>,
+    /// Migrate even if the storage-policy check finds the disk setup unsafe.
+    #[arg(long = "unsafe")]
+    pub unsafe_storage: bool,
+    /// No oracle check at switchover: the source sends no RAM hash and the destination
+    /// checks the guest only after it ran (keeps both checks out of the guest's pause).
+    #[arg(long)]
+    pub no_hash_check: bool,
+    /// Diagnostics: cancel the migration as soon as it enters this phase (setup,
+    /// bulk-copy, iterating, stop-and-copy, awaiting-verdict).
+    #[arg(long, hide = true, value_parser = parse_phase)]
+    #[serde(with = "crate::names::phase_opt")]
+    pub cancel_at: Option<Phase>,
+    /// Diagnostics: the source refuses to resume the guest after a failed migration, as a
+    /// VMM whose vCPUs cannot run again would; the guest stays paused there.
+    #[arg(long, hide = true)]
+    pub refuse_resume: bool,
 }
 
-/// What `vmm-demo run` reports.
-#[derive(Debug, Clone, Serialize)]
-pub struct RunReport {
-    /// Always `"run"`.
-    pub mode: &'static str,
-    /// `"kvm"` or `"software"`.
-    pub guest: GuestKind,
-    /// Guest RAM in bytes.
-    pub mem_bytes: u64,
-    /// RAM regions.
-    pub ram_regions: u32,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Working set in bytes.
-    pub working_set_bytes: u64,
-    /// Initial content of the rest of RAM.
-    pub fill: Fill,
-    /// Wall time from resume to pause, in milliseconds.
-    pub total_ms: f64,
-    /// Passes each vCPU completed.
-    pub passes: Vec<u64>,
-    /// Passes per second of each vCPU.
-    pub pass_rate_per_s: Vec<f64>,
-    /// Working-set pages incremented per second, all vCPUs together.
-    pub pages_per_s: f64,
-    /// The throttle that was in force.
-    pub throttle_pct: u8,
-    /// Per vCPU run, throttle and exit counters.
-    pub vcpu_stats: Vec<VcpuStats>,
-    /// Console lines the guest printed, and those the console dropped.
-    pub console_lines: u64,
-    /// Console lines not shown because the terminal was slower than the guest.
-    pub console_dropped: u64,
-    /// Hash of all guest RAM at the end, in hex.
-    pub ram_hash: String,
-    /// The oracle's view of each vCPU, when it passed.
-    pub oracle: Option<Vec<VcpuVerdict>>,
-    /// What the oracle or a vCPU found wrong.
-    pub error: Option<String>,
-    /// True only if the oracle checks passed and no vCPU failed.
-    pub verified: bool,
-    /// The guest was migrated away (this VM stayed paused since the switchover).
-    pub migrated: bool,
-    /// The migration's report, when it was.
-    pub migration: Option<crate::migration::MigrationReport>,
-}
-
-impl std::fmt::Display for RunReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "{} guest, {} MiB RAM, {} vCPU(s), working set {} KiB, ran {:.0} ms{}",
-            self.guest,
-            self.mem_bytes >> 20,
-            self.vcpus,
-            self.working_set_bytes >> 10,
-            self.total_ms,
-            if self.throttle_pct > 0 {
-                format!(", throttled {} %", self.throttle_pct)
-            } else {
-                String::new()
-            }
-        )?;
-        for (i, (p, r)) in self.passes.iter().zip(&self.pass_rate_per_s).enumerate() {
-            writeln!(f, "  vcpu{i}: {p} passes, {r:.1} passes/s")?;
-        }
-        writeln!(
-            f,
-            "  {:.0} pages/s dirtied, RAM hash {}",
-            self.pages_per_s, self.ram_hash
-        )?;
-        match &self.error {
-            None => write!(
-                f,
-                "verified: every page holds pass N or N+1 of its vCPU, the rest of RAM is intact"
-            ),
-            Some(e) => write!(f, "NOT verified: {e}"),
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        MigrateOptions {
+            downtime_limit_ms: 300,
+            bandwidth: None,
+            zstd: None,
+            delta_cache: None,
+            auto_converge: false,
+            max_iterations: None,
+            max_time_ms: None,
+            unsafe_storage: false,
+            no_hash_check: false,
+            cancel_at: None,
+            refuse_resume: false,
         }
     }
 }
 
-/// Runs `vmm-demo run`.
-pub fn run(args: &RunArgs) -> Result<RunReport, String> {
-    let kind = args.vm.guest.resolve()?;
-    let config = args.vm.config();
-    let console = if args.quiet {
-        Console::Discard
-    } else if args.json {
-        Console::Stderr
-    } else {
-        Console::Stdout
-    };
-    let mut vm = Vm::new(&config, kind, console).map_err(|e| e.to_string())?;
-    vm.set_software_pace(Duration::from_nanos(args.vm.software_page_ns));
-    vm.set_throttle(args.throttle).map_err(|e| e.to_string())?;
-    let control = crate::commands::ControlState::new();
-    if let Some(path) = &args.control {
-        let addr: migration_core::transport::Address = if path.starts_with("unix:") {
-            path.parse().map_err(|e| format!("--control: {e}"))?
-        } else {
-            migration_core::transport::Address::Unix(path.into())
-        };
-        let disks = args
-            .disk
-            .iter()
-            .map(|p| crate::migration::DiskArg {
-                path: p.clone(),
-                cache: args.cache.clone(),
-            })
-            .collect();
-        crate::commands::serve_control(&addr, vm.handle(), disks, control.clone())
-            .map_err(|e| format!("--control: {e}"))?;
-    }
-    let start = Instant::now();
-    vm.resume().map_err(|e| e.to_string())?;
-    let mut error = None;
-    let until = match (args.duration, args.passes, &args.control) {
-        (Some(d), _, _) => Some(start + d),
-        (None, None, None) => Some(start + Duration::from_secs(5)),
-        _ => None,
-    };
-    let passes_deadline = start + args.timeout;
-    use crate::commands::RunStatus;
-    loop {
-        match control.status() {
-            RunStatus::Migrated => break,
-            RunStatus::Migrating => {
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-            RunStatus::Running => {}
-        }
-        if control.quit_requested() || !vm.failures().is_empty() {
-            break;
-        }
-        if until.is_some_and(|u| Instant::now() >= u) {
-            break;
-        }
-        if let Some(n) = args.passes {
-            if vm.passes().iter().all(|&p| p >= n) {
-                break;
-            }
-            if Instant::now() >= passes_deadline {
-                error = Some(format!(
-                    "after {:?} the vCPUs are at passes {:?}, not yet {n}",
-                    args.timeout,
-                    vm.passes()
-                ));
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    vm.pause().map_err(|e| e.to_string())?;
-    let elapsed = start.elapsed();
-    let failures = vm.failures();
-    if !failures.is_empty() {
-        error = Some(failures.join("; "));
-    }
-    let passes = vm.passes();
-    let verdict = vm.check();
-    let oracle = match verdict {
-        Ok(r) => Some(r.vcpus),
-        Err(e) => {
-            error.get_or_insert(format!("oracle: {e}"));
-            None
-        }
-    };
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    let w = vm.workload();
-    let pages: f64 = (0..config.vcpus)
-        .map(|i| passes[i as usize] as f64 * w.share(i).len() as f64)
-        .sum();
-    let (console_lines, console_dropped) = vm.console_lines();
-    Ok(RunReport {
-        mode: "run",
-        guest: kind,
-        mem_bytes: config.mem_bytes,
-        ram_regions: config.ram_regions,
-        vcpus: config.vcpus,
-        working_set_bytes: config.working_set_bytes,
-        fill: config.fill,
-        total_ms: secs * 1e3,
-        pass_rate_per_s: passes.iter().map(|&p| p as f64 / secs).collect(),
-        passes,
-        pages_per_s: pages / secs,
-        throttle_pct: args.throttle,
-        vcpu_stats: vm.vcpu_stats(),
-        console_lines,
-        console_dropped,
-        ram_hash: format!("{:016x}", vm.ram_hash().map_err(|e| e.to_string())?),
-        verified: error.is_none(),
-        oracle,
-        error,
-        migrated: control.status() == RunStatus::Migrated,
-        migration: control
-            .last_migration
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-    })
+/// `vmm-demo migrate`: ask a running `vmm-demo run --control` to migrate its guest.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The control socket of the source (`unix:PATH` or PATH).
+    #[arg(long)]
+    pub control: String,
+    /// Where the destination listens (`tcp:HOST:PORT` or `unix:PATH`).
+    #[arg(long)]
+    pub to: String,
+    /// Migration options.
+    #[command(flatten)]
+    pub options: MigrateOptions,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `vmm-demo destination`: wait for one incoming migration, check it, run the guest.
+#[derive(Debug, Clone, Args)]
+pub struct DestinationArgs {
+    /// Address to listen on (`tcp:HOST:PORT`, port 0 for any, or `unix:PATH`).
+    #[arg(long)]
+    pub listen: String,
+    /// After the switchover, run the guest this long, then pause, check and report.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub run_for: Duration,
+    /// Instead of --run-for: run until every vCPU did this many more passes.
+    #[arg(long)]
+    pub passes: Option<u64>,
+    /// Give up when no migration byte arrives for this long.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// How received pages go into guest RAM not touched yet: write, prefault or
+    /// userfaultfd (falls back to prefault where userfaultfd is not available).
+    #[arg(long, default_value_t = Placement::Prefault)]
+    pub placement: Placement,
+    /// Allocate and populate this much guest RAM before listening (QEMU's `-mem-prealloc`),
+    /// laid out in `--prealloc-regions` regions; used if the incoming VM has that RAM.
+    #[arg(long, value_parser = parse_size)]
+    pub prealloc: Option<u64>,
+    /// Regions of the preallocated RAM.
+    #[arg(long, default_value_t = 1, requires = "prealloc")]
+    pub prealloc_regions: u32,
+    /// Print the report as one JSON object (the guest console goes to standard error).
+    #[arg(long)]
+    pub json: bool,
+    /// Do not show the guest console.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `vmm-demo demo`: source and destination as two processes on this host, migrate, verify.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// The VM.
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Migration options.
+    #[command(flatten)]
+    pub options: MigrateOptions,
+    /// Transport between the two processes.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp)]
+    pub transport: TransportKind,
+    /// How the destination puts received pages into guest RAM it has not touched yet:
+    /// write, prefault or userfaultfd.
+    #[arg(long, default_value_t = Placement::Prefault)]
+    pub placement: Placement,
+    /// Start the destination with its guest RAM allocated and populated beforehand
+    /// (`destination --prealloc`, QEMU's `-mem-prealloc`).
+    #[arg(long)]
+    pub dst_prealloc: bool,
+    /// A disk image the VM is given (for the storage-policy check); repeatable.
+    #[arg(long)]
+    pub disk: Vec<String>,
+    /// Cache mode of the disks (QEMU's names; QEMU's default writeback when absent).
+    #[arg(long, value_enum)]
+    pub cache: Option<CacheMode>,
+    /// Let the guest run this long on the source before migrating.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub run_before: Duration,
+    /// Let the guest run this long on the destination after the switchover.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub run_after: Duration,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
-    fn sizes_and_durations_parse() {
+    fn sizes_parse() {
         assert_eq!(parse_size("64M"), Ok(64 << 20));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("512k"), Ok(512 << 10));
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999G").is_err());
+        assert_eq!(parse_size(" 7 B "), Ok(7));
+        assert!(matches!(
+            parse_size("12X"),
+            Err(ValueError::SizeUnit { unit, .. }) if unit == "X"
+        ));
+        assert!(matches!(parse_size("M"), Err(ValueError::NotASize { .. })));
+        assert!(matches!(
+            parse_size("-1M"),
+            Err(ValueError::NotASize { .. })
+        ));
+        assert!(matches!(parse_size("+1"), Err(ValueError::NotASize { .. })));
+        assert!(matches!(
+            parse_size("99999999999G"),
+            Err(ValueError::SizeTooLarge { .. })
+        ));
+        assert!(matches!(
+            parse_size("99999999999999999999999"),
+            Err(ValueError::SizeTooLarge { .. })
+        ));
+        let e = parse_size("lots").unwrap_err().to_string();
+        assert!(e.contains("\"lots\""), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("-1s").is_err());
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration(".25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("3ms"), Ok(Duration::from_millis(3)));
+        assert_eq!(parse_duration("0.000000001s"), Ok(Duration::from_nanos(1)));
+        assert!(matches!(
+            parse_duration("-1s"),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert!(matches!(
+            parse_duration("soon"),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert!(matches!(
+            parse_duration("."),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert!(matches!(
+            parse_duration("1e300s"),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert!(matches!(
+            parse_duration("inf"),
+            Err(ValueError::NotADuration { .. })
+        ));
+        assert!(matches!(
+            parse_duration("99999999999999999999999999m"),
+            Err(ValueError::DurationTooLong { .. })
+        ));
+        assert!(matches!(
+            parse_ms("18446744073709551615s"),
+            Err(ValueError::DurationTooLong { .. })
+        ));
+        let e = parse_duration("1e300s").unwrap_err().to_string();
+        assert!(e.contains("\"1e300s\""), "{e}");
+    }
+
+    #[test]
+    fn phases_parse_by_their_names() {
+        for p in PHASES {
+            assert_eq!(parse_phase(&p.to_string()), Ok(p));
+        }
+        assert!(parse_phase("nowhere").is_err());
+    }
+
+    #[test]
+    fn vm_args_pass_on_to_another_process() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            vm: VmArgs,
+        }
+        let p = P::parse_from([
+            "x", "--mem", "32M", "--guest", "software", "--fill", "zero", "--vcpus", "3",
+        ]);
+        let again = P::parse_from(std::iter::once("x".to_string()).chain(p.vm.to_args()));
+        assert_eq!(again.vm.config(), p.vm.config());
+        assert_eq!(again.vm.guest, GuestChoice::Software);
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(s in any::<String>()) {
+            let _ = parse_size(&s);
+            let _ = parse_duration(&s);
+            let _ = parse_ms(&s);
+            let _ = parse_phase(&s);
+        }
+
+        #[test]
+        fn parsers_never_panic_on_number_like_strings(s in "[0-9.eE+-]{0,40}(ms|s|m|k|K|M|G|GiB|B|X)?") {
+            let _ = parse_size(&s);
+            let _ = parse_duration(&s);
+            let _ = parse_ms(&s);
+        }
+
+        #[test]
+        fn sizes_round_trip(n in any::<u64>(), unit in 0usize..4, lower in any::<bool>()) {
+            let (suffix, shift) = [("", 0u32), ("K", 10), ("M", 20), ("G", 30)][unit];
+            let suffix = if lower { suffix.to_lowercase() } else { suffix.to_string() };
+            let got = parse_size(&format!("{n}{suffix}"));
+            match n.checked_mul(1 << shift) {
+                Some(v) => prop_assert_eq!(got, Ok(v)),
+                None => prop_assert!(
+                    matches!(got, Err(ValueError::SizeTooLarge { .. })),
+                    "{:?}",
+                    got
+                ),
+            }
+        }
+
+        #[test]
+        fn durations_round_trip(secs in any::<u64>(), nanos in 0u32..1_000_000_000, ms in any::<u64>()) {
+            let d = Duration::new(secs, nanos);
+            prop_assert_eq!(parse_duration(&format!("{secs}.{nanos:09}s")), Ok(d));
+            prop_assert_eq!(parse_duration(&format!("{secs}.{nanos:09}")), Ok(d));
+            prop_assert_eq!(parse_duration(&format!("{ms}ms")), Ok(Duration::from_millis(ms)));
+            prop_assert_eq!(parse_ms(&format!("{ms}ms")), Ok(ms));
+            let minutes = secs / 60;
+            prop_assert_eq!(parse_duration(&format!("{minutes}m")), Ok(Duration::from_secs(minutes * 60)));
+        }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How long a vCPU runs between two looks at the throttle (QEMU's CPU_THROTTLE_TIMESLICE).
 pub const TIMESLICE: Duration = Duration::from_millis(10);
@@ -64,7 +64,7 @@ pub(crate) struct VcpuCounters {
 }
 
 /// One vCPU's counters, as reported.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuStats {
     /// Nanoseconds the vCPU spent running guest code (KVM_RUN, or the software loop).
     pub run_ns: u64,

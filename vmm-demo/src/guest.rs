@@ -12,9 +12,10 @@
 //!
 //! The software vCPU ([`crate::software`]) does the same thing step for step from Rust.
 
+use migration_core::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{self, PAGE_SIZE, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
+use crate::layout::{self, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
 
 /// The serial port the guest prints on.
 pub const SERIAL_PORT: u16 = 0x3f8;

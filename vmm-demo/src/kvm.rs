@@ -531,7 +531,7 @@ fn enter_long_mode(fd: &VcpuFd, index: u32) -> Result<(), KvmError> {
         rip: layout::CODE_ADDR,
         rflags: 0x2,
         rsi: cb,
-        rsp: cb + layout::PAGE_SIZE,
+        rsp: cb + migration_core::PAGE_SIZE,
         ..Default::default()
     };
     ctx(fd.set_regs(&regs), what("setting registers"))?;

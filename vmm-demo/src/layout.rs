@@ -19,11 +19,10 @@
 
 use std::ops::Range;
 
+use migration_core::PAGE_SIZE;
 use migration_core::layout::{LayoutError, RamLayout};
 use serde::{Deserialize, Serialize};
 
-/// The page size the guest walks and the VMM tracks.
-pub const PAGE_SIZE: u64 = 4096;
 /// Guest-physical address of the GDT.
 pub const GDT_ADDR: u64 = 0x1000;
 /// Guest-physical address of the PML4 (CR3).
@@ -429,8 +428,8 @@ mod tests {
 
     #[test]
     fn random_fill_is_deterministic_and_address_dependent() {
-        let mut a = [0u8; 4096];
-        let mut b = [0u8; 4096];
+        let mut a = [0u8; PAGE_SIZE as usize];
+        let mut b = [0u8; PAGE_SIZE as usize];
         fill_page(Fill::Random, 1, 0x20_0000, &mut a);
         fill_page(Fill::Random, 1, 0x20_0000, &mut b);
         assert_eq!(a, b);

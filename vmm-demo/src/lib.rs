@@ -1,38 +1,45 @@
-//! # vmm-demo
+#![doc = include_str!("../README.md")]
 //!
-//! A small VMM on KVM whose guest is its own oracle, built to be live-migrated.
+//! # Modules
 //!
-//! The guest ([`guest`]) runs in 64-bit long mode on one or more vCPUs. Each vCPU walks
-//! its share of a working set of pages forever, adding one to a counter in every page,
-//! and prints `"vcpuN pass P"` on the serial port after each pass. Whatever happens to the
-//! VM (paused, throttled, saved and restored, migrated), [`oracle::check`] can tell from
-//! RAM alone whether a single increment was lost or invented, and whether any other byte
-//! changed. Where `/dev/kvm` is missing a software vCPU ([`GuestKind::Software`]) does the
-//! same work over the same RAM.
-//!
-//! [`Vm`] is what a migration engine drives: it implements
-//! [`VmControl`](migration_core::vm::VmControl) and hands out guest RAM, its KVM memory
-//! slots and host mappings for dirty tracking, and the oracle.
+//! - the VM: [`vm`] ([`Vm`], [`VmHandle`], [`MachineInfo`]), [`kvm`] and [`software`]
+//!   (the two kinds of vCPU), [`control`] (pause, resume, throttle), [`serial`], [`state`]
+//!   (device-state blobs), [`layout`] and [`guest`] (what is where in guest RAM, and the
+//!   guest program), [`oracle`] (does RAM hold what the workload can have written?);
+//! - migration: [`migration`] (the pre-copy engine wired to the VM: [`migration::source`]
+//!   and [`migration::destination`]);
+//! - the program: [`cli`] (arguments), [`commands`] (one module per command), [`protocol`]
+//!   and [`client`] (the control socket), [`report`] (what the commands print), [`error`].
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod control;
+pub mod error;
 pub mod guest;
 pub mod kvm;
 pub mod layout;
 pub mod migration;
+mod names;
 pub mod oracle;
+pub mod protocol;
+pub mod report;
 pub mod serial;
 pub mod software;
 pub mod state;
 pub mod vm;
 
+pub use client::{ClientError, ControlClient};
 pub use control::VcpuStats;
+pub use error::Error;
 pub use layout::{Fill, VmConfig, Workload};
+/// The guest page size: the one migration-core numbers pages in, and the one the guest
+/// walks.
+pub use migration_core::PAGE_SIZE;
 pub use oracle::{OracleError, OracleReport};
 pub use serial::{Console, ConsoleLine};
 pub use vm::{
-    GuestKind, HostRange, MachineInfo, MemorySlot, PreallocatedRam, Vm, VmHandle, VmmError,
-    kvm_available,
+    GuestKind, MachineError, MachineInfo, MemorySlot, PreallocatedRam, Vm, VmHandle, VmmError,
+    WaitError, kvm_available,
 };

@@ -4,8 +4,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm_demo::cli::{self, RunArgs};
-use vmm_demo::commands::{self, DemoArgs, DestinationArgs, MigrateArgs};
+use vmm_demo::cli::{DemoArgs, DestinationArgs, MigrateArgs, RunArgs};
+use vmm_demo::commands;
+use vmm_demo::error::{Error, chain};
+use vmm_demo::protocol::RunState;
 
 /// A demo VMM on KVM whose guest is its own oracle.
 ///
@@ -24,7 +26,8 @@ struct Cli {
 enum Command {
     /// Run a guest for a duration or a number of passes (or, with --control, until it is
     /// migrated away), then pause it, run the oracle and print a summary. Exits with 0
-    /// when verified, 2 when the oracle failed.
+    /// when verified, 2 when not (the oracle failed, or a failed migration left the guest
+    /// paused).
     Run(RunArgs),
     /// Wait for one incoming migration, check the guest before running it (oracle and RAM
     /// hash against the source's), run it for a while, check again and report. Exits with
@@ -32,24 +35,36 @@ enum Command {
     Destination(DestinationArgs),
     /// Ask a running `vmm-demo run --control unix:PATH` to migrate its guest to a
     /// destination. Exits with 0 when the destination runs the guest, 1 otherwise (the
-    /// guest then runs on the source).
+    /// guest then runs on the source, unless the error says it was left paused).
     Migrate(MigrateArgs),
     /// Start a source and a destination as two processes on this host, migrate the guest
     /// from one to the other, verify it and print a summary.
     Demo(DemoArgs),
 }
 
-fn print_json(v: &impl serde::Serialize, what: &str) -> bool {
+/// Prints `v` as one JSON line; false (and why on standard error) if it cannot be.
+fn print_json(v: &impl serde::Serialize, command: &str) -> bool {
     match serde_json::to_string(v) {
         Ok(j) => {
             println!("{j}");
             true
         }
         Err(e) => {
-            eprintln!("vmm-demo {what}: encoding the report: {e}");
+            fail(command, &Error::Json(e));
             false
         }
     }
+}
+
+fn fail(command: &str, e: &dyn std::error::Error) {
+    eprintln!("vmm-demo {command}: {}", chain(e));
+}
+
+/// With `--json`, what a command that failed prints instead of its report.
+#[derive(serde::Serialize)]
+struct Failed {
+    error: String,
+    verified: bool,
 }
 
 fn main() -> ExitCode {
@@ -61,7 +76,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run(args) => match cli::run(&args) {
+        Command::Run(args) => match commands::run::run(&args) {
             Ok(report) => {
                 if args.json {
                     if !print_json(&report, "run") {
@@ -69,12 +84,6 @@ fn main() -> ExitCode {
                     }
                 } else {
                     println!("{report}");
-                    if let Some(m) = &report.migration {
-                        println!(
-                            "migrated to {}: the guest runs there; this copy stayed paused ({:.0} ms, downtime {:.1} ms)",
-                            m.to, m.total_ms, m.downtime_ms
-                        );
-                    }
                 }
                 if report.verified {
                     ExitCode::SUCCESS
@@ -83,36 +92,16 @@ fn main() -> ExitCode {
                 }
             }
             Err(e) => {
-                eprintln!("vmm-demo run: {e}");
+                fail("run", &e);
                 ExitCode::FAILURE
             }
         },
         Command::Destination(args) => {
-            let report = commands::destination_command(&args);
+            let report = commands::destination::destination(&args);
             if args.json {
                 print_json(&report, "destination");
             } else {
-                match &report.error {
-                    None => println!(
-                        "destination: {} guest verified at switchover (oracle{}) and after running: passes {:?} -> {:?}",
-                        report.guest.as_deref().unwrap_or("?"),
-                        if report.hash_checked {
-                            " and RAM hash"
-                        } else {
-                            ""
-                        },
-                        report.passes_at_switchover,
-                        report.passes_at_end
-                    ),
-                    Some(e) => println!(
-                        "destination: {}: {e}",
-                        if report.ran_guest {
-                            "NOT verified"
-                        } else {
-                            "migration refused, the guest was not run here"
-                        }
-                    ),
-                }
+                println!("{report}");
             }
             if let Some(e) = &report.error {
                 eprintln!("vmm-demo destination: {e}");
@@ -123,38 +112,50 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Migrate(args) => match commands::migrate_command(&args) {
-            Ok(v) => {
+        Command::Migrate(args) => match commands::migrate::migrate(&args) {
+            Ok(report) => {
                 if args.json {
-                    println!("{v}");
+                    if !print_json(&report, "migrate") {
+                        return ExitCode::FAILURE;
+                    }
                 } else {
-                    println!(
-                        "migrated to {}: {:.0} ms, downtime {:.1} ms, {} bytes on the wire, {} passes",
-                        args.to,
-                        v["total_ms"].as_f64().unwrap_or(0.0),
-                        v["downtime_ms"].as_f64().unwrap_or(0.0),
-                        v["bytes_on_wire"],
-                        v["iterations"]
-                    );
+                    println!("{report}");
                 }
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 if args.json {
-                    println!("{}", serde_json::json!({"error": e}));
+                    print_json(
+                        &Failed {
+                            error: chain(&e),
+                            verified: false,
+                        },
+                        "migrate",
+                    );
                 }
-                eprintln!("vmm-demo migrate: {e}");
+                fail("migrate", &e);
+                if let Error::Control(c) = &e {
+                    if let Some(RunState::Paused { reason }) =
+                        c.reply().and_then(|r| r.status.as_ref())
+                    {
+                        eprintln!(
+                            "vmm-demo migrate: the guest is PAUSED on the source, not running: {reason}"
+                        );
+                    }
+                }
                 ExitCode::FAILURE
             }
         },
-        Command::Demo(args) => match commands::demo_command(&args) {
-            Ok(v) => {
+        Command::Demo(args) => match commands::demo::demo(&args) {
+            Ok(report) => {
                 if args.json {
-                    println!("{v}");
+                    if !print_json(&report, "demo") {
+                        return ExitCode::FAILURE;
+                    }
                 } else {
-                    println!("{}", commands::demo_summary(&v));
+                    println!("{report}");
                 }
-                if v["verified"].as_bool() == Some(true) {
+                if report.verified {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::FAILURE
@@ -162,9 +163,15 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 if args.json {
-                    println!("{}", serde_json::json!({"error": e, "verified": false}));
+                    print_json(
+                        &Failed {
+                            error: chain(&e),
+                            verified: false,
+                        },
+                        "demo",
+                    );
                 }
-                eprintln!("vmm-demo demo: {e}");
+                fail("demo", &e);
                 ExitCode::FAILURE
             }
         },

@@ -15,12 +15,14 @@
 //! with the destination's. Both read through volatile copies; call them with the vCPUs
 //! paused (or not yet started) for a meaningful answer.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::guest::{self, GDT, PROGRAM, pte};
-use crate::layout::{self, COUNTER_OFFSET, PAGE_SIZE, Workload};
+use migration_core::PAGE_SIZE;
+
+use crate::layout::{self, COUNTER_OFFSET, Workload};
 
 /// What the oracle found wrong. Each names the page (guest-physical address) and, where
 /// one is concerned, the vCPU.
@@ -128,7 +130,7 @@ pub enum OracleError {
 }
 
 /// One vCPU's verdict.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VcpuVerdict {
     /// Passes the vCPU completed.
     pub pass: u64,
@@ -580,7 +582,7 @@ mod tests {
         bump(&mem, layout::PD_ADDR + 8 * 3, (pte::A | pte::D) as i64);
         check(&mem, &w).unwrap();
         let cb = layout::control_block_addr(1) + layout::control_block::SEGMENTS;
-        bump(&mem, cb, 4096);
+        bump(&mem, cb, PAGE_SIZE as i64);
         assert!(matches!(
             check(&mem, &w),
             Err(OracleError::ControlBlock { vcpu: 1, .. })

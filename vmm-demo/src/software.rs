@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use migration_core::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::control::{Parked, RunControl, TIMESLICE, VcpuCounters};
-use crate::layout::{self, COUNTER_OFFSET, PAGE_SIZE, Workload, control_block as cb};
+use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb};
 use crate::serial::Serial;
 use crate::state::SoftPosition;
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use migration_core::RamLayout;
+use migration_core::dirty::HostRange;
 use migration_core::vm::{DeviceState, VmControl, VmError, VmOp};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -79,21 +80,29 @@ pub enum VmmError {
     #[error("VM configuration: {0}")]
     Config(#[from] ConfigError),
     /// Guest RAM could not be mapped.
-    #[error("mapping {bytes} bytes of guest RAM: {message}")]
+    #[error("mapping {bytes} bytes of guest RAM")]
     Memory {
         /// Bytes asked for.
         bytes: u64,
         /// What vm-memory said.
-        message: String,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// Guest RAM could not be populated beforehand.
+    #[error("populating {bytes} bytes of guest RAM")]
+    Populate {
+        /// Bytes asked for.
+        bytes: u64,
+        /// What `madvise` said.
+        source: std::io::Error,
     },
     /// The initial RAM image could not be written.
-    #[error("writing the initial RAM image: {0}")]
-    Image(String),
+    #[error("writing the initial RAM image")]
+    Image(#[source] vm_memory::GuestMemoryError),
     /// A KVM call failed.
     #[error(transparent)]
     Kvm(#[from] KvmError),
     /// A thread could not be started.
-    #[error("starting thread {name}: {source}")]
+    #[error("starting thread {name}")]
     Thread {
         /// The thread.
         name: String,
@@ -105,15 +114,44 @@ pub enum VmmError {
     Start(String),
 }
 
-/// A host mapping of guest RAM: what a dirty tracker without KVM watches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HostRange {
-    /// Guest-physical address of the first byte.
-    pub guest_base: u64,
-    /// Length in bytes.
-    pub size: u64,
-    /// Host virtual address of the first byte.
-    pub host_addr: u64,
+/// The `machine` blob does not describe a VM.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MachineError {
+    /// Larger than any machine description.
+    #[error("machine description of {len} bytes is too large (at most {MAX_MACHINE_BLOB})")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+    },
+    /// Not the JSON of a [`MachineInfo`].
+    #[error("not a machine description")]
+    Json(#[source] serde_json::Error),
+    /// No `machine` blob among the device states.
+    #[error("no machine blob among the device states")]
+    Missing,
+}
+
+/// Largest `machine` blob parsed.
+pub const MAX_MACHINE_BLOB: usize = 64 << 10;
+
+/// The vCPUs did not reach a pass count.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// vCPUs stopped for good.
+    #[error("vCPUs failed: {}", .0.join("; "))]
+    VcpuFailed(Vec<String>),
+    /// Time ran out.
+    #[error("after {timeout:?} the vCPUs are at passes {passes:?}, not yet {wanted}")]
+    Timeout {
+        /// How long was waited.
+        timeout: Duration,
+        /// Where the vCPUs are.
+        passes: Vec<u64>,
+        /// What was waited for.
+        wanted: u64,
+    },
 }
 
 /// What a VM is: its guest kind and configuration. The content of the `machine` blob
@@ -131,26 +169,24 @@ pub struct MachineInfo {
 impl MachineInfo {
     /// The JSON bytes of the `machine` blob.
     pub fn to_bytes(&self) -> Vec<u8> {
+        // A struct of numbers and unit enums: serializing it cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Parses the `machine` blob, bounded to 64 KiB.
-    pub fn from_bytes(b: &[u8]) -> Result<MachineInfo, String> {
-        if b.len() > 64 << 10 {
-            return Err(format!(
-                "machine description of {} bytes is too large",
-                b.len()
-            ));
+    /// Parses the `machine` blob, bounded to [`MAX_MACHINE_BLOB`] bytes.
+    pub fn from_bytes(b: &[u8]) -> Result<MachineInfo, MachineError> {
+        if b.len() > MAX_MACHINE_BLOB {
+            return Err(MachineError::TooLarge { len: b.len() });
         }
-        serde_json::from_slice(b).map_err(|e| format!("not a machine description: {e}"))
+        serde_json::from_slice(b).map_err(MachineError::Json)
     }
 
     /// Finds and parses the `machine` blob among saved states.
-    pub fn from_states(states: &[DeviceState]) -> Result<MachineInfo, String> {
+    pub fn from_states(states: &[DeviceState]) -> Result<MachineInfo, MachineError> {
         let blob = states
             .iter()
             .find(|s| s.id == state::MACHINE_ID)
-            .ok_or("no machine blob among the device states")?;
+            .ok_or(MachineError::Missing)?;
         Self::from_bytes(&blob.data)
     }
 }
@@ -179,10 +215,7 @@ fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmErro
         .iter()
         .map(|&(b, s)| (GuestAddress(b), s as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmmError::Memory {
-        bytes,
-        message: e.to_string(),
-    })
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory { bytes, source })
 }
 
 /// Guest RAM allocated and populated before an incoming migration, as QEMU's
@@ -228,9 +261,9 @@ impl PreallocatedRam {
                 )
             };
             if rc != 0 {
-                return Err(VmmError::Memory {
+                return Err(VmmError::Populate {
                     bytes: mem_bytes,
-                    message: format!("populating guest RAM: {}", std::io::Error::last_os_error()),
+                    source: std::io::Error::last_os_error(),
                 });
             }
         }
@@ -308,8 +341,7 @@ impl Vm {
             None => alloc_ram(&workload, config.mem_bytes)?,
         };
         if !incoming {
-            crate::guest::write_image(&mem, &workload)
-                .map_err(|e| VmmError::Image(e.to_string()))?;
+            crate::guest::write_image(&mem, &workload).map_err(VmmError::Image)?;
         }
         let machine = match kind {
             GuestKind::Kvm => Machine::Kvm(KvmMachine::create(&mem, &workload, !incoming)?),
@@ -566,8 +598,8 @@ impl Inner {
             return Err(err(missing.0, "missing from the saved state".into()));
         }
         let blobs: Vec<&DeviceState> = by_id.into_iter().flatten().collect();
-        let machine =
-            MachineInfo::from_bytes(&blobs[0].data).map_err(|e| err(state::MACHINE_ID, e))?;
+        let machine = MachineInfo::from_bytes(&blobs[0].data)
+            .map_err(|e| VmError::new(VmOp::LoadState, e).for_device(state::MACHINE_ID))?;
         if machine != self.machine_blob() {
             return Err(err(
                 state::MACHINE_ID,
@@ -679,18 +711,21 @@ macro_rules! accessors {
                 }
             }
 
-            /// The host mappings of guest RAM, one per region, ascending.
+            /// The host mappings of guest RAM, one per region, ascending, in the form a
+            /// dirty tracker without KVM takes them
+            /// ([`UffdWpTracker::new`](migration_core::dirty::UffdWpTracker::new)).
             pub fn host_ranges(&self) -> Vec<HostRange> {
+                let layout = &self.inner.layout;
                 self.inner
                     .mem
                     .iter()
-                    .map(|r| HostRange {
-                        guest_base: r.start_addr().0,
-                        size: r.len(),
-                        host_addr: r
-                            .get_host_address(vm_memory::MemoryRegionAddress(0))
-                            .map(|p| p as u64)
-                            .unwrap_or(0),
+                    .filter_map(|r| {
+                        Some(HostRange {
+                            host_addr: r.get_host_address(vm_memory::MemoryRegionAddress(0)).ok()?
+                                as usize,
+                            len: usize::try_from(r.len()).ok()?,
+                            first_page: layout.gpa_to_page(r.start_addr().0)?,
+                        })
                     })
                     .collect()
             }
@@ -749,7 +784,7 @@ macro_rules! accessors {
                 &self,
                 passes: u64,
                 timeout: Duration,
-            ) -> Result<Vec<u64>, String> {
+            ) -> Result<Vec<u64>, WaitError> {
                 let deadline = Instant::now() + timeout;
                 loop {
                     let p = self.passes();
@@ -758,12 +793,14 @@ macro_rules! accessors {
                     }
                     let f = self.failures();
                     if !f.is_empty() {
-                        return Err(f.join("; "));
+                        return Err(WaitError::VcpuFailed(f));
                     }
                     if Instant::now() >= deadline {
-                        return Err(format!(
-                            "after {timeout:?} the vCPUs are at passes {p:?}, not yet {passes}"
-                        ));
+                        return Err(WaitError::Timeout {
+                            timeout,
+                            passes: p,
+                            wanted: passes,
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -818,9 +855,9 @@ mod tests {
                     seed,
                 },
             };
-            prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()), Ok(m.clone()));
+            prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()).unwrap(), m.clone());
             let states = vec![DeviceState::new(state::MACHINE_ID, BLOB_VERSION, m.to_bytes())];
-            prop_assert_eq!(MachineInfo::from_states(&states), Ok(m));
+            prop_assert_eq!(MachineInfo::from_states(&states).unwrap(), m);
         }
 
         #[test]
@@ -832,11 +869,10 @@ mod tests {
     #[test]
     fn oversized_machine_info_is_refused_before_parsing() {
         let big = vec![b' '; (64 << 10) + 1];
-        assert!(
-            MachineInfo::from_bytes(&big)
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(matches!(
+            MachineInfo::from_bytes(&big),
+            Err(MachineError::TooLarge { len }) if len == big.len()
+        ));
         assert!(MachineInfo::from_states(&[]).is_err());
     }
 }

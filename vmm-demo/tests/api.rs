@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::small_config;
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use migration_core::PAGE_SIZE;
 use migration_core::geometry::GuestRam;
 use migration_core::vm::VmControl;
-use vmm_demo::layout::PAGE_SIZE;
 use vmm_demo::{Console, GuestKind, Vm};
 
 #[test]
@@ -23,19 +23,27 @@ fn ram_layout_and_host_ranges_describe_guest_memory() {
         let ranges = vm.host_ranges();
         assert_eq!(ranges.len(), vm.workload().regions().len());
         for (r, &(base, size)) in ranges.iter().zip(vm.workload().regions()) {
-            assert_eq!((r.guest_base, r.size), (base, size));
+            assert_eq!(r.len as u64, size);
             let page = vm.ram_layout().gpa_to_page(base).unwrap();
-            assert_eq!(r.host_addr, ram.host_address(page).unwrap() as u64);
+            assert_eq!(r.first_page, page);
+            assert_eq!(r.host_addr, ram.host_address(page).unwrap() as usize);
         }
+        // They are what a tracker without KVM takes.
+        migration_core::dirty::UffdWpTracker::new(
+            vm.ram_layout(),
+            &ranges,
+            migration_core::dirty::UffdWpConfig::default(),
+        )
+        .unwrap();
         match kind {
             GuestKind::Kvm => {
                 assert!(vm.vm_fd().is_some());
                 let slots = vm.memory_slots();
                 assert_eq!(slots.len(), ranges.len());
-                for (s, r) in slots.iter().zip(&ranges) {
+                for ((s, r), &(base, _)) in slots.iter().zip(&ranges).zip(vm.workload().regions()) {
                     assert_eq!(
                         (s.guest_base, s.size, s.host_addr),
-                        (r.guest_base, r.size, r.host_addr)
+                        (base, r.len as u64, r.host_addr as u64)
                     );
                     assert_eq!(s.flags, 0);
                 }

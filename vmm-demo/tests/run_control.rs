@@ -205,7 +205,7 @@ fn a_broken_guest_is_reported_and_does_not_block_a_pause() {
 #[test]
 fn software_pace_sets_a_floor_on_time_per_page() {
     let cfg = VmConfig {
-        working_set_bytes: 64 * 4096,
+        working_set_bytes: 64 * vmm_demo::PAGE_SIZE,
         ..small_config(1)
     };
     let mut vm = Vm::new(&cfg, GuestKind::Software, Console::Discard).unwrap();

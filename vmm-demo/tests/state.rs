@@ -340,7 +340,7 @@ fn ping_pong(kind: GuestKind) {
     use vmm_demo::ConsoleLine;
 
     let cfg = VmConfig {
-        working_set_bytes: 64 * 4096,
+        working_set_bytes: 64 * vmm_demo::PAGE_SIZE,
         ..small_config(2)
     };
     let lines = Arc::new(Mutex::new(Vec::<ConsoleLine>::new()));

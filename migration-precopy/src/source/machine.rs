@@ -272,7 +272,9 @@ pub struct SourceMachine {
     /// A wait for an acknowledgement ran out once: do not wait again (a destination that
     /// does not acknowledge must not keep the migration from ending).
     ack_wait_expired: bool,
-    /// Set when the VMM could not lift the throttle or resume on the failure path.
+    /// Set when the VMM could not lift the throttle on the failure path.
+    throttle_error: Option<VmError>,
+    /// Set when the VMM could not resume the guest on the failure path.
     resume_error: Option<VmError>,
     /// The stream header and config record are still to be written.
     setup_pending: bool,
@@ -328,6 +330,7 @@ impl SourceMachine {
             cancelled: false,
             acked: None,
             ack_wait_expired: false,
+            throttle_error: None,
             resume_error: None,
             setup_pending: true,
             handover: None,
@@ -688,7 +691,7 @@ impl SourceMachine {
                 ) => {
                     match r {
                         Ok(()) => self.throttle = 0,
-                        Err(e) => self.resume_error = Some(e),
+                        Err(e) => self.throttle_error = Some(e),
                     }
                     self.set_fail_step(FailStep::Resume);
                 }
@@ -1115,12 +1118,17 @@ impl SourceMachine {
             Phase::Failed
         };
         self.set_phase(phase);
-        let error = match self.resume_error.take() {
-            Some(resume) => SourceError::ResumeFailed {
+        let error = match (self.resume_error.take(), self.throttle_error.take()) {
+            // Paused is what matters most: the guest runs nowhere.
+            (Some(resume), _) => SourceError::ResumeFailed {
                 error: Box::new(error),
                 resume,
             },
-            None => error,
+            (None, Some(throttle)) => SourceError::ThrottleNotLifted {
+                error: Box::new(error),
+                throttle,
+            },
+            (None, None) => error,
         };
         self.result = Some(SourceResult::Failed(error));
     }

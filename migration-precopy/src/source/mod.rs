@@ -228,6 +228,15 @@ pub enum SourceError {
         /// Why the resume failed.
         resume: VmError,
     },
+    /// The migration failed and the guest runs on the source again, but the auto-converge
+    /// throttle could not be lifted: the vCPUs still run throttled.
+    #[error("{error}; the guest runs on the source, but lifting its throttle failed: {throttle}")]
+    ThrottleNotLifted {
+        /// Why the migration failed.
+        error: Box<SourceError>,
+        /// Why lifting the throttle failed.
+        throttle: VmError,
+    },
 }
 
 impl SourceError {

@@ -1,0 +1,309 @@
+//! `vmm-demo demo`: a source (`run --control`) and a destination (`destination`) as two
+//! processes on this host; migrate the guest from one to the other, verify, report.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use super::destination::LISTENING;
+use super::progress::Progress;
+use crate::cli::{DemoArgs, TransportKind};
+use crate::client::ControlClient;
+use crate::error::{Error, chain};
+use crate::protocol::MigrateRequest;
+use crate::report::{ConsoleSummary, DemoMigration, DemoReport, MigrationMode};
+
+/// Kills and reaps a child process on drop, by its PID.
+struct ChildGuard(Child);
+
+impl ChildGuard {
+    fn wait_timeout(&mut self, t: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + t;
+        loop {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Removes the demo's scratch directory on drop.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn read_all_thread<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// A child's `--json` report, or why there is none.
+fn child_report<T: DeserializeOwned>(
+    out: std::thread::JoinHandle<String>,
+    who: &'static str,
+) -> Result<T, Error> {
+    let text = out.join().unwrap_or_default();
+    serde_json::from_str(text.trim()).map_err(|source| Error::ChildReport {
+        who,
+        text: text.trim().chars().take(200).collect(),
+        source,
+    })
+}
+
+fn spawn(cmd: &mut Command, what: &'static str) -> Result<ChildGuard, Error> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(ChildGuard)
+        .map_err(|source| Error::Child { what, source })
+}
+
+/// Runs `vmm-demo demo`. A migration that failed is in the report; an error is returned
+/// only when the demo could not get that far (a process that would not start).
+pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
+    let exe = std::env::current_exe().map_err(|source| Error::Child {
+        what: "finding this program to start its processes",
+        source,
+    })?;
+    let dir = std::env::temp_dir().join(format!(
+        "vmm-demo-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).map_err(|source| Error::File {
+        what: "creating",
+        path: dir.clone(),
+        source,
+    })?;
+    let _cleanup = DirGuard(dir.clone());
+    let control = dir.join("control.sock");
+    let listen = match a.transport {
+        TransportKind::Tcp => "tcp:127.0.0.1:0".to_string(),
+        TransportKind::Unix => format!("unix:{}", dir.join("migration.sock").display()),
+    };
+
+    let mut cmd = Command::new(&exe);
+    cmd.args(["destination", "--listen", &listen, "--json", "--run-for"])
+        .arg(format!("{}ms", a.run_after.as_millis()))
+        .args(["--placement", a.placement.as_str()]);
+    if a.dst_prealloc {
+        cmd.arg("--prealloc")
+            .arg(a.vm.mem.to_string())
+            .arg("--prealloc-regions")
+            .arg(a.vm.ram_regions.to_string());
+    }
+    let mut dst = spawn(&mut cmd, "starting the destination")?;
+    let dst_out = read_all_thread(
+        dst.0
+            .stdout
+            .take()
+            .ok_or(Error::ChildGone("the destination has no standard output"))?,
+    );
+    let mut dst_err = BufReader::new(
+        dst.0
+            .stderr
+            .take()
+            .ok_or(Error::ChildGone("the destination has no standard error"))?,
+    );
+    let mut line = String::new();
+    let to = loop {
+        line.clear();
+        let n = dst_err
+            .read_line(&mut line)
+            .map_err(|source| Error::Child {
+                what: "reading the destination's standard error",
+                source,
+            })?;
+        if n == 0 {
+            return Err(Error::ChildGone("the destination exited before listening"));
+        }
+        if let Some(addr) = line.trim().strip_prefix(LISTENING) {
+            break addr.to_string();
+        }
+    };
+    let dst_err = read_all_thread(dst_err);
+
+    let mut cmd = Command::new(&exe);
+    cmd.arg("run").args(a.vm.to_args()).args([
+        "--control",
+        &format!("unix:{}", control.display()),
+        "--json",
+        "--quiet",
+    ]);
+    for d in &a.disk {
+        cmd.args(["--disk", d]);
+    }
+    if let Some(c) = a.cache {
+        cmd.args(["--cache", c.as_str()]);
+    }
+    let mut src = spawn(&mut cmd, "starting the source")?;
+    let src_out = read_all_thread(
+        src.0
+            .stdout
+            .take()
+            .ok_or(Error::ChildGone("the source has no standard output"))?,
+    );
+    let src_err = read_all_thread(
+        src.0
+            .stderr
+            .take()
+            .ok_or(Error::ChildGone("the source has no standard error"))?,
+    );
+
+    let mut c = ControlClient::connect(&control, Duration::from_secs(30))?;
+    // Let the guest run before migrating: wait for a first pass (an idle guest makes
+    // none), then the given time.
+    let wait = Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
+    if a.vm.working_set != 0 {
+        loop {
+            let st = c.query_status()?;
+            if !st.passes.is_empty() && st.passes.iter().all(|&p| p >= 1) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NoFirstPass {
+                    secs: wait.as_secs(),
+                    status: format!("{}, passes {:?}", st.state, st.passes),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    std::thread::sleep(a.run_before);
+    let p = Progress::new();
+    let mig = c.migrate(
+        MigrateRequest {
+            to,
+            options: a.options.clone(),
+        },
+        &mut |e| p.event(e),
+    );
+    p.finish();
+    if mig.is_err() {
+        // The guest is on the source again (running or left paused): stop it there and
+        // collect its verdict. A source that does not answer is reported by its exit.
+        let _ = c.quit();
+    }
+    let source_exit = src.wait_timeout(Duration::from_secs(60));
+    let destination_exit = match &mig {
+        Ok(_) => dst.wait_timeout(Duration::from_secs(120)),
+        // A destination whose migration failed exits by itself; do not wait long.
+        Err(_) => dst.wait_timeout(Duration::from_secs(10)),
+    };
+    drop(src);
+    drop(dst);
+    let source = child_report(src_out, "source");
+    let destination = child_report(dst_out, "destination");
+    let src_err = src_err.join().unwrap_or_default();
+    let dst_all = dst_err.join().unwrap_or_default();
+    let dst_err: Vec<&str> = dst_all.lines().filter(|l| !l.starts_with("vcpu")).collect();
+    // The destination's console (its standard error, with --json): the passes the guest
+    // printed there after the switchover.
+    let console: Vec<u64> = dst_all
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("vcpu0 pass "))
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let cfg = a.vm.config();
+    let mut out = DemoReport {
+        mode: MigrationMode::Precopy,
+        guest: None,
+        transport: a.transport,
+        mem_bytes: cfg.mem_bytes,
+        vcpus: cfg.vcpus,
+        working_set_bytes: cfg.working_set_bytes,
+        fill: cfg.fill,
+        downtime_limit_ms: a.options.downtime_limit_ms,
+        migration: None,
+        verified: false,
+        error: None,
+        source_exit: source_exit.map(|s| s.to_string()),
+        destination_exit: destination_exit.map(|s| s.to_string()),
+        source: None,
+        destination: None,
+        destination_console: ConsoleSummary {
+            vcpu0_pass_lines: console.len(),
+            first_pass: console.first().copied(),
+            last_pass: console.last().copied(),
+        },
+    };
+    // A missing report is a problem of its own only after a completed migration: after a
+    // failed one, a destination that was never connected is killed before it reports.
+    let mut missing = Vec::new();
+    match source {
+        Ok(s) => out.source = Some(s),
+        Err(e) => missing.push(chain(&e)),
+    }
+    match destination {
+        Ok(d) => out.destination = Some(d),
+        Err(e) => missing.push(chain(&e)),
+    }
+    let mut problems = Vec::new();
+    out.guest = out.source.as_ref().map(|s| s.guest);
+    match mig {
+        Ok(m) => {
+            out.guest = Some(m.guest);
+            let check_ms = out.destination.as_ref().map_or(0.0, |d| d.verify_ms);
+            out.migration = Some(DemoMigration::new(&m, check_ms));
+            let dst_ok = out.destination.as_ref().is_some_and(|d| {
+                // Without the switchover check (--no-hash-check) the destination's oracle
+                // after running is what remains.
+                d.verified && (a.options.no_hash_check || d.hash_checked)
+            });
+            let src_ok = out.source.as_ref().is_some_and(|s| s.migrated);
+            out.verified = dst_ok && src_ok;
+            problems.append(&mut missing);
+            if !out.verified {
+                let dst_error = out
+                    .destination
+                    .as_ref()
+                    .and_then(|d| d.error.clone())
+                    .unwrap_or_default();
+                problems.insert(
+                    0,
+                    format!(
+                        "verification failed; destination: {dst_error}; source stderr: {}; destination stderr: {}",
+                        src_err.trim(),
+                        dst_err.join("\n").trim()
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            for m in &missing {
+                tracing::debug!("{m}");
+            }
+            problems.insert(0, chain(&e));
+        }
+    }
+    if !problems.is_empty() {
+        out.verified = false;
+        out.error = Some(problems.join("; "));
+    }
+    Ok(out)
+}

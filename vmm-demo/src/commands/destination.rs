@@ -1,0 +1,139 @@
+//! `vmm-demo destination`: wait for one incoming migration, check the guest before running
+//! it, run it for a while, check again and report.
+
+use std::time::Duration;
+
+use migration_core::transport::{Address, Listener};
+use migration_core::vm::VmControl;
+use migration_precopy::Placement;
+
+use crate::cli::DestinationArgs;
+use crate::error::{Error, chain};
+use crate::migration::destination::{self, ReceiveOptions};
+use crate::report::DestinationReport;
+use crate::vm::{PreallocatedRam, Vm};
+
+/// The line on standard error that says where the destination listens (the demo and the
+/// tests wait for it).
+pub const LISTENING: &str = "vmm-demo destination: listening on ";
+
+/// Runs `vmm-demo destination`. Failures are in the report, which always comes back.
+pub fn destination(a: &DestinationArgs) -> DestinationReport {
+    let mut rep = DestinationReport::new(a.placement);
+    if let Err(e) = receive_and_run(a, &mut rep) {
+        rep.error = Some(chain(&e));
+        rep.verified = false;
+    }
+    rep
+}
+
+fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(), Error> {
+    let addr: Address = a.listen.parse().map_err(|source| Error::Address {
+        option: "--listen",
+        source,
+    })?;
+    let prealloc = a
+        .prealloc
+        .map(|bytes| PreallocatedRam::new(bytes, a.prealloc_regions))
+        .transpose()
+        .map_err(Error::Prealloc)?;
+    let listen_err = |what| {
+        let address = a.listen.clone();
+        move |source| Error::Listen {
+            what,
+            address,
+            source,
+        }
+    };
+    let listener = Listener::bind(&addr).map_err(listen_err("listening on"))?;
+    let local = listener
+        .local_address()
+        .map_err(listen_err("reading the address of"))?;
+    eprintln!("{LISTENING}{local}");
+    let stream = listener
+        .accept()
+        .map_err(listen_err("accepting a migration on"))?;
+    drop(listener);
+    let accepted = destination::accept(
+        stream,
+        &ReceiveOptions {
+            idle_timeout: a.idle_timeout,
+            // Preallocated RAM has every page in place already: nothing to fault in or
+            // place (UFFDIO_COPY would fail on each page and fall back to a copy).
+            placement: if prealloc.is_some() {
+                Placement::Write
+            } else {
+                a.placement
+            },
+        },
+    )?;
+    let info = accepted.machine().clone();
+    rep.guest = Some(info.guest);
+    rep.mem_bytes = info.config.mem_bytes;
+    let console = super::console(a.quiet, a.json);
+    let built = match prealloc {
+        Some(ram) => Vm::new_incoming_on(&info.config, info.guest, console, ram),
+        None => Vm::new_incoming(&info.config, info.guest, console).map(|v| (v, false)),
+    };
+    let vm = match built {
+        Ok((v, preallocated)) => {
+            rep.preallocated = preallocated;
+            v
+        }
+        Err(e) => return Err(accepted.refuse(e).into()),
+    };
+    let got = accepted.receive(&vm)?;
+    rep.ran_guest = true;
+    rep.hash_checked = got.oracle.is_some();
+    rep.passes_at_switchover = match &got.oracle {
+        Some(b) => b.passes.clone(),
+        None => vm.passes(),
+    };
+    rep.bytes_received = got.bytes_received;
+    rep.pages = got.pages;
+    rep.placement = got.placement;
+    rep.switchover_ms = got.switchover.as_secs_f64() * 1e3;
+    rep.verify_ms = got.check_time.as_secs_f64() * 1e3;
+    let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
+    let ran = match a.passes {
+        Some(n) => vm
+            .wait_for_passes(base.saturating_add(n), Duration::from_secs(120))
+            .map(|_| ())
+            .map_err(Error::Wait),
+        None => {
+            std::thread::sleep(a.run_for);
+            Ok(())
+        }
+    };
+    vm.handle().pause().map_err(|source| Error::Vm {
+        action: "pausing",
+        source,
+    })?;
+    rep.passes_at_end = vm.passes();
+    rep.console_lines = vm.console_lines().0;
+    ran?;
+    let failures = vm.failures();
+    if !failures.is_empty() {
+        return Err(Error::VcpuFailed(failures));
+    }
+    vm.check().map_err(|source| Error::Oracle {
+        when: "after running",
+        source,
+    })?;
+    // An idle guest (no working set) halts: it has no pass to make, and the oracle above
+    // checked that its RAM is what it was.
+    let idle = vm.workload().working_set().is_empty();
+    let progressed = rep
+        .passes_at_end
+        .iter()
+        .zip(&rep.passes_at_switchover)
+        .all(|(e, s)| e > s);
+    if !idle && !progressed {
+        return Err(Error::NoProgress {
+            at_switchover: rep.passes_at_switchover.clone(),
+            at_end: rep.passes_at_end.clone(),
+        });
+    }
+    rep.verified = true;
+    Ok(())
+}

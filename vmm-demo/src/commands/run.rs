@@ -1,0 +1,158 @@
+//! `vmm-demo run`: run a guest for a while (or, with `--control`, until it is migrated
+//! away or asked to quit), then pause it, run the oracle and report.
+
+use std::time::{Duration, Instant};
+
+use migration_core::transport::Address;
+use migration_core::vm::VmControl;
+
+use super::server::{ControlState, serve_control};
+use crate::cli::RunArgs;
+use crate::error::Error;
+use crate::migration::DiskArg;
+use crate::protocol::RunState;
+use crate::report::RunReport;
+use crate::vm::Vm;
+
+/// The control socket's address: `unix:PATH`, or a bare path.
+fn control_address(s: &str) -> Result<Address, Error> {
+    if s.starts_with("unix:") {
+        s.parse().map_err(|source| Error::Address {
+            option: "--control",
+            source,
+        })
+    } else {
+        Ok(Address::Unix(s.into()))
+    }
+}
+
+/// Runs `vmm-demo run`.
+pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
+    let kind = super::guest_kind(args.vm.guest)?;
+    let config = args.vm.config();
+    let console = super::console(args.quiet, args.json);
+    let mut vm = Vm::new(&config, kind, console).map_err(Error::BuildVm)?;
+    vm.set_software_pace(Duration::from_nanos(args.vm.software_page_ns));
+    vm.set_throttle(args.throttle).map_err(|source| Error::Vm {
+        action: "throttling",
+        source,
+    })?;
+    let control = ControlState::new();
+    if let Some(path) = &args.control {
+        let disks = args
+            .disk
+            .iter()
+            .map(|p| DiskArg {
+                path: p.clone(),
+                cache: args.cache,
+            })
+            .collect();
+        serve_control(&control_address(path)?, vm.handle(), disks, control.clone())?;
+    }
+    let start = Instant::now();
+    vm.resume().map_err(|source| Error::Vm {
+        action: "starting",
+        source,
+    })?;
+    let mut error = None;
+    let until = match (args.duration, args.passes, &args.control) {
+        (Some(d), _, _) => Some(start + d),
+        (None, None, None) => Some(start + Duration::from_secs(5)),
+        _ => None,
+    };
+    let passes_deadline = start + args.timeout;
+    loop {
+        match control.state() {
+            RunState::Migrated => break,
+            // The engine owns the guest until it is done.
+            RunState::Migrating => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            // Only quit or the deadline end it: the guest will not make passes.
+            RunState::Paused { .. } => {
+                if control.quit_requested() || until.is_some_and(|u| Instant::now() >= u) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            RunState::Running => {}
+        }
+        if control.quit_requested() || !vm.failures().is_empty() {
+            break;
+        }
+        if until.is_some_and(|u| Instant::now() >= u) {
+            break;
+        }
+        if let Some(n) = args.passes {
+            if vm.passes().iter().all(|&p| p >= n) {
+                break;
+            }
+            if Instant::now() >= passes_deadline {
+                error = Some(format!(
+                    "after {:?} the vCPUs are at passes {:?}, not yet {n}",
+                    args.timeout,
+                    vm.passes()
+                ));
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause().map_err(|source| Error::Vm {
+        action: "pausing",
+        source,
+    })?;
+    let elapsed = start.elapsed();
+    let status = control.state();
+    if let RunState::Paused { reason } = &status {
+        error = Some(format!("the guest was left paused: {reason}"));
+    }
+    let failures = vm.failures();
+    if !failures.is_empty() {
+        error = Some(failures.join("; "));
+    }
+    let passes = vm.passes();
+    let oracle = match vm.check() {
+        Ok(r) => Some(r.vcpus),
+        Err(e) => {
+            error.get_or_insert(format!("oracle: {e}"));
+            None
+        }
+    };
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    let w = vm.workload();
+    let pages: f64 = (0..config.vcpus)
+        .map(|i| passes[i as usize] as f64 * w.share(i).len() as f64)
+        .sum();
+    let (console_lines, console_dropped) = vm.console_lines();
+    let ram_hash = vm.ram_hash().map_err(|source| Error::Oracle {
+        when: "hashing RAM at the end",
+        source,
+    })?;
+    Ok(RunReport {
+        mode: "run".into(),
+        guest: kind,
+        mem_bytes: config.mem_bytes,
+        ram_regions: config.ram_regions,
+        vcpus: config.vcpus,
+        working_set_bytes: config.working_set_bytes,
+        fill: config.fill,
+        total_ms: secs * 1e3,
+        pass_rate_per_s: passes.iter().map(|&p| p as f64 / secs).collect(),
+        passes,
+        pages_per_s: pages / secs,
+        throttle_pct: args.throttle,
+        vcpu_stats: vm.vcpu_stats(),
+        console_lines,
+        console_dropped,
+        ram_hash: format!("{ram_hash:016x}"),
+        verified: error.is_none(),
+        oracle,
+        error,
+        migrated: status == RunState::Migrated,
+        status,
+        migration: control.last_migration(),
+    })
+}

@@ -1,0 +1,254 @@
+//! The destination side: accept one pre-copy migration into a new [`Vm`], check it at the
+//! switchover, and run it. The only module that uses `migration_precopy::Incoming`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use migration_core::geometry::GuestRam;
+use migration_core::stream::DeviceState;
+use migration_core::transport::Stream;
+use migration_core::vm::{VmControl, VmError, VmOp};
+use migration_precopy::{DestinationError, DestinationOptions, Incoming, Placement, VerifyError};
+
+use super::{MAX_ORACLE_BLOB, ORACLE_ID, ORACLE_VERSION, OracleBlob};
+use crate::error::chain;
+use crate::oracle::OracleError;
+use crate::report::PagesReport;
+use crate::vm::{MachineError, MachineInfo, Vm};
+
+/// Why the destination's checks at the switchover refused the guest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SwitchoverError {
+    /// The oracle found RAM wrong, or could not read it.
+    #[error("oracle at switchover")]
+    Oracle(#[source] OracleError),
+    /// The RAM hash could not be taken.
+    #[error("hashing RAM at switchover")]
+    Hash(#[source] OracleError),
+    /// This RAM is not the source's.
+    #[error("RAM hash {found:016x} differs from the source's {expected:016x} at switchover")]
+    HashMismatch {
+        /// This side's hash.
+        found: u64,
+        /// The source's.
+        expected: u64,
+    },
+    /// The pass counters are not the source's.
+    #[error("pass counters {found:?} differ from the source's {expected:?}")]
+    PassesMismatch {
+        /// This side's.
+        found: Vec<u64>,
+        /// The source's.
+        expected: Vec<u64>,
+    },
+}
+
+/// Why an incoming migration failed. The guest was not run here.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReceiveError {
+    /// The source's stream was refused or lost before its configuration arrived.
+    #[error("accepting the migration")]
+    Accept(#[source] DestinationError),
+    /// The VMM blob in the configuration does not describe a VM.
+    #[error("the source's VMM blob")]
+    Machine(#[source] MachineError),
+    /// A VM like the source's could not be built here.
+    #[error("building the incoming VM")]
+    Build(#[source] crate::vm::VmmError),
+    /// The switchover checks refused the guest.
+    #[error(transparent)]
+    Switchover(SwitchoverError),
+    /// The engine failed receiving.
+    #[error("receiving the migration")]
+    Engine(#[source] DestinationError),
+}
+
+/// How to receive.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveOptions {
+    /// Give up when no byte arrives for this long.
+    pub idle_timeout: Duration,
+    /// How pages go into guest RAM not touched yet.
+    pub placement: Placement,
+}
+
+/// A migration whose configuration was read: the source's machine is known.
+pub struct Accepted {
+    incoming: Incoming,
+    machine: MachineInfo,
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accepted")
+            .field("machine", &self.machine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a completed incoming migration saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Pages applied, by encoding.
+    pub pages: PagesReport,
+    /// How pages went into untouched guest RAM.
+    pub placement: Placement,
+    /// From `Complete` to the guest resumed.
+    pub switchover: Duration,
+    /// The switchover checks (oracle and hash), inside the guest's pause.
+    pub check_time: Duration,
+    /// The source's oracle blob, when it sent one (and so the RAM hash was checked).
+    pub oracle: Option<OracleBlob>,
+}
+
+/// Reads the header and configuration of the migration on `stream`.
+pub fn accept(stream: Stream, o: &ReceiveOptions) -> Result<Accepted, ReceiveError> {
+    let incoming = Incoming::accept(
+        stream,
+        &DestinationOptions {
+            idle_timeout: Some(o.idle_timeout),
+            placement: o.placement,
+            ..DestinationOptions::default()
+        },
+    )
+    .map_err(ReceiveError::Accept)?;
+    match MachineInfo::from_bytes(&incoming.config().vmm) {
+        Ok(machine) => Ok(Accepted { incoming, machine }),
+        Err(e) => {
+            let why = chain(&e);
+            // The source learns why from the verdict; the error here keeps the cause.
+            let _ = incoming.refuse(&format!("VMM blob: {why}"));
+            Err(ReceiveError::Machine(e))
+        }
+    }
+}
+
+impl Accepted {
+    /// The VM the source migrates.
+    pub fn machine(&self) -> &MachineInfo {
+        &self.machine
+    }
+
+    /// Refuses the migration because no VM could be built for it.
+    pub fn refuse(self, e: crate::vm::VmmError) -> ReceiveError {
+        let _ = self
+            .incoming
+            .refuse(&format!("building the VM: {}", chain(&e)));
+        ReceiveError::Build(e)
+    }
+
+    /// Receives RAM and device state into `vm` (built from [`machine`](Self::machine),
+    /// fresh), checks it before the verdict and, on the source's commit, runs it.
+    pub fn receive(self, vm: &Vm) -> Result<Received, ReceiveError> {
+        let mem = vm.memory().clone();
+        let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());
+        let oracle = Mutex::new(None);
+        let mut dvm = DestinationVm {
+            vm,
+            oracle: &oracle,
+        };
+        let mut verify = |_: &[DeviceState]| {
+            // The oracle blob was taken out by `load_device_state`, just before.
+            let blob = oracle.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            check_switchover(vm, blob.as_ref()).map_err(|e| Box::new(e) as VerifyError)
+        };
+        let r = self
+            .incoming
+            .receive(&ram, &mut dvm, &mut verify, &mut |_| {});
+        match r {
+            Ok(stats) => Ok(Received {
+                bytes_received: stats.bytes_received,
+                pages: stats.pages.into(),
+                placement: stats.placement,
+                switchover: stats.switchover,
+                check_time: stats.verify_time,
+                oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
+            }),
+            Err(DestinationError::Verify(e)) => Err(match e.downcast::<SwitchoverError>() {
+                Ok(s) => ReceiveError::Switchover(*s),
+                Err(e) => ReceiveError::Engine(DestinationError::Verify(e)),
+            }),
+            Err(e) => Err(ReceiveError::Engine(e)),
+        }
+    }
+}
+
+/// The destination VM as the engine drives it: every blob but the oracle's goes to the VM;
+/// the oracle blob is parsed (bounded, version checked) for the switchover check.
+struct DestinationVm<'a> {
+    vm: &'a Vm,
+    oracle: &'a Mutex<Option<OracleBlob>>,
+}
+
+impl VmControl for DestinationVm<'_> {
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.vm.handle().pause()
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vm.handle().resume()
+    }
+    fn set_throttle(&mut self, percent: u8) -> Result<(), VmError> {
+        self.vm.handle().set_throttle(percent)
+    }
+    fn save_device_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        self.vm.handle().save_device_state()
+    }
+    fn load_device_state(&mut self, states: &[DeviceState]) -> Result<(), VmError> {
+        let mut rest = Vec::with_capacity(states.len());
+        for s in states {
+            if s.id != ORACLE_ID {
+                rest.push(s.clone());
+                continue;
+            }
+            let err = |e: String| VmError::new(VmOp::LoadState, e).for_device(ORACLE_ID);
+            if s.version != ORACLE_VERSION {
+                return Err(err(format!(
+                    "version {} is not the supported {ORACLE_VERSION}",
+                    s.version
+                )));
+            }
+            if s.data.len() > MAX_ORACLE_BLOB {
+                return Err(err(format!(
+                    "{} bytes, more than the {MAX_ORACLE_BLOB} an oracle blob may have",
+                    s.data.len()
+                )));
+            }
+            let b: OracleBlob = serde_json::from_slice(&s.data)
+                .map_err(|e| VmError::new(VmOp::LoadState, e).for_device(ORACLE_ID))?;
+            *self.oracle.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        }
+        self.vm.handle().load_device_state(&rest)
+    }
+}
+
+/// The destination's checks before it runs the guest: the oracle on RAM, and, when the
+/// source sent its oracle blob, the RAM hash and pass counters against the source's.
+fn check_switchover(vm: &Vm, source: Option<&OracleBlob>) -> Result<(), SwitchoverError> {
+    let Some(b) = source else {
+        // The source asked for no switchover check (--no-hash-check): the oracle runs
+        // after the guest ran here instead.
+        tracing::info!("no oracle blob from the source: no check at switchover");
+        return Ok(());
+    };
+    let report = vm.check().map_err(SwitchoverError::Oracle)?;
+    tracing::debug!(?report, "oracle at switchover");
+    let found = vm.ram_hash().map_err(SwitchoverError::Hash)?;
+    if found != b.ram_hash {
+        return Err(SwitchoverError::HashMismatch {
+            found,
+            expected: b.ram_hash,
+        });
+    }
+    let passes = vm.passes();
+    if passes != b.passes {
+        return Err(SwitchoverError::PassesMismatch {
+            found: passes,
+            expected: b.passes.clone(),
+        });
+    }
+    Ok(())
+}

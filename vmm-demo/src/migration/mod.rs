@@ -1,0 +1,123 @@
+//! Live migration of the demo VM: the pre-copy engine wired to [`Vm`](crate::Vm), with the
+//! oracle at switchover and the storage-policy check.
+//!
+//! The engine's API is used in two places only: [`source`] (what `run --control` does on
+//! `migrate`) and [`destination`] (what `vmm-demo destination` does).
+//!
+//! The source adds one device-state blob of its own, `oracle` (version 1): the hash of all
+//! guest RAM and the pass counters, taken while the guest is paused for the switchover.
+//! The destination loads every other blob into its VM, then, before it tells the source it
+//! runs the guest, checks its RAM with the oracle (every page holds pass N or N+1) and
+//! compares its own RAM hash with the source's. A mismatch is a `Failed` verdict: the
+//! source resumes and the destination never runs the guest.
+
+pub mod destination;
+pub mod source;
+
+use migration_storage_policy::{CacheMode, DiskSpec, Plan};
+use serde::{Deserialize, Serialize};
+
+/// Id of the blob that carries the source's RAM hash at switchover.
+pub const ORACLE_ID: &str = "oracle";
+/// Version of the oracle blob's format.
+pub const ORACLE_VERSION: u32 = 1;
+/// Largest oracle blob a destination parses (a hash and up to 64 pass counters need far
+/// less).
+pub const MAX_ORACLE_BLOB: usize = 64 << 10;
+
+/// The oracle blob: the source's RAM hash and pass counters at switchover (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OracleBlob {
+    /// XXH3 of all guest RAM, paused.
+    pub ram_hash: u64,
+    /// Each vCPU's pass counter.
+    pub passes: Vec<u64>,
+}
+
+/// A disk the VM is given (described for the storage-policy check; the demo guest does not
+/// do disk I/O in this build).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskArg {
+    /// Image path or URI.
+    pub path: String,
+    /// Cache mode; QEMU's default (writeback) when absent.
+    pub cache: Option<CacheMode>,
+}
+
+/// Why the storage-policy check stops a migration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// The checker could not judge the disks.
+    #[error("storage-policy check")]
+    Check(#[source] migration_storage_policy::Error),
+    /// The disk setup is unsafe and `--unsafe` was not given.
+    #[error(
+        "refusing to migrate: the disk setup is unsafe for live migration ({summary}); pass --unsafe to migrate anyway"
+    )]
+    Unsafe {
+        /// The checker's verdict on each disk.
+        summary: String,
+    },
+}
+
+/// The storage-policy verdict on the VM's disks. No disk: an empty, safe plan.
+pub fn check_storage(
+    disks: &[DiskArg],
+    allow_unsafe: bool,
+) -> Result<Option<String>, StorageError> {
+    if disks.is_empty() {
+        return Ok(None);
+    }
+    let mut plan = Plan::default();
+    for (i, d) in disks.iter().enumerate() {
+        let mut spec = DiskSpec::named(format!("disk{i}"));
+        spec.path = Some(d.path.clone());
+        spec.cache = d.cache;
+        plan.disks.push(spec);
+    }
+    let report = migration_storage_policy::check_plan(&plan).map_err(StorageError::Check)?;
+    let summary = format!("storage policy: {}", report.verdict.as_str());
+    if report.is_safe() {
+        Ok(Some(summary))
+    } else if allow_unsafe {
+        tracing::warn!(
+            "migrating despite an unsafe disk setup (--unsafe): {}",
+            report.summary()
+        );
+        Ok(Some(format!(
+            "{summary} (overridden by --unsafe): {}",
+            report.summary()
+        )))
+    } else {
+        Err(StorageError::Unsafe {
+            summary: report.summary(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_disk_is_safe_and_an_unsafe_disk_is_refused_unless_overridden() {
+        assert!(matches!(check_storage(&[], false), Ok(None)));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let d = [DiskArg {
+            path: path.display().to_string(),
+            cache: Some(CacheMode::Writeback),
+        }];
+        // A local image is not shared with any destination: unsafe without storage copy.
+        let e = check_storage(&d, false).unwrap_err().to_string();
+        assert!(
+            e.contains("refusing to migrate") && e.contains("--unsafe"),
+            "{e}"
+        );
+        assert!(e.contains("disk0"), "{e}");
+        let ok = check_storage(&d, true).unwrap().unwrap();
+        assert!(ok.contains("overridden by --unsafe"), "{ok}");
+    }
+}

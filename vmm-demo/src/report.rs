@@ -1,0 +1,635 @@
+//! What the commands report, as typed structs: printed as JSON with `--json`, as text
+//! otherwise, carried by the control protocol, and read back by the demo and the tests.
+
+use std::fmt;
+
+use migration_core::stats::PageCounts;
+use migration_precopy::Placement;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::TransportKind;
+use crate::control::VcpuStats;
+use crate::layout::Fill;
+use crate::oracle::VcpuVerdict;
+use crate::protocol::RunState;
+use crate::vm::GuestKind;
+
+/// Pages by encoding.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PagesReport {
+    /// Zero pages.
+    pub zero: u64,
+    /// Raw pages.
+    pub raw: u64,
+    /// zstd pages.
+    pub zstd: u64,
+    /// Delta pages.
+    pub delta: u64,
+}
+
+impl PagesReport {
+    /// All pages.
+    pub fn total(&self) -> u64 {
+        self.zero + self.raw + self.zstd + self.delta
+    }
+}
+
+impl From<PageCounts> for PagesReport {
+    fn from(p: PageCounts) -> Self {
+        PagesReport {
+            zero: p.zero,
+            raw: p.raw,
+            zstd: p.zstd,
+            delta: p.delta,
+        }
+    }
+}
+
+/// One pass over RAM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PassReport {
+    /// Pass number (0: bulk).
+    pub iteration: u32,
+    /// Pages by encoding.
+    pub pages: PagesReport,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Duration, ms.
+    pub ms: f64,
+    /// Dirty pages found after it.
+    pub dirty_after: u64,
+    /// Dirty rate, bytes/s.
+    pub dirty_rate_bps: f64,
+    /// Bandwidth, bytes/s.
+    pub bandwidth_bps: f64,
+    /// Throttle in force, %.
+    pub throttle_pct: u8,
+}
+
+/// Which migration a report is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Iterative pre-copy.
+    Precopy,
+}
+
+/// What the source reports about a completed migration (the `return` of the control
+/// socket's `migrate`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    /// `"precopy"`.
+    pub mode: MigrationMode,
+    /// Which vCPUs ran the guest.
+    pub guest: GuestKind,
+    /// Dirty tracker used.
+    pub tracker: String,
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// Where to.
+    pub to: String,
+    /// From connect to the verdict, ms.
+    pub total_ms: f64,
+    /// From the source's pause to the destination's `Running` verdict, as the engine
+    /// timed it, ms. The demo's oracle checks run inside it (the source's hash,
+    /// [`source_hash_ms`](Self::source_hash_ms), and the destination's checks, which only
+    /// the destination times): `vmm-demo demo` reports the engine's pause without them.
+    pub paused_with_checks_ms: f64,
+    /// The downtime limit, ms.
+    pub downtime_limit_ms: u64,
+    /// The downtime the engine expected when it stopped the guest, ms (none when it did
+    /// not estimate one).
+    pub expected_downtime_ms: Option<f64>,
+    /// Time the source spent hashing RAM for the oracle while the guest was paused, ms.
+    pub source_hash_ms: f64,
+    /// Bytes written to the connection.
+    pub bytes_on_wire: u64,
+    /// Pages by encoding.
+    pub pages: PagesReport,
+    /// Passes over RAM (the bulk copy, the iterations, the final pass).
+    pub iterations: usize,
+    /// Each pass.
+    pub passes: Vec<PassReport>,
+    /// Highest throttle, %.
+    pub max_throttle_pct: u8,
+    /// Device state sent, bytes.
+    pub device_state_bytes: u64,
+    /// The storage-policy verdict, when the VM has disks.
+    pub storage: Option<String>,
+}
+
+impl fmt::Display for MigrationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "migrated to {}: {:.0} ms, {} bytes on the wire, {} passes; guest paused {:.1} ms until the verdict, oracle checks included (source hash {:.1} ms)",
+            self.to,
+            self.total_ms,
+            self.bytes_on_wire,
+            self.iterations,
+            self.paused_with_checks_ms,
+            self.source_hash_ms
+        )
+    }
+}
+
+/// What `vmm-demo run` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunReport {
+    /// Always `"run"`.
+    pub mode: String,
+    /// Which vCPUs ran the guest.
+    pub guest: GuestKind,
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// RAM regions.
+    pub ram_regions: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Working set in bytes.
+    pub working_set_bytes: u64,
+    /// Initial content of the rest of RAM.
+    pub fill: Fill,
+    /// Wall time from resume to pause, in milliseconds.
+    pub total_ms: f64,
+    /// Passes each vCPU completed.
+    pub passes: Vec<u64>,
+    /// Passes per second of each vCPU.
+    pub pass_rate_per_s: Vec<f64>,
+    /// Working-set pages incremented per second, all vCPUs together.
+    pub pages_per_s: f64,
+    /// The throttle that was in force.
+    pub throttle_pct: u8,
+    /// Per vCPU run, throttle and exit counters.
+    pub vcpu_stats: Vec<VcpuStats>,
+    /// Console lines the guest printed.
+    pub console_lines: u64,
+    /// Console lines not shown because the terminal was slower than the guest.
+    pub console_dropped: u64,
+    /// Hash of all guest RAM at the end, in hex.
+    pub ram_hash: String,
+    /// The oracle's view of each vCPU, when it passed.
+    pub oracle: Option<Vec<VcpuVerdict>>,
+    /// What the oracle or a vCPU found wrong, or why the guest was left paused.
+    pub error: Option<String>,
+    /// True only if the oracle checks passed, no vCPU failed and no failed migration
+    /// left the guest paused.
+    pub verified: bool,
+    /// How the run ended, before `run` paused the guest to check it: `running` (it ran
+    /// here to the end), `migrated`, or `paused` with the reason.
+    #[serde(flatten)]
+    pub status: RunState,
+    /// The guest was migrated away (this VM stayed paused since the switchover).
+    pub migrated: bool,
+    /// The migration's report, when it was.
+    pub migration: Option<MigrationReport>,
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} guest, {} MiB RAM, {} vCPU(s), working set {} KiB, ran {:.0} ms{}",
+            self.guest,
+            self.mem_bytes >> 20,
+            self.vcpus,
+            self.working_set_bytes >> 10,
+            self.total_ms,
+            if self.throttle_pct > 0 {
+                format!(", throttled {} %", self.throttle_pct)
+            } else {
+                String::new()
+            }
+        )?;
+        for (i, (p, r)) in self.passes.iter().zip(&self.pass_rate_per_s).enumerate() {
+            writeln!(f, "  vcpu{i}: {p} passes, {r:.1} passes/s")?;
+        }
+        writeln!(
+            f,
+            "  {:.0} pages/s dirtied, RAM hash {}",
+            self.pages_per_s, self.ram_hash
+        )?;
+        match &self.error {
+            None => write!(
+                f,
+                "verified: every page holds pass N or N+1 of its vCPU, the rest of RAM is intact"
+            )?,
+            Some(e) => write!(f, "NOT verified: {e}")?,
+        }
+        match (&self.status, &self.migration) {
+            (RunState::Migrated, Some(m)) => {
+                write!(f, "\n{m}; the guest runs there, this copy stayed paused")
+            }
+            (RunState::Paused { reason }, _) => {
+                write!(f, "\nthe guest is PAUSED here, not running: {reason}")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What `vmm-demo destination` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DestinationReport {
+    /// `"destination"`.
+    pub mode: String,
+    /// Which vCPUs run the guest, once known.
+    pub guest: Option<GuestKind>,
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Pages applied by encoding.
+    pub pages: PagesReport,
+    /// How pages went into untouched guest RAM, once known: `write`, `prefault` or
+    /// `userfaultfd`.
+    #[serde(with = "crate::names::placement")]
+    pub placement: Placement,
+    /// Guest RAM was allocated and populated before the migration (`--prealloc`).
+    pub preallocated: bool,
+    /// From `Complete` to the guest resumed, ms.
+    pub switchover_ms: f64,
+    /// The demo's oracle checks before the verdict (the oracle over RAM, the RAM hash
+    /// against the source's), ms, inside the guest's pause.
+    pub verify_ms: f64,
+    /// The RAM hash was compared with the source's (and was equal).
+    pub hash_checked: bool,
+    /// The guest ran here.
+    pub ran_guest: bool,
+    /// Pass counters at the switchover.
+    pub passes_at_switchover: Vec<u64>,
+    /// Pass counters when the destination paused the guest at the end.
+    pub passes_at_end: Vec<u64>,
+    /// Console lines the guest printed here.
+    pub console_lines: u64,
+    /// True only if the switchover checks passed, the guest ran, made progress, and the
+    /// oracle passed again at the end.
+    pub verified: bool,
+    /// What went wrong, with its causes.
+    pub error: Option<String>,
+}
+
+impl DestinationReport {
+    /// A report of nothing yet, for `placement` asked.
+    pub fn new(placement: Placement) -> DestinationReport {
+        DestinationReport {
+            mode: "destination".into(),
+            guest: None,
+            mem_bytes: 0,
+            bytes_received: 0,
+            pages: PagesReport::default(),
+            placement,
+            preallocated: false,
+            switchover_ms: 0.0,
+            verify_ms: 0.0,
+            hash_checked: false,
+            ran_guest: false,
+            passes_at_switchover: Vec::new(),
+            passes_at_end: Vec::new(),
+            console_lines: 0,
+            verified: false,
+            error: None,
+        }
+    }
+}
+
+impl fmt::Display for DestinationReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.error {
+            None => write!(
+                f,
+                "destination: {} guest verified at switchover (oracle{}, {:.1} ms) and after running: passes {:?} -> {:?}",
+                self.guest.map_or("?", GuestKind::as_str),
+                if self.hash_checked {
+                    " and RAM hash"
+                } else {
+                    ""
+                },
+                self.verify_ms,
+                self.passes_at_switchover,
+                self.passes_at_end
+            ),
+            Some(e) if self.ran_guest => write!(f, "destination: NOT verified: {e}"),
+            Some(e) => write!(
+                f,
+                "destination: migration refused, the guest was not run here: {e}"
+            ),
+        }
+    }
+}
+
+/// The demo's oracle checks, which run while the guest is paused for the switchover but
+/// are not the engine's: the demo reports them apart from the downtime.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct OracleChecks {
+    /// The source hashing all RAM (inside its `save_device_state`), ms.
+    pub source_hash_ms: f64,
+    /// The destination's oracle over RAM and its hash compare, before its verdict, ms.
+    pub destination_check_ms: f64,
+}
+
+impl OracleChecks {
+    /// Both together, ms.
+    pub fn total_ms(&self) -> f64 {
+        self.source_hash_ms + self.destination_check_ms
+    }
+}
+
+/// The figures of a completed demo migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DemoMigration {
+    /// From connect to the verdict, ms.
+    pub total_ms: f64,
+    /// The guest's pause that the engine caused, ms: from the source's pause to the
+    /// destination's `Running` verdict, without the demo's oracle checks.
+    pub downtime_ms: f64,
+    /// The same as `downtime_ms`, under the name scripts read before it became the
+    /// headline.
+    pub downtime_without_checks_ms: f64,
+    /// The guest's whole pause until the verdict, oracle checks included, ms.
+    pub paused_with_checks_ms: f64,
+    /// The oracle checks inside that pause.
+    pub oracle_checks: OracleChecks,
+    /// The downtime the engine expected when it stopped the guest, ms.
+    pub expected_downtime_ms: Option<f64>,
+    /// Bytes written to the connection.
+    pub bytes_on_wire: u64,
+    /// Pages by encoding.
+    pub pages: PagesReport,
+    /// Passes over RAM.
+    pub iterations: usize,
+    /// Each pass.
+    pub iteration_details: Vec<PassReport>,
+    /// Highest throttle, %.
+    pub max_throttle_pct: u8,
+    /// Device state sent, bytes.
+    pub device_state_bytes: u64,
+    /// Dirty tracker used.
+    pub tracker: String,
+    /// The storage-policy verdict, when the VM has disks.
+    pub storage: Option<String>,
+    /// Bytes on the wire over the total time, MB/s.
+    pub throughput_mb_s: f64,
+    /// Guest RAM over the total time, MB/s.
+    pub ram_throughput_mb_s: f64,
+}
+
+impl DemoMigration {
+    /// The figures from the source's report and the destination's check time.
+    pub fn new(m: &MigrationReport, destination_check_ms: f64) -> DemoMigration {
+        let checks = OracleChecks {
+            source_hash_ms: m.source_hash_ms,
+            destination_check_ms,
+        };
+        let downtime = (m.paused_with_checks_ms - checks.total_ms()).max(0.0);
+        let per_ms = |bytes: u64| {
+            if m.total_ms > 0.0 {
+                bytes as f64 / m.total_ms / 1e3
+            } else {
+                0.0
+            }
+        };
+        DemoMigration {
+            total_ms: m.total_ms,
+            downtime_ms: downtime,
+            downtime_without_checks_ms: downtime,
+            paused_with_checks_ms: m.paused_with_checks_ms,
+            oracle_checks: checks,
+            expected_downtime_ms: m.expected_downtime_ms,
+            bytes_on_wire: m.bytes_on_wire,
+            pages: m.pages,
+            iterations: m.iterations,
+            iteration_details: m.passes.clone(),
+            max_throttle_pct: m.max_throttle_pct,
+            device_state_bytes: m.device_state_bytes,
+            tracker: m.tracker.clone(),
+            storage: m.storage.clone(),
+            throughput_mb_s: per_ms(m.bytes_on_wire),
+            ram_throughput_mb_s: per_ms(m.mem_bytes),
+        }
+    }
+}
+
+/// The passes the guest printed on the destination's console after the switchover.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConsoleSummary {
+    /// `vcpu0 pass N` lines seen.
+    pub vcpu0_pass_lines: usize,
+    /// The first N.
+    pub first_pass: Option<u64>,
+    /// The last N.
+    pub last_pass: Option<u64>,
+}
+
+/// What `vmm-demo demo` reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DemoReport {
+    /// `"precopy"`.
+    pub mode: MigrationMode,
+    /// Which vCPUs ran the guest, once known.
+    pub guest: Option<GuestKind>,
+    /// Transport between the two processes.
+    pub transport: TransportKind,
+    /// Guest RAM, bytes.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Working set, bytes.
+    pub working_set_bytes: u64,
+    /// Initial content of the rest of RAM.
+    pub fill: Fill,
+    /// The downtime limit, ms.
+    pub downtime_limit_ms: u64,
+    /// The migration's figures, when it completed.
+    #[serde(flatten)]
+    pub migration: Option<DemoMigration>,
+    /// The destination verified the guest (at switchover unless `--no-hash-check`, and
+    /// after running it) and the source reported it migrated.
+    pub verified: bool,
+    /// What went wrong, with its causes.
+    pub error: Option<String>,
+    /// The source's exit status.
+    pub source_exit: Option<String>,
+    /// The destination's exit status.
+    pub destination_exit: Option<String>,
+    /// The source's own report (`run --json`).
+    pub source: Option<RunReport>,
+    /// The destination's own report (`destination --json`).
+    pub destination: Option<DestinationReport>,
+    /// What the guest printed on the destination.
+    pub destination_console: ConsoleSummary,
+}
+
+impl fmt::Display for DemoReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pre-copy migration of a {} guest, {} MiB RAM, over {}",
+            self.guest.map_or("?", GuestKind::as_str),
+            self.mem_bytes >> 20,
+            match self.transport {
+                TransportKind::Tcp => "tcp",
+                TransportKind::Unix => "unix",
+            }
+        )?;
+        let Some(m) = self.migration.as_ref().filter(|_| self.error.is_none()) else {
+            writeln!(f, "FAILED: {}", self.error.as_deref().unwrap_or("?"))?;
+            return match self.source.as_ref() {
+                Some(s) => match &s.status {
+                    RunState::Paused { reason } => write!(
+                        f,
+                        "the guest is PAUSED on the source, not running: {reason}"
+                    ),
+                    _ => write!(
+                        f,
+                        "the guest stayed on the source; source verified: {}",
+                        s.verified
+                    ),
+                },
+                None => write!(f, "the source's report is missing"),
+            };
+        };
+        writeln!(
+            f,
+            "downtime {:.1} ms (limit {} ms), total {:.0} ms, {:.1} MB on the wire, {:.0} MB/s",
+            m.downtime_ms,
+            self.downtime_limit_ms,
+            m.total_ms,
+            m.bytes_on_wire as f64 / 1e6,
+            m.throughput_mb_s
+        )?;
+        writeln!(
+            f,
+            "oracle checks, apart from the downtime: source hash {:.1} ms, destination check {:.1} ms (guest paused {:.1} ms with them)",
+            m.oracle_checks.source_hash_ms,
+            m.oracle_checks.destination_check_ms,
+            m.paused_with_checks_ms
+        )?;
+        writeln!(
+            f,
+            "pages: {} zero, {} raw, {} zstd, {} delta; {} passes; max throttle {} %",
+            m.pages.zero,
+            m.pages.raw,
+            m.pages.zstd,
+            m.pages.delta,
+            m.iterations,
+            m.max_throttle_pct
+        )?;
+        let d = self.destination.as_ref();
+        write!(
+            f,
+            "verified: {} (oracle{} at switchover, guest ran on: passes {:?} -> {:?})",
+            self.verified,
+            if d.is_some_and(|d| d.hash_checked) {
+                " and RAM hash"
+            } else {
+                ""
+            },
+            d.map(|d| &d.passes_at_switchover[..]).unwrap_or_default(),
+            d.map(|d| &d.passes_at_end[..]).unwrap_or_default()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn migration() -> MigrationReport {
+        MigrationReport {
+            mode: MigrationMode::Precopy,
+            guest: GuestKind::Kvm,
+            tracker: "kvm-dirty-log".into(),
+            mem_bytes: 64 << 20,
+            to: "tcp:127.0.0.1:4444".into(),
+            total_ms: 500.0,
+            paused_with_checks_ms: 38.0,
+            downtime_limit_ms: 300,
+            expected_downtime_ms: Some(0.5),
+            source_hash_ms: 20.0,
+            bytes_on_wire: 50_000_000,
+            pages: PagesReport {
+                zero: 1,
+                raw: 2,
+                zstd: 3,
+                delta: 4,
+            },
+            iterations: 2,
+            passes: vec![],
+            max_throttle_pct: 0,
+            device_state_bytes: 9000,
+            storage: None,
+        }
+    }
+
+    #[test]
+    fn the_demo_headline_is_the_engines_pause_and_checks_are_apart() {
+        let d = DemoMigration::new(&migration(), 17.0);
+        assert!((d.downtime_ms - 1.0).abs() < 1e-9, "{d:?}");
+        assert_eq!(d.downtime_without_checks_ms, d.downtime_ms);
+        assert_eq!(d.paused_with_checks_ms, 38.0);
+        assert_eq!(d.oracle_checks.total_ms(), 37.0);
+        assert!((d.throughput_mb_s - 100.0).abs() < 1e-9);
+        let report = DemoReport {
+            mode: MigrationMode::Precopy,
+            guest: Some(GuestKind::Kvm),
+            transport: TransportKind::Tcp,
+            mem_bytes: 64 << 20,
+            vcpus: 1,
+            working_set_bytes: 1 << 20,
+            fill: Fill::Random,
+            downtime_limit_ms: 300,
+            migration: Some(d),
+            verified: true,
+            error: None,
+            source_exit: None,
+            destination_exit: None,
+            source: None,
+            destination: None,
+            destination_console: ConsoleSummary::default(),
+        };
+        let text = report.to_string();
+        let second = text.lines().nth(1).unwrap();
+        assert!(
+            second.starts_with("downtime 1.0 ms (limit 300 ms)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("source hash 20.0 ms, destination check 17.0 ms"),
+            "{text}"
+        );
+        let j = serde_json::to_value(&report).unwrap();
+        assert_eq!(j["downtime_ms"], 1.0);
+        assert_eq!(j["oracle_checks"]["source_hash_ms"], 20.0);
+        assert_eq!(j["oracle_checks"]["destination_check_ms"], 17.0);
+        assert_eq!(j["iteration_details"], serde_json::json!([]));
+        let back: DemoReport = serde_json::from_value(j).unwrap();
+        assert_eq!(back, report);
+    }
+
+    #[test]
+    fn a_failed_demo_reads_back_without_migration_figures() {
+        let report = DemoReport {
+            mode: MigrationMode::Precopy,
+            guest: None,
+            transport: TransportKind::Unix,
+            mem_bytes: 1,
+            vcpus: 1,
+            working_set_bytes: 0,
+            fill: Fill::Zero,
+            downtime_limit_ms: 1,
+            migration: None,
+            verified: false,
+            error: Some("refused".into()),
+            source_exit: Some("exit status: 0".into()),
+            destination_exit: None,
+            source: None,
+            destination: Some(DestinationReport::new(Placement::Write)),
+            destination_console: ConsoleSummary::default(),
+        };
+        let j = serde_json::to_string(&report).unwrap();
+        let back: DemoReport = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, report);
+        assert!(report.to_string().contains("FAILED: refused"));
+    }
+}
