@@ -992,3 +992,159 @@ fn a_running_verdict_before_the_end_of_the_stream_is_a_protocol_violation() {
     assert!(!w.svm.paused);
     let _ = RecordType::VERDICT;
 }
+
+/// Runs a destination machine alone over `stream` (all of it at once, then its end),
+/// with RAM of `layout`, and returns its result and what it sent back.
+fn destination_alone(
+    stream: &[u8],
+    layout: &RamLayout,
+) -> (
+    Result<migration_precopy::DestinationStats, DestinationError>,
+    Vec<ReturnRecord>,
+) {
+    let t0 = Instant::now();
+    let mut m = DestinationMachine::new(&DestinationOptions::default(), t0);
+    let mut input = BytesMut::new();
+    let mut fed = false;
+    let mut back = BytesMut::new();
+    for _ in 0..1000 {
+        match m.poll(&mut input, t0) {
+            DestinationAction::NeedInput if !fed => {
+                fed = true;
+                input.extend_from_slice(stream);
+                m.handle(DestinationEvent::Received(stream.len()), t0);
+            }
+            DestinationAction::NeedInput => m.handle(DestinationEvent::Eof, t0),
+            DestinationAction::Transmit => {
+                back.extend_from_slice(&m.take_transmit());
+                m.handle(DestinationEvent::Transmitted(Ok(())), t0);
+            }
+            DestinationAction::Configured => {
+                m.begin(layout);
+            }
+            DestinationAction::FinishRam => m.handle(DestinationEvent::RamFinished(Ok(())), t0),
+            DestinationAction::LoadDeviceState => {
+                m.handle(DestinationEvent::StateLoaded(Ok(())), t0)
+            }
+            DestinationAction::Verify => m.handle(DestinationEvent::Verified(Ok(())), t0),
+            DestinationAction::Shutdown(_) => {}
+            DestinationAction::Done => {
+                let mut dec = ReturnDecoder::new(DecoderOptions::default());
+                let mut records = Vec::new();
+                while let Some(f) = dec.decode(&mut back).unwrap() {
+                    if let Frame::Record(r) = f {
+                        records.push(r);
+                    }
+                }
+                return (m.take_result().unwrap(), records);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    panic!("the destination did not end");
+}
+
+fn failed_verdict(records: &[ReturnRecord]) -> String {
+    match records.last() {
+        Some(ReturnRecord::Verdict(migration_core::stream::Verdict::Failed { reason })) => {
+            reason.clone()
+        }
+        other => panic!("expected a Failed verdict, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_destination_refuses_ram_that_is_not_its_own_and_says_why() {
+    use migration_core::stream::{Config, Direction, Record, StreamHeader};
+    let mut s = BytesMut::new();
+    StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+    let theirs = RamLayout::new(4096, &[(0, 64 * 4096)]).unwrap();
+    Record::Config(Config::from_layout(&theirs, Default::default())).encode(&mut s);
+    let ours = RamLayout::new(4096, &[(0, 32 * 4096)]).unwrap();
+    let (r, back) = destination_alone(&s, &ours);
+    assert!(matches!(
+        r,
+        Err(DestinationError::Layout {
+            source_pages: 64,
+            local_pages: 32
+        })
+    ));
+    assert!(failed_verdict(&back).contains("64 pages"), "{back:?}");
+}
+
+#[test]
+fn the_destination_refuses_a_stream_that_does_not_start_with_its_config() {
+    use migration_core::stream::{Direction, Record, StreamHeader};
+    let mut s = BytesMut::new();
+    StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+    Record::EndOfData.encode(&mut s);
+    let (r, back) = destination_alone(&s, &RamLayout::new(4096, &[(0, 4096)]).unwrap());
+    assert!(
+        matches!(r, Err(DestinationError::NoConfig { found: Some(_) })),
+        "{r:?}"
+    );
+    failed_verdict(&back);
+
+    // A stream that ends after its header: the decoder says where and what it lacks.
+    let mut s = BytesMut::new();
+    StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+    let (r, back) = destination_alone(&s, &RamLayout::new(4096, &[(0, 4096)]).unwrap());
+    match r {
+        Err(DestinationError::Stream(e)) => {
+            let text = e.to_string();
+            assert!(text.contains("offset 32"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+    failed_verdict(&back);
+
+    // Not a migration stream at all: no return path to answer on, no verdict.
+    let (r, back) = destination_alone(
+        b"GET / HTTP/1.1\r\n\r\n",
+        &RamLayout::new(4096, &[(0, 4096)]).unwrap(),
+    );
+    assert!(matches!(r, Err(DestinationError::Stream(_))), "{r:?}");
+    assert!(back.is_empty(), "{back:?}");
+}
+
+#[test]
+fn the_destination_rejects_records_that_have_no_place_where_they_come() {
+    use migration_core::stream::{Config, Direction, IterationEnd, Record, StreamHeader};
+    let layout = RamLayout::new(4096, &[(0, 8 * 4096)]).unwrap();
+    let start = || {
+        let mut s = BytesMut::new();
+        StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+        Record::Config(Config::from_layout(&layout, Default::default())).encode(&mut s);
+        s
+    };
+    // `Complete` before `EndOfData`: nothing was checked.
+    let mut s = start();
+    Record::Complete.encode(&mut s);
+    let (r, back) = destination_alone(&s, &layout);
+    assert!(matches!(
+        r,
+        Err(DestinationError::Protocol(
+            ProtocolViolation::CompleteBeforeEndOfData
+        ))
+    ));
+    failed_verdict(&back);
+    // A pass that ends after `EndOfData`: RAM was checked and the verdict given.
+    let mut s = start();
+    Record::EndOfData.encode(&mut s);
+    Record::IterationEnd(IterationEnd::default()).encode(&mut s);
+    let (r, back) = destination_alone(&s, &layout);
+    assert!(
+        matches!(
+            r,
+            Err(DestinationError::Protocol(ProtocolViolation::AfterEndOfData(t))) if t == RecordType::ITERATION_END
+        ),
+        "{r:?}"
+    );
+    // The verdict was Running; no second one contradicts it.
+    assert!(matches!(
+        back.last(),
+        Some(ReturnRecord::Verdict(
+            migration_core::stream::Verdict::Running
+        ))
+    ));
+}
