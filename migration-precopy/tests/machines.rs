@@ -1148,3 +1148,95 @@ fn the_destination_rejects_records_that_have_no_place_where_they_come() {
         ))
     ));
 }
+
+mod never_panics {
+    use super::*;
+    use migration_core::stream::{Config, Direction, Record, StreamHeader};
+    use proptest::prelude::*;
+
+    /// Feeds `stream` to a destination in pieces of `chunk` bytes and runs it to its end,
+    /// placing nothing (the machine's own decisions are under test, not RAM).
+    fn feed(stream: &[u8], chunk: usize) -> Result<(), DestinationError> {
+        let layout = RamLayout::new(4096, &[(0, 8 * 4096)]).unwrap();
+        let t0 = Instant::now();
+        let mut m = DestinationMachine::new(&DestinationOptions::default(), t0);
+        let mut input = BytesMut::new();
+        let mut pos = 0;
+        for _ in 0..100_000 {
+            match m.poll(&mut input, t0) {
+                DestinationAction::NeedInput if pos < stream.len() => {
+                    let end = (pos + chunk.max(1)).min(stream.len());
+                    input.extend_from_slice(&stream[pos..end]);
+                    m.handle(DestinationEvent::Received(end - pos), t0);
+                    pos = end;
+                }
+                DestinationAction::NeedInput => m.handle(DestinationEvent::Eof, t0),
+                DestinationAction::Transmit => {
+                    let _ = m.take_transmit();
+                    m.handle(DestinationEvent::Transmitted(Ok(())), t0);
+                }
+                DestinationAction::Configured => {
+                    m.begin(&layout);
+                }
+                DestinationAction::PlacePages(b) => {
+                    let counts = migration_core::stats::PageCounts {
+                        raw: b.pages.len() as u64,
+                        ..Default::default()
+                    };
+                    m.handle(DestinationEvent::PagesPlaced(Ok(counts)), t0);
+                }
+                DestinationAction::PassEnded => {}
+                DestinationAction::FinishRam => {
+                    m.handle(DestinationEvent::RamFinished(Ok(())), t0)
+                }
+                DestinationAction::LoadDeviceState => {
+                    m.handle(DestinationEvent::StateLoaded(Ok(())), t0)
+                }
+                DestinationAction::Verify => m.handle(DestinationEvent::Verified(Ok(())), t0),
+                DestinationAction::Resume => m.handle(DestinationEvent::Resumed(Ok(())), t0),
+                DestinationAction::Shutdown(_) => {}
+                DestinationAction::Done => return m.take_result().unwrap().map(|_| ()),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        panic!("the destination did not end");
+    }
+
+    fn valid_start() -> Vec<u8> {
+        let mut s = BytesMut::new();
+        StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+        let layout = RamLayout::new(4096, &[(0, 8 * 4096)]).unwrap();
+        Record::Config(Config::from_layout(&layout, Default::default())).encode(&mut s);
+        s.to_vec()
+    }
+
+    proptest! {
+        /// Arbitrary bytes, alone or after a valid header and config, in arbitrary pieces:
+        /// the destination ends (never hangs, never panics) and never runs the guest
+        /// without a valid stream.
+        #[test]
+        fn arbitrary_streams_end_in_an_error(
+            junk in proptest::collection::vec(any::<u8>(), 0..2048),
+            after_config in any::<bool>(),
+            chunk in 1usize..600,
+        ) {
+            let mut s = if after_config { valid_start() } else { Vec::new() };
+            s.extend_from_slice(&junk);
+            prop_assert!(feed(&s, chunk).is_err());
+        }
+
+        /// A valid stream with one byte changed is refused, wherever the byte is.
+        #[test]
+        fn a_flipped_byte_is_refused(at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut s = valid_start();
+            let mut tail = BytesMut::new();
+            Record::EndOfData.encode(&mut tail);
+            Record::Complete.encode(&mut tail);
+            s.extend_from_slice(&tail);
+            prop_assert!(feed(&s, 64).is_ok());
+            let i = at.index(s.len());
+            s[i] ^= 1 << bit;
+            prop_assert!(feed(&s, 64).is_err());
+        }
+    }
+}
