@@ -20,6 +20,9 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(page.len(), 4096);
     if delta_validate(payload, 4096).is_ok() {
         let mut p = vec![0u8; 4096];
-        assert!(delta_decode(payload, &mut p).is_ok(), "a validated delta did not apply");
+        assert!(
+            delta_decode(payload, &mut p).is_ok(),
+            "a validated delta did not apply"
+        );
     }
 });

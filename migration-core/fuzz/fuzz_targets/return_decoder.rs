@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
                 assert!(b.len() as u64 <= PAGES);
             }
             Frame::Record(ReturnRecord::PageRequest { page, count }) => {
-                assert!(page.checked_add(u64::from(count)).is_some_and(|e| e <= PAGES));
+                assert!(
+                    page.checked_add(u64::from(count))
+                        .is_some_and(|e| e <= PAGES)
+                );
             }
             _ => {}
         }

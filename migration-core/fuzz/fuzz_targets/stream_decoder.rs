@@ -24,7 +24,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(_) => {
-                    assert!(dec.decode(&mut buf).is_err(), "a refused stream was taken up again");
+                    assert!(
+                        dec.decode(&mut buf).is_err(),
+                        "a refused stream was taken up again"
+                    );
                     return;
                 }
             }

@@ -48,8 +48,14 @@ fuzz_target!(|data: &[u8]| {
                 m.begin(&layout);
             }
             DestinationAction::PlacePages(b) => {
-                assert!(b.pages.iter().all(|p| p.index < 16), "a page outside RAM got through");
-                let counts = PageCounts { raw: b.pages.len() as u64, ..Default::default() };
+                assert!(
+                    b.pages.iter().all(|p| p.index < 16),
+                    "a page outside RAM got through"
+                );
+                let counts = PageCounts {
+                    raw: b.pages.len() as u64,
+                    ..Default::default()
+                };
                 m.handle(DestinationEvent::PagesPlaced(Ok(counts)), t0);
             }
             DestinationAction::PassEnded => {}
@@ -65,7 +71,11 @@ fuzz_target!(|data: &[u8]| {
             DestinationAction::Shutdown(_) => {}
             DestinationAction::Done => {
                 let r = m.take_result().expect("a result at the end");
-                assert_eq!(r.is_ok(), resumed, "resumed without success, or the reverse");
+                assert_eq!(
+                    r.is_ok(),
+                    resumed,
+                    "resumed without success, or the reverse"
+                );
                 return;
             }
             _ => {}
