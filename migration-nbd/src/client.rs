@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{self, BufReader, IoSlice, Read};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use bytes::{Bytes, BytesMut};
@@ -24,7 +24,7 @@ use crate::handshake::{
 use crate::proto::{self, NbdErrno, cflags, chunk, cmd, tflags};
 use crate::wire::{
     BlockSize, CHUNK_HEADER_LEN, ChunkHeader, ChunkPayload, ReplyHeader, RequestHeader,
-    SIMPLE_REPLY_LEN,
+    SIMPLE_REPLY_LEN, WireError,
 };
 
 /// Largest payload of a non-data chunk accepted: a block status chunk of 2^20 extents.
@@ -100,9 +100,151 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
-    /// The connection ended (or broke protocol) before the reply came.
+    /// The server answered this request in a way the protocol forbids; the client hung
+    /// up, and every other request in flight failed with [`ClientError::Disconnected`].
+    #[error("{0}")]
+    Protocol(ProtocolError),
+    /// The connection ended before the reply came (shared by every request it failed).
     #[error("connection lost: {0}")]
-    Disconnected(String),
+    Disconnected(Arc<ConnectionLost>),
+}
+
+/// Why a connection stopped serving requests.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionLost {
+    /// The server closed the connection.
+    #[error("the server closed the connection")]
+    Closed,
+    /// The socket failed.
+    #[error("{during}: {source}")]
+    Io {
+        /// What the client was doing (`reading a reply`, `sending WRITE`...).
+        during: String,
+        /// The error of the operating system.
+        source: io::Error,
+    },
+    /// The server broke the protocol.
+    #[error("{0}")]
+    Protocol(#[source] ProtocolError),
+    /// The thread reading replies stopped without saying why: a bug in this crate, reported
+    /// rather than leaving requests waiting forever.
+    #[error("the reply reader stopped unexpectedly")]
+    ReaderStopped,
+}
+
+/// A reply that breaks the NBD protocol, and where it was in the stream of replies.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("server reply at byte {at} of the transmission phase: {violation}")]
+pub struct ProtocolError {
+    /// Offset of the reply's header from the start of the transmission phase.
+    pub at: u64,
+    /// Cookie of the request the reply was for, when it names one in flight.
+    pub cookie: Option<u64>,
+    /// What is wrong with it.
+    pub violation: Violation,
+}
+
+/// The ways a server reply can break the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// A header that is neither a simple reply nor (once negotiated) a structured chunk.
+    #[error("bad reply magic {0:#x}")]
+    BadMagic(u32),
+    /// A reply for a cookie no request in flight has.
+    #[error("reply for cookie {0:#x}, which no request in flight has")]
+    UnknownCookie(u64),
+    /// A chunk payload that does not parse.
+    #[error(transparent)]
+    Malformed(#[from] WireError),
+    /// A chunk whose payload is larger than this client accepts for its type.
+    #[error("chunk type {kind} of {length} bytes is above the limit of {max}")]
+    ChunkTooLong {
+        /// Chunk type.
+        kind: u16,
+        /// Its payload length.
+        length: u32,
+        /// The largest accepted.
+        max: u32,
+    },
+    /// A chunk type that does not answer this command (data for a `WRITE`...).
+    #[error("{chunk} chunk for a {command} request")]
+    WrongChunk {
+        /// Chunk type name.
+        chunk: &'static str,
+        /// Command of the request.
+        command: &'static str,
+    },
+    /// Data or a hole outside the range the request asked for.
+    #[error(
+        "{chunk} at {offset} length {length} outside {command} offset {req_offset} length {req_length}"
+    )]
+    OutsideRequest {
+        /// Chunk type name.
+        chunk: &'static str,
+        /// Offset the chunk claims.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// Command of the request.
+        command: &'static str,
+        /// Offset of the request.
+        req_offset: u64,
+        /// Length of the request.
+        req_length: u32,
+    },
+    /// Two chunks of one read that cover the same bytes.
+    #[error(
+        "chunk at {offset} length {length} overlaps an earlier chunk of READ offset {req_offset}"
+    )]
+    Overlap {
+        /// Offset of the later chunk.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// Offset of the request.
+        req_offset: u64,
+    },
+    /// The reply ended before covering the whole read.
+    #[error("server sent {covered} of {length} bytes of READ offset {offset} and said done")]
+    ShortRead {
+        /// Bytes covered by data and holes.
+        covered: u64,
+        /// Length of the request.
+        length: u32,
+        /// Offset of the request.
+        offset: u64,
+    },
+    /// A `NONE` chunk not marked as the last one.
+    #[error("NONE chunk without the DONE flag")]
+    NoneWithoutDone,
+    /// Block status extents that run past the end of the 64-bit offset space.
+    #[error("block status extent of {length} bytes at {offset} runs past 2^64")]
+    ExtentOverflow {
+        /// Where the extent starts.
+        offset: u64,
+        /// Its length.
+        length: u32,
+    },
+    /// A block status extent that starts after earlier ones already covered the request.
+    #[error(
+        "block status extent at {offset} starts past the end of BLOCK_STATUS offset {req_offset} length {req_length}"
+    )]
+    ExtentPastRequest {
+        /// Where the extra extent starts.
+        offset: u64,
+        /// Offset of the request.
+        req_offset: u64,
+        /// Length of the request.
+        req_length: u32,
+    },
+    /// A successful block status reply without a single extent.
+    #[error("no base:allocation extents for BLOCK_STATUS offset {offset}")]
+    NoExtents {
+        /// Offset of the request.
+        offset: u64,
+    },
 }
 
 impl ClientError {
@@ -149,22 +291,60 @@ pub struct ZeroFlags {
     pub fast: bool,
 }
 
+/// Locks `m` even if a thread panicked while holding it: the state it guards stays
+/// usable, and the connection is failed as a whole anyway, so waiters must still be woken
+/// rather than see a second panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wait<'a, T>(cv: &Condvar, g: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(g).unwrap_or_else(PoisonError::into_inner)
+}
+
 struct Completion<T> {
     result: Mutex<Option<Result<T, ClientError>>>,
     ready: Condvar,
 }
 
-impl<T> Completion<T> {
-    fn new() -> Arc<Self> {
-        Arc::new(Completion {
+/// The completing side of a [`Ticket`]. Dropping it without completing it fails the ticket,
+/// so that no path (a bug, a panic) can leave a caller waiting forever.
+struct Promise<T> {
+    completion: Option<Arc<Completion<T>>>,
+}
+
+impl<T> Promise<T> {
+    fn new() -> (Promise<T>, Ticket<T>) {
+        let c = Arc::new(Completion {
             result: Mutex::new(None),
             ready: Condvar::new(),
-        })
+        });
+        (
+            Promise {
+                completion: Some(c.clone()),
+            },
+            Ticket {
+                completion: c,
+                _t: PhantomData,
+            },
+        )
     }
 
-    fn complete(&self, r: Result<T, ClientError>) {
-        *self.result.lock().expect("completion lock") = Some(r);
-        self.ready.notify_all();
+    fn complete(mut self, r: Result<T, ClientError>) {
+        if let Some(c) = self.completion.take() {
+            *lock(&c.result) = Some(r);
+            c.ready.notify_all();
+        }
+    }
+}
+
+impl<T> Drop for Promise<T> {
+    fn drop(&mut self) {
+        if let Some(c) = self.completion.take() {
+            let lost = ClientError::Disconnected(Arc::new(ConnectionLost::ReaderStopped));
+            *lock(&c.result) = Some(Err(lost));
+            c.ready.notify_all();
+        }
     }
 }
 
@@ -186,29 +366,25 @@ impl<T> std::fmt::Debug for Ticket<T> {
 impl<T> Ticket<T> {
     /// Waits for the reply.
     pub fn wait(self) -> Result<T, ClientError> {
-        let mut g = self.completion.result.lock().expect("completion lock");
+        let mut g = lock(&self.completion.result);
         loop {
             if let Some(r) = g.take() {
                 return r;
             }
-            g = self.completion.ready.wait(g).expect("completion lock");
+            g = wait(&self.completion.ready, g);
         }
     }
 
     /// Whether the reply has arrived.
     pub fn is_done(&self) -> bool {
-        self.completion
-            .result
-            .lock()
-            .expect("completion lock")
-            .is_some()
+        lock(&self.completion.result).is_some()
     }
 }
 
 enum Completer {
-    Unit(Arc<Completion<()>>),
-    Read(Arc<Completion<Bytes>>, BytesMut),
-    Status(Arc<Completion<Vec<BlockExtent>>>, Vec<BlockExtent>),
+    Unit(Promise<()>),
+    Read(Promise<Bytes>, BytesMut),
+    Status(Promise<Vec<BlockExtent>>, Vec<BlockExtent>),
 }
 
 struct InFlight {
@@ -225,24 +401,46 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Records that `[start, start + len)` of a read arrived, refusing overlaps.
-    fn cover(&mut self, start: u64, len: u64) -> Result<(), String> {
-        let end = start + len;
+    /// Records that `[start, start + len)` of a read arrived, refusing overlaps. The caller
+    /// has checked that the range lies inside the request.
+    fn cover(&mut self, start: u64, len: u64) -> Result<(), Violation> {
+        let overlap = Violation::Overlap {
+            offset: start,
+            length: len,
+            req_offset: self.offset,
+        };
+        let end = start.checked_add(len).ok_or_else(|| overlap.clone())?;
         let before = self.ranges.range(..=start).next_back();
         let after = self.ranges.range(start..).next();
         if before.is_some_and(|(_, &e)| e > start) || after.is_some_and(|(&s, _)| s < end) {
-            return Err(format!(
-                "chunk at {start} length {len} overlaps an earlier chunk of READ offset {}",
-                self.offset
-            ));
+            return Err(overlap);
         }
         self.ranges.insert(start, end);
         self.covered += len;
         Ok(())
     }
-}
 
-impl InFlight {
+    /// Where `[offset, offset + length)` starts in the request's buffer, if it lies inside
+    /// the request. Offsets come from the server: nothing here may overflow.
+    fn place(&self, chunk: &'static str, offset: u64, length: u64) -> Result<usize, Violation> {
+        let start = offset.checked_sub(self.offset).filter(|rel| {
+            rel.checked_add(length)
+                .is_some_and(|end| end <= self.length as u64)
+        });
+        match start {
+            // Inside a request whose length fits in 32 bits.
+            Some(rel) => Ok(rel as usize),
+            None => Err(Violation::OutsideRequest {
+                chunk,
+                offset,
+                length,
+                command: proto::command_name(self.command),
+                req_offset: self.offset,
+                req_length: self.length,
+            }),
+        }
+    }
+
     fn fail(self, e: ClientError) {
         match self.completer {
             Completer::Unit(c) => c.complete(Err(e)),
@@ -251,32 +449,35 @@ impl InFlight {
         }
     }
 
+    /// Whether a reply that just ended adds up: a read covered in full, a block status
+    /// with at least one extent (an error reply needs neither).
+    fn check_complete(&self) -> Result<(), Violation> {
+        if self.error.is_some() {
+            return Ok(());
+        }
+        match &self.completer {
+            Completer::Read(..) if self.covered < self.length as u64 => Err(Violation::ShortRead {
+                covered: self.covered,
+                length: self.length,
+                offset: self.offset,
+            }),
+            Completer::Status(_, ext) if ext.is_empty() => Err(Violation::NoExtents {
+                offset: self.offset,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Completes the request after its last chunk, which [`InFlight::check_complete`]
+    /// accepted.
     fn finish(mut self) {
         if let Some(e) = self.error.take() {
             return self.fail(e);
         }
         match self.completer {
             Completer::Unit(c) => c.complete(Ok(())),
-            Completer::Read(c, buf) => {
-                if self.covered < self.length as u64 {
-                    c.complete(Err(ClientError::Disconnected(format!(
-                        "server sent {} of {} bytes of READ offset {} and said done",
-                        self.covered, self.length, self.offset
-                    ))));
-                } else {
-                    c.complete(Ok(buf.freeze()))
-                }
-            }
-            Completer::Status(c, ext) => {
-                if ext.is_empty() {
-                    c.complete(Err(ClientError::Disconnected(format!(
-                        "no base:allocation extents for BLOCK_STATUS offset {}",
-                        self.offset
-                    ))));
-                } else {
-                    c.complete(Ok(ext))
-                }
-            }
+            Completer::Read(c, buf) => c.complete(Ok(buf.freeze())),
+            Completer::Status(c, ext) => c.complete(Ok(ext)),
         }
     }
 
@@ -294,7 +495,7 @@ impl InFlight {
 struct Pending {
     map: HashMap<u64, InFlight>,
     next_cookie: u64,
-    lost: Option<String>,
+    lost: Option<Arc<ConnectionLost>>,
 }
 
 struct Shared {
@@ -305,23 +506,35 @@ struct Shared {
 }
 
 impl Shared {
-    fn lose(&self, why: String) {
-        let drained: Vec<InFlight> = {
-            let mut p = self.pending.lock().expect("pending lock");
-            if p.lost.is_none() {
-                p.lost = Some(why.clone());
-            }
-            p.map.drain().map(|(_, v)| v).collect()
+    /// Fails every request in flight with `why` and hangs up. The first reason sticks.
+    fn lose(&self, why: ConnectionLost) -> Arc<ConnectionLost> {
+        let (why, drained) = {
+            let mut p = lock(&self.pending);
+            let why = p.lost.get_or_insert_with(|| Arc::new(why)).clone();
+            let drained: Vec<InFlight> = p.map.drain().map(|(_, v)| v).collect();
+            (why, drained)
         };
         self.slot_freed.notify_all();
         for f in drained {
             f.fail(ClientError::Disconnected(why.clone()));
         }
-        let _ = self
-            .writer
-            .lock()
-            .expect("writer lock")
-            .shutdown(std::net::Shutdown::Both);
+        let _ = lock(&self.writer).shutdown(std::net::Shutdown::Both);
+        why
+    }
+}
+
+/// Fails the connection when the reply reader ends, however it ends: a reader that
+/// unwinds from a panic must not leave requests waiting for replies nobody reads.
+struct LoseOnExit<'a> {
+    shared: &'a Shared,
+    why: Option<ConnectionLost>,
+}
+
+impl Drop for LoseOnExit<'_> {
+    fn drop(&mut self) {
+        let why = self.why.take().unwrap_or(ConnectionLost::ReaderStopped);
+        debug!("client reader ends: {why}");
+        self.shared.lose(why);
     }
 }
 
@@ -418,12 +631,11 @@ impl Client {
         let reader = thread::Builder::new()
             .name("nbd-client-reader".into())
             .spawn(move || {
-                let why = match read_replies(&s, reader_stream, structured) {
-                    Ok(()) => "server closed the connection".to_string(),
-                    Err(e) => e,
+                let mut guard = LoseOnExit {
+                    shared: &s,
+                    why: None,
                 };
-                debug!("client reader ends: {why}");
-                s.lose(why);
+                guard.why = Some(read_replies(&s, reader_stream, structured));
             })
             .map_err(|e| hs_err(e.to_string()))?;
         Ok(Client {
@@ -506,7 +718,7 @@ impl Client {
 
     /// Requests sent and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.shared.pending.lock().expect("pending lock").map.len()
+        lock(&self.shared.pending).map.len()
     }
 
     fn check(&self, command: u16, offset: u64, length: u32) -> Result<(), ClientError> {
@@ -568,7 +780,7 @@ impl Client {
         completer: Completer,
     ) -> Result<(), ClientError> {
         let cookie = {
-            let mut p = self.shared.pending.lock().expect("pending lock");
+            let mut p = lock(&self.shared.pending);
             loop {
                 if let Some(why) = &p.lost {
                     return Err(ClientError::Disconnected(why.clone()));
@@ -576,7 +788,7 @@ impl Client {
                 if p.map.len() < self.shared.max_in_flight {
                     break;
                 }
-                p = self.shared.slot_freed.wait(p).expect("pending lock");
+                p = wait(&self.shared.slot_freed, p);
             }
             let cookie = p.next_cookie;
             p.next_cookie = p.next_cookie.wrapping_add(1);
@@ -596,15 +808,17 @@ impl Client {
         };
         let raw = RequestHeader { cookie, ..header }.to_bytes();
         let sent = {
-            let mut w = self.shared.writer.lock().expect("writer lock");
+            let mut w = lock(&self.shared.writer);
             match payload {
                 Some(p) => w.write_all_vectored(&mut [IoSlice::new(&raw), IoSlice::new(p)]),
                 None => std::io::Write::write_all(&mut *w, &raw),
             }
         };
-        if let Err(e) = sent {
-            let why = format!("sending {}: {e}", proto::command_name(header.command));
-            self.shared.lose(why.clone());
+        if let Err(source) = sent {
+            let why = self.shared.lose(ConnectionLost::Io {
+                during: format!("sending {}", proto::command_name(header.command)),
+                source,
+            });
             return Err(ClientError::Disconnected(why));
         }
         Ok(())
@@ -635,17 +849,14 @@ impl Client {
         mut buf: BytesMut,
     ) -> Result<Ticket<Bytes>, ClientError> {
         self.check(cmd::READ, offset, length)?;
-        let c = Completion::new();
+        let (promise, ticket) = Promise::new();
         buf.resize(length as usize, 0);
         self.submit(
             Self::request(cmd::READ, 0, offset, length),
             None,
-            Completer::Read(c.clone(), buf),
+            Completer::Read(promise, buf),
         )?;
-        Ok(Ticket {
-            completion: c,
-            _t: PhantomData,
-        })
+        Ok(ticket)
     }
 
     fn unit(
@@ -654,12 +865,9 @@ impl Client {
         payload: Option<&[u8]>,
     ) -> Result<Ticket<()>, ClientError> {
         self.check(header.command, header.offset, header.length)?;
-        let c = Completion::new();
-        self.submit(header, payload, Completer::Unit(c.clone()))?;
-        Ok(Ticket {
-            completion: c,
-            _t: PhantomData,
-        })
+        let (promise, ticket) = Promise::new();
+        self.submit(header, payload, Completer::Unit(promise))?;
+        Ok(ticket)
     }
 
     fn fua(&self, fua: bool) -> u16 {
@@ -741,17 +949,14 @@ impl Client {
         req_one: bool,
     ) -> Result<Ticket<Vec<BlockExtent>>, ClientError> {
         self.check(cmd::BLOCK_STATUS, offset, length)?;
-        let c = Completion::new();
+        let (promise, ticket) = Promise::new();
         let flags = if req_one { cflags::REQ_ONE } else { 0 };
         self.submit(
             Self::request(cmd::BLOCK_STATUS, flags, offset, length),
             None,
-            Completer::Status(c.clone(), Vec::new()),
+            Completer::Status(promise, Vec::new()),
         )?;
-        Ok(Ticket {
-            completion: c,
-            _t: PhantomData,
-        })
+        Ok(ticket)
     }
 
     /// Reads `length` bytes at `offset`.
@@ -795,17 +1000,21 @@ impl Client {
             return Ok(());
         };
         let lost = {
-            let mut p = self.shared.pending.lock().expect("pending lock");
+            let mut p = lock(&self.shared.pending);
             while !p.map.is_empty() && p.lost.is_none() {
-                p = self.shared.slot_freed.wait(p).expect("pending lock");
+                p = wait(&self.shared.slot_freed, p);
             }
             p.lost.clone()
         };
         let result = if lost.is_none() {
             let raw = Self::request(cmd::DISC, 0, 0, 0).to_bytes();
-            let mut w = self.shared.writer.lock().expect("writer lock");
-            let r = std::io::Write::write_all(&mut *w, &raw)
-                .map_err(|e| ClientError::Disconnected(format!("sending DISC: {e}")));
+            let mut w = lock(&self.shared.writer);
+            let r = std::io::Write::write_all(&mut *w, &raw).map_err(|source| {
+                ClientError::Disconnected(Arc::new(ConnectionLost::Io {
+                    during: "sending DISC".into(),
+                    source,
+                }))
+            });
             let _ = w.shutdown(std::net::Shutdown::Both);
             r
         } else {
@@ -822,52 +1031,100 @@ impl Drop for Client {
     }
 }
 
-fn read_replies(shared: &Shared, stream: Stream, structured: bool) -> Result<(), String> {
+/// Counts the bytes read, so that a protocol error can say where in the stream it was.
+struct Counting<R> {
+    inner: R,
+    at: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// How reading one reply failed.
+enum Failure {
+    Io(&'static str, io::Error),
+    Protocol(Violation),
+}
+
+impl From<Violation> for Failure {
+    fn from(v: Violation) -> Self {
+        Failure::Protocol(v)
+    }
+}
+
+fn io_failure(during: &'static str) -> impl Fn(io::Error) -> Failure {
+    move |e| Failure::Io(during, e)
+}
+
+/// Reads replies until the connection ends, completing requests; returns why it ended.
+/// A request whose reply broke the protocol fails with [`ClientError::Protocol`], the
+/// others (failed by the caller) with [`ClientError::Disconnected`].
+fn read_replies(shared: &Shared, stream: Stream, structured: bool) -> ConnectionLost {
     // Small on purpose: read data larger than the buffer goes straight into the request's
     // buffer instead of being copied through this one.
-    let mut r = BufReader::with_capacity(16 * 1024, stream);
+    let mut r = Counting {
+        inner: BufReader::with_capacity(16 * 1024, stream),
+        at: 0,
+    };
+    let io = |during: &str, source| ConnectionLost::Io {
+        during: during.to_string(),
+        source,
+    };
     let mut head = [0u8; CHUNK_HEADER_LEN];
     loop {
+        let at = r.at;
+        let protocol = |cookie, violation| {
+            ConnectionLost::Protocol(ProtocolError {
+                at,
+                cookie,
+                violation,
+            })
+        };
         match r.read(&mut head[..4]) {
-            Ok(0) => return Ok(()),
-            Ok(n) => r
-                .read_exact(&mut head[n..4])
-                .map_err(|e| format!("reading a reply header: {e}"))?,
+            Ok(0) => return ConnectionLost::Closed,
+            Ok(n) => {
+                if let Err(e) = r.read_exact(&mut head[n..4]) {
+                    return io("reading a reply header", e);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("reading a reply header: {e}")),
+            Err(e) => return io("reading a reply header", e),
         }
-        let magic = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+        let magic = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
         let len = match magic {
             proto::SIMPLE_REPLY_MAGIC => SIMPLE_REPLY_LEN,
             proto::STRUCTURED_REPLY_MAGIC if structured => CHUNK_HEADER_LEN,
-            m => return Err(format!("bad reply magic {m:#x}")),
+            m => return protocol(None, Violation::BadMagic(m)),
         };
-        r.read_exact(&mut head[4..len])
-            .map_err(|e| format!("reading a reply header: {e}"))?;
+        if let Err(e) = r.read_exact(&mut head[4..len]) {
+            return io("reading a reply header", e);
+        }
         let mut b = BytesMut::from(&head[..len]);
-        let header = ReplyHeader::decode(&mut b)
-            .map_err(|e| e.to_string())?
-            .ok_or("short reply header")?;
+        let header = match ReplyHeader::decode(&mut b) {
+            Ok(Some(h)) => h,
+            Ok(None) => return protocol(None, Violation::BadMagic(magic)),
+            Err(e) => return protocol(None, e.into()),
+        };
         let cookie = header.cookie();
         // Take the request out while its payload is read, so submitters are not blocked.
-        let mut f = shared
-            .pending
-            .lock()
-            .expect("pending lock")
-            .map
-            .remove(&cookie)
-            .ok_or_else(|| format!("reply for unknown cookie {cookie:#x}"))?;
+        let Some(mut f) = lock(&shared.pending).map.remove(&cookie) else {
+            return protocol(None, Violation::UnknownCookie(cookie));
+        };
         let done = match header {
             ReplyHeader::Simple { error, .. } => {
                 if error != 0 {
                     f.error = Some(f.server_error(error, String::new()));
                     Ok(true)
                 } else if let Completer::Read(_, buf) = &mut f.completer {
-                    let r = r
-                        .read_exact(&mut buf[..])
-                        .map_err(|e| format!("reading READ data: {e}"));
                     f.covered = f.length as u64;
-                    r.map(|()| true)
+                    r.read_exact(&mut buf[..])
+                        .map(|()| true)
+                        .map_err(io_failure("reading READ data"))
                 } else {
                     Ok(true)
                 }
@@ -877,91 +1134,140 @@ fn read_replies(shared: &Shared, stream: Stream, structured: bool) -> Result<(),
         // The request is out of the map: fail it here, or its ticket would wait forever.
         let done = match done {
             Ok(d) => d,
-            Err(why) => {
-                f.fail(ClientError::Disconnected(why.clone()));
-                return Err(why);
+            Err(Failure::Io(during, source)) => {
+                // Back in the map, to be failed with the others.
+                lock(&shared.pending).map.insert(cookie, f);
+                return io(during, source);
+            }
+            Err(Failure::Protocol(violation)) => {
+                let e = ProtocolError {
+                    at,
+                    cookie: Some(cookie),
+                    violation,
+                };
+                f.fail(ClientError::Protocol(e.clone()));
+                return ConnectionLost::Protocol(e);
             }
         };
         if done {
+            if let Err(violation) = f.check_complete() {
+                let e = ProtocolError {
+                    at,
+                    cookie: Some(cookie),
+                    violation,
+                };
+                f.fail(ClientError::Protocol(e.clone()));
+                return ConnectionLost::Protocol(e);
+            }
             f.finish();
             shared.slot_freed.notify_all();
         } else {
-            shared
-                .pending
-                .lock()
-                .expect("pending lock")
-                .map
-                .insert(cookie, f);
+            lock(&shared.pending).map.insert(cookie, f);
         }
     }
 }
 
-fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result<(), String> {
+fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result<(), Failure> {
     if h.kind == chunk::OFFSET_DATA {
-        let (Completer::Read(_, buf), true) = (&mut f.completer, h.length > 8) else {
-            return Err(format!(
-                "OFFSET_DATA chunk of {} bytes for a {} request",
-                h.length,
-                proto::command_name(f.command)
-            ));
+        if !matches!(f.completer, Completer::Read(..)) {
+            return Err(Violation::WrongChunk {
+                chunk: "OFFSET_DATA",
+                command: proto::command_name(f.command),
+            }
+            .into());
+        }
+        let Some(n) = h.length.checked_sub(8).filter(|&n| n > 0) else {
+            return Err(Violation::Malformed(WireError::Malformed {
+                what: "structured reply chunk",
+                detail: format!("OFFSET_DATA of {} bytes", h.length),
+            })
+            .into());
         };
         let mut o = [0u8; 8];
-        r.read_exact(&mut o).map_err(|e| e.to_string())?;
+        r.read_exact(&mut o)
+            .map_err(io_failure("reading an OFFSET_DATA chunk"))?;
         let at = u64::from_be_bytes(o);
-        let n = (h.length - 8) as u64;
-        if at < f.offset || at + n > f.offset + f.length as u64 {
-            return Err(format!(
-                "OFFSET_DATA at {at} length {n} outside READ offset {} length {}",
-                f.offset, f.length
-            ));
-        }
-        let start = (at - f.offset) as usize;
-        r.read_exact(&mut buf[start..start + n as usize])
-            .map_err(|e| format!("reading READ data: {e}"))?;
-        return f.cover(at, n);
+        let start = f.place("OFFSET_DATA", at, n as u64)?;
+        f.cover(at, n as u64)?;
+        let Completer::Read(_, buf) = &mut f.completer else {
+            unreachable!("checked above")
+        };
+        return r
+            .read_exact(&mut buf[start..start + n as usize])
+            .map_err(io_failure("reading READ data"));
     }
-    if h.length > MAX_META_CHUNK {
-        return Err(format!(
-            "chunk type {} of {} bytes is too long",
-            h.kind, h.length
-        ));
+    let max = if h.kind & chunk::ERROR_BIT != 0 {
+        // Error value, message length, a message of up to 64 KiB, an offset.
+        6 + u16::MAX as u32 + 8
+    } else {
+        MAX_META_CHUNK
+    };
+    if h.length > max {
+        return Err(Violation::ChunkTooLong {
+            kind: h.kind,
+            length: h.length,
+            max,
+        }
+        .into());
     }
     let mut payload = vec![0u8; h.length as usize];
-    r.read_exact(&mut payload).map_err(|e| e.to_string())?;
-    let parsed = ChunkPayload::parse(h.kind, Bytes::from(payload)).map_err(|e| e.to_string())?;
+    r.read_exact(&mut payload)
+        .map_err(io_failure("reading a reply chunk"))?;
+    let parsed = ChunkPayload::parse(h.kind, Bytes::from(payload)).map_err(Violation::from)?;
     match parsed {
         ChunkPayload::None => {
             if !h.is_done() {
-                return Err("NONE chunk without the DONE flag".into());
+                return Err(Violation::NoneWithoutDone.into());
             }
         }
         ChunkPayload::OffsetHole { offset, length } => {
-            if !matches!(f.completer, Completer::Read(..))
-                || offset < f.offset
-                || offset + length as u64 > f.offset + f.length as u64
-            {
-                return Err(format!(
-                    "OFFSET_HOLE at {offset} length {length} outside the request"
-                ));
+            if !matches!(f.completer, Completer::Read(..)) {
+                return Err(Violation::WrongChunk {
+                    chunk: "OFFSET_HOLE",
+                    command: proto::command_name(f.command),
+                }
+                .into());
             }
+            let start = f.place("OFFSET_HOLE", offset, length as u64)?;
+            f.cover(offset, length as u64)?;
             if let Completer::Read(_, buf) = &mut f.completer {
-                let start = (offset - f.offset) as usize;
                 buf[start..start + length as usize].fill(0);
             }
-            f.cover(offset, length as u64)?;
         }
         ChunkPayload::BlockStatus { descriptors, .. } => {
+            let (req_offset, req_length) = (f.offset, f.length);
             let Completer::Status(_, ext) = &mut f.completer else {
-                return Err("BLOCK_STATUS chunk for another command".into());
+                return Err(Violation::WrongChunk {
+                    chunk: "BLOCK_STATUS",
+                    command: proto::command_name(f.command),
+                }
+                .into());
             };
-            let mut at = f.offset;
+            // Where the requested range ends; a request that itself runs past 2^64 (only
+            // a lax client sends one) ends there.
+            let end = req_offset.saturating_add(req_length as u64);
+            let mut at = ext.last().map_or(req_offset, |e| e.offset + e.length);
             for d in descriptors {
+                if at >= end && at > req_offset {
+                    return Err(Violation::ExtentPastRequest {
+                        offset: at,
+                        req_offset,
+                        req_length,
+                    }
+                    .into());
+                }
+                let next = at
+                    .checked_add(d.length as u64)
+                    .ok_or(Violation::ExtentOverflow {
+                        offset: at,
+                        length: d.length,
+                    })?;
                 ext.push(BlockExtent {
                     offset: at,
                     length: d.length as u64,
                     flags: d.flags,
                 });
-                at += d.length as u64;
+                at = next;
             }
         }
         ChunkPayload::Error { error, message }
@@ -971,7 +1277,13 @@ fn chunk_payload(r: &mut impl Read, f: &mut InFlight, h: &ChunkHeader) -> Result
                 f.error = Some(f.server_error(error, message));
             }
         }
-        ChunkPayload::OffsetData { .. } => unreachable!("handled above"),
+        ChunkPayload::OffsetData { .. } => {
+            return Err(Violation::WrongChunk {
+                chunk: "OFFSET_DATA",
+                command: proto::command_name(f.command),
+            }
+            .into());
+        }
     }
     Ok(())
 }

@@ -289,7 +289,7 @@ fn client_rejects_overlapping_read_chunks() {
     let c = Client::connect(&Address::Unix(path), "", &ClientOptions::default()).unwrap();
     let e = c.read(0, 8192).unwrap_err();
     assert!(
-        matches!(&e, ClientError::Disconnected(m) if m.contains("overlaps")),
+        matches!(&e, ClientError::Protocol(p) if p.to_string().contains("overlaps")),
         "{e}"
     );
     drop(c);
