@@ -4,9 +4,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::proto::{self, client_flags, handshake_flags, info, opt, rep, tflags};
+pub use crate::wire::BlockSize;
 use crate::wire::{
-    self, BlockSize, ClientOption, GoRequest, InfoReply, MetaContextRequest, OptionHeader,
-    OptionReply, OptionReplyHeader, WireError,
+    self, ClientOption, GoRequest, InfoReply, MetaContextRequest, OptionHeader, OptionReply,
+    OptionReplyHeader, WireError,
 };
 
 /// What the server knows about one export during negotiation.

@@ -24,5 +24,9 @@ pub mod transmission;
 pub mod wire;
 
 pub use addr::{Address, Listener, NbdUri, Stream, connect};
-pub use client::{BlockExtent, Client, ClientError, ClientOptions, ClientPool, Ticket, ZeroFlags};
+pub use client::{
+    BlockExtent, Client, ClientError, ClientOptions, ClientPool, ClientRequest, ClientSession,
+    ConnectionLost, NegotiationError, ProtocolError, Reply, ReplyStep, Submitted, Ticket,
+    Violation, ZeroFlags,
+};
 pub use server::{ExportConfig, Server, ServerConfig, ServerHandle};

@@ -3,7 +3,7 @@
 //! for, decided before anything is allocated.
 
 use crate::proto::{self, NbdErrno, cflags, cmd, tflags};
-use crate::wire::RequestHeader;
+pub use crate::wire::{REQUEST_HEADER_LEN, RequestHeader};
 
 /// What was negotiated for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

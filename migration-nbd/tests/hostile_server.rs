@@ -13,9 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use migration_nbd::handshake::{ExportInfo, HandshakeLimits, ServerHandshake, ServerStep};
+use migration_nbd::handshake::{
+    BlockSize, ExportInfo, HandshakeLimits, ServerHandshake, ServerStep,
+};
 use migration_nbd::proto::{self, chunk, cmd, tflags};
-use migration_nbd::wire::BlockSize;
 use migration_nbd::{Client, ClientError, ClientOptions, Stream};
 
 /// How long a request may take to fail before the test calls it a hang.
