@@ -286,3 +286,30 @@ fn server_closing_mid_payload_fails_every_waiting_request() {
     assert_disconnected(&first);
     assert_disconnected(&second);
 }
+
+/// A read answered with two data chunks over the same bytes (which the protocol forbids)
+/// and nothing for the rest fails with a protocol error, instead of returning a buffer
+/// with a gap of stale bytes in it.
+#[test]
+fn overlapping_read_chunks_fail_the_read() {
+    let (first, second) = both_requests_fail(
+        1 << 20,
+        |c| {
+            let t = c.submit_read(0, 8192).unwrap();
+            Box::new(move || t.wait().map(drop))
+        },
+        Box::new(|s, r| {
+            for _ in 0..2 {
+                s.chunk(
+                    0,
+                    chunk::OFFSET_DATA,
+                    r.cookie,
+                    &offset_data(r.offset, &[1; 4096]),
+                );
+            }
+            s.chunk(proto::REPLY_FLAG_DONE, chunk::NONE, r.cookie, &[]);
+        }),
+    );
+    assert_protocol_error(&first, "overlaps");
+    assert_disconnected(&second);
+}

@@ -1,14 +1,16 @@
 //! Property tests: every codec round-trips, and arbitrary bytes fed to the server's
-//! negotiation and request parsing (and to the client's) never panic.
+//! negotiation and request parsing (and to the client's) never panic. (The client's reply
+//! handling has its own, in `client::session::tests`.)
 
 use bytes::{Bytes, BytesMut};
-use migration_nbd::handshake::{
+use proptest::prelude::*;
+
+use super::*;
+use crate::handshake::{
     ClientHandshake, ClientWants, ExportInfo, HandshakeLimits, ServerHandshake, ServerStep,
 };
-use migration_nbd::proto::{self, cmd, opt, rep, tflags};
-use migration_nbd::transmission::{Request, Session, Verdict};
-use migration_nbd::wire::*;
-use proptest::prelude::*;
+use crate::proto::{self, cmd, opt, rep, tflags};
+use crate::transmission::{Request, Session, Verdict};
 
 fn nbd_string() -> impl Strategy<Value = String> {
     // Protocol strings: UTF-8 without NUL, at most 4096 bytes.
