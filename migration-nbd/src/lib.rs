@@ -1,11 +1,8 @@
-//! An NBD server and client for storage migration without shared storage.
+#![doc = include_str!("../README.md")]
 //!
-//! The destination of a migration exports its disks with [`Server`]; the source writes into
-//! them with [`Client`]. Both interoperate with the usual NBD tools (`qemu-nbd`,
-//! `qemu-img`, `nbdinfo`, `nbdcopy`, `nbdkit`).
+//! ## Where the protocol lives
 //!
-//! The crate follows the workspace design: the protocol lives in state machines without
-//! I/O, and thin blocking drivers run them on threads. No async runtime.
+//! The state machines without I/O, and the drivers that run them on threads:
 //!
 //! - Negotiation: [`handshake::ClientHandshake`] and [`handshake::ServerHandshake`].
 //! - Transmission, client side: [`ClientSession`] (requests out, replies in, read data
