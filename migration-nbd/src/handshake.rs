@@ -46,6 +46,7 @@ impl Default for HandshakeLimits {
 
 /// Why a negotiation ended without entering transmission.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// A message does not follow the protocol.
     #[error("handshake: {0}")]

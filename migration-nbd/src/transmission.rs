@@ -37,6 +37,7 @@ pub struct Session {
 
 /// A valid request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Request {
     /// Read `length` bytes at `offset`.
     Read {
@@ -122,6 +123,7 @@ pub enum Verdict {
 
 /// A request after which the connection cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FatalRequest {
     /// A `WRITE` whose payload is too large to even read and discard.
     #[error("WRITE of {length} bytes at offset {offset}: payload above {max} bytes, hanging up")]

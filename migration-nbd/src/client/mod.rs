@@ -830,3 +830,91 @@ impl ClientPool {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    fn shared() -> Arc<Shared> {
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let negotiated = ClientNegotiated {
+            size: 1 << 20,
+            flags: tflags::HAS_FLAGS | tflags::SEND_FLUSH,
+            structured_replies: true,
+            base_allocation_id: None,
+            block_size: BlockSize::default(),
+        };
+        Arc::new(Shared {
+            writer: Mutex::new(Stream::Unix(ours.try_clone().unwrap())),
+            control: Stream::Unix(ours),
+            state: Mutex::new(State {
+                session: ClientSession::new(negotiated, true),
+                waiting: HashMap::new(),
+                lost: None,
+            }),
+            changed: Condvar::new(),
+            max_in_flight: 4,
+        })
+    }
+
+    /// Waits for a ticket with a deadline, so that a ticket nobody completes fails the test
+    /// instead of hanging it; true if it failed because the reader stopped.
+    fn stopped<T: Send + 'static>(t: Ticket<T>) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let _ = tx.send(t.wait().err());
+        });
+        let e = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the ticket was never completed");
+        matches!(e, Some(ClientError::Disconnected(ref l)) if matches!(**l, ConnectionLost::ReaderStopped))
+    }
+
+    /// A reader that panics (here while holding the state lock, which poisons it) still
+    /// fails every request in flight, and later submissions fail instead of waiting.
+    #[test]
+    fn a_reader_that_panics_fails_every_waiting_request() {
+        let shared = shared();
+        let (unit, unit_ticket) = Promise::<()>::new();
+        let (read, read_ticket) = Promise::<Bytes>::new();
+        {
+            let mut st = lock(&shared.state);
+            let a = st.session.submit(ClientRequest::Flush).unwrap();
+            st.waiting.insert(a.cookie, Waiter::Unit(unit));
+            let b = st
+                .session
+                .submit(ClientRequest::Read {
+                    offset: 0,
+                    length: 4,
+                })
+                .unwrap();
+            st.waiting
+                .insert(b.cookie, Waiter::Read(read, BytesMut::zeroed(4)));
+        }
+        let s = shared.clone();
+        let reader = thread::spawn(move || {
+            let _guard = LoseOnExit {
+                shared: &s,
+                why: None,
+            };
+            let _held = lock(&s.state);
+            panic!("a bug in the reply reader");
+        });
+        assert!(reader.join().is_err());
+        assert!(stopped(unit_ticket));
+        assert!(stopped(read_ticket));
+        let st = lock(&shared.state);
+        assert!(st.waiting.is_empty() && st.session.is_closed());
+        assert!(st.lost.is_some());
+    }
+
+    /// Whatever drops the completing side of a ticket fails the ticket.
+    #[test]
+    fn a_dropped_promise_fails_its_ticket() {
+        let (promise, ticket) = Promise::<Vec<BlockExtent>>::new();
+        drop(promise);
+        assert!(stopped(ticket));
+    }
+}

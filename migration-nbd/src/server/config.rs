@@ -66,6 +66,7 @@ impl Default for ServerConfig {
 
 /// A server that cannot start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     /// An export's file cannot be opened.
     #[error("export {name:?}: cannot open {}: {source}", path.display())]

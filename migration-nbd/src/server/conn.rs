@@ -19,6 +19,7 @@ use crate::wire::WireError;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConnectionError {
     /// The socket failed.
     #[error("connection I/O: {0}")]

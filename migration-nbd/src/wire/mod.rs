@@ -42,6 +42,7 @@ mod tests;
 
 /// A message that does not follow the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     /// A magic number is wrong: the peer does not speak NBD, or the stream lost sync.
     #[error("bad magic in {what}: expected {expected:#x}, found {found:#x}")]

@@ -565,8 +565,9 @@ impl ClientSession {
 
     /// Fails the session: forgets every request in flight and returns their cookies, so
     /// the driver can fail them (for example when the socket broke). Later calls to
-    /// [`submit`](Self::submit) fail and [`handle_input`](Self::handle_input) returns no
-    /// more steps.
+    /// [`submit`](Self::submit) fail, and [`handle_input`](Self::handle_input) completes
+    /// nothing more (it returns the protocol error that ended the session, if one did, and
+    /// otherwise only asks for input).
     pub fn abort(&mut self) -> Vec<u64> {
         self.recv = Recv::Closed;
         self.requests.drain().map(|(c, _)| c).collect()
