@@ -57,10 +57,13 @@ fn codecs(c: &mut Criterion) {
     c.bench_function("block_status_chunk/encode_1024_extents", |b| {
         b.iter(|| {
             out.clear();
-            session.encode_block_status(7, descriptors.clone(), &mut out);
+            session.encode_block_status(7, &descriptors, &mut out);
             black_box(out.len())
         })
     });
+    // Encoded again here: a filter that skips the benchmark above leaves `out` empty.
+    out.clear();
+    session.encode_block_status(7, &descriptors, &mut out);
     client_replies(c, &out);
 }
 

@@ -218,14 +218,23 @@ impl Session {
     pub fn encode_block_status(
         &self,
         cookie: u64,
-        descriptors: Vec<BlockDescriptor>,
+        descriptors: &[BlockDescriptor],
         out: &mut BytesMut,
     ) {
-        ChunkPayload::BlockStatus {
-            context_id: self.base_allocation_id.unwrap_or(0),
-            descriptors,
+        ChunkHeader {
+            flags: proto::REPLY_FLAG_DONE,
+            kind: proto::chunk::BLOCK_STATUS,
+            cookie,
+            // The server sends at most `max_extents` descriptors; the length saturates
+            // rather than wraps for a caller that passes more than 2^29.
+            length: u32::try_from(4 + 8 * descriptors.len()).unwrap_or(u32::MAX),
         }
-        .encode_chunk(cookie, true, out);
+        .encode(out);
+        out.put_u32(self.base_allocation_id.unwrap_or(0));
+        for d in descriptors {
+            out.put_u32(d.length);
+            out.put_u32(d.flags);
+        }
     }
 
     /// Decides what to do with a request header.

@@ -342,7 +342,7 @@ impl Conn {
                 return self.send(&mut [IoSlice::new(&reply)]);
             }
         };
-        let descriptors = ext
+        let descriptors: Vec<BlockDescriptor> = ext
             .iter()
             .map(|e| BlockDescriptor {
                 // Extents lie inside the request, whose length fits in 32 bits.
@@ -352,7 +352,7 @@ impl Conn {
             .collect();
         let mut out = BytesMut::new();
         self.session
-            .encode_block_status(cookie, descriptors, &mut out);
+            .encode_block_status(cookie, &descriptors, &mut out);
         self.send(&mut [IoSlice::new(&out)])
     }
 }
