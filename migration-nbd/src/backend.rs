@@ -30,6 +30,7 @@ pub struct Extent {
 
 /// Why a `WRITE_ZEROES` failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ZeroError {
     /// `FAST_ZERO` was asked and the filesystem can only zero by writing.
     #[error("zeroing would not be faster than writing")]

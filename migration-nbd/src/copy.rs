@@ -110,6 +110,7 @@ impl std::fmt::Display for CopySummary {
 
 /// A copy that failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CopyError {
     /// A local file failed.
     #[error("{path}: {source}")]

@@ -4,9 +4,10 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::proto::{self, client_flags, handshake_flags, info, opt, rep, tflags};
+pub use crate::wire::BlockSize;
 use crate::wire::{
-    self, BlockSize, ClientOption, GoRequest, InfoReply, MetaContextRequest, OptionHeader,
-    OptionReply, OptionReplyHeader, WireError,
+    self, ClientOption, GoRequest, InfoReply, MetaContextRequest, OptionHeader, OptionReply,
+    OptionReplyHeader, WireError,
 };
 
 /// What the server knows about one export during negotiation.
@@ -45,6 +46,7 @@ impl Default for HandshakeLimits {
 
 /// Why a negotiation ended without entering transmission.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     /// A message does not follow the protocol.
     #[error("handshake: {0}")]

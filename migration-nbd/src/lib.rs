@@ -1,12 +1,19 @@
-//! An NBD server and client for storage migration without shared storage.
+#![doc = include_str!("../README.md")]
 //!
-//! The destination of a migration exports its disks with [`Server`]; the source writes into
-//! them with [`Client`]. Both interoperate with the usual NBD tools (`qemu-nbd`,
-//! `qemu-img`, `nbdinfo`, `nbdcopy`, `nbdkit`).
+//! ## Where the protocol lives
 //!
-//! The crate follows the workspace design: the protocol lives in codecs and state machines
-//! without I/O ([`wire`], [`handshake`], [`transmission`]), and thin blocking drivers run them
-//! on threads ([`server`], [`client`]). No async runtime.
+//! The state machines without I/O, and the drivers that run them on threads:
+//!
+//! - Negotiation: [`handshake::ClientHandshake`] and [`handshake::ServerHandshake`].
+//! - Transmission, client side: [`ClientSession`] (requests out, replies in, read data
+//!   routed to the caller's buffers); [`Client`] drives it.
+//! - Transmission, server side: [`transmission::Session`] (request checks and reply
+//!   encoding); [`Server`] drives it over a [`backend::FileBackend`].
+//!
+//! A VMM with its own event loop drives the state machines itself. The message codecs
+//! under them are internal; the few message types that appear in the state machines'
+//! signatures are re-exported where they are used ([`BlockSize`],
+//! [`transmission::RequestHeader`], [`transmission::BlockDescriptor`]).
 //!
 //! Protocol reference: the NBD protocol document (`doc/proto.md`) and the NBD URI
 //! specification (`doc/uri.md`) of the NBD project.
@@ -21,8 +28,15 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod transmission;
-pub mod wire;
+pub(crate) mod wire;
 
 pub use addr::{Address, Listener, NbdUri, Stream, connect};
-pub use client::{BlockExtent, Client, ClientError, ClientOptions, ClientPool, Ticket, ZeroFlags};
-pub use server::{ExportConfig, Server, ServerConfig, ServerHandle};
+pub use client::{
+    BlockExtent, Client, ClientError, ClientOptions, ClientPool, ClientRequest, ClientSession,
+    ConnectionLost, NegotiationError, ProtocolError, Reply, ReplyStep, Submitted, Ticket,
+    Violation, ZeroFlags,
+};
+pub use handshake::BlockSize;
+pub use server::{ConnectionError, ExportConfig, Server, ServerConfig, ServerError, ServerHandle};
+pub use transmission::Session as ServerSession;
+pub use wire::WireError;

@@ -1,9 +1,19 @@
-//! Server-side checks of transmission requests, without I/O: every request header becomes
+//! The server side of the transmission phase, without I/O: every request header becomes
 //! either a typed [`Request`] to execute or the exact error the NBD protocol document asks
-//! for, decided before anything is allocated.
+//! for, decided before anything is allocated, and every reply is encoded by the
+//! [`Session`] that knows whether structured replies were negotiated.
+//!
+//! [`Server`](crate::Server) drives it on threads; a VMM with its own event loop can drive
+//! [`ServerHandshake`](crate::handshake::ServerHandshake) and then a [`Session`] itself:
+//! parse each 28-byte header with [`RequestHeader::parse`], [`Session::check`] it, read a
+//! `WRITE`'s payload (or drain a rejected one), run the request and append its reply with
+//! the `encode_*` methods.
+
+use bytes::{BufMut, BytesMut};
 
 use crate::proto::{self, NbdErrno, cflags, cmd, tflags};
-use crate::wire::RequestHeader;
+use crate::wire::{self, ChunkHeader, ChunkPayload};
+pub use crate::wire::{BlockDescriptor, REQUEST_HEADER_LEN, RequestHeader};
 
 /// What was negotiated for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +37,7 @@ pub struct Session {
 
 /// A valid request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Request {
     /// Read `length` bytes at `offset`.
     Read {
@@ -112,6 +123,7 @@ pub enum Verdict {
 
 /// A request after which the connection cannot go on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum FatalRequest {
     /// A `WRITE` whose payload is too large to even read and discard.
     #[error("WRITE of {length} bytes at offset {offset}: payload above {max} bytes, hanging up")]
@@ -126,6 +138,105 @@ pub enum FatalRequest {
 }
 
 impl Session {
+    /// Appends the reply to a request that succeeded and returns no data (or the header of
+    /// a simple reply to a `READ`, when structured replies are off: the data follows it).
+    pub fn encode_ok(&self, cookie: u64, out: &mut BytesMut) {
+        wire::encode_simple_reply(cookie, 0, out);
+    }
+
+    /// Appends an error reply: a final structured error chunk carrying `message` (cut to
+    /// the protocol's 4096 bytes) when structured replies are on, a simple reply otherwise.
+    pub fn encode_error(&self, cookie: u64, error: NbdErrno, message: &str, out: &mut BytesMut) {
+        if self.structured_replies {
+            ChunkPayload::Error {
+                error: error.0,
+                message: protocol_string(message),
+            }
+            .encode_chunk(cookie, true, out);
+        } else {
+            wire::encode_simple_reply(cookie, error.0, out);
+        }
+    }
+
+    /// Appends the header of an `OFFSET_DATA` chunk (structured replies only) for the `len`
+    /// bytes at `offset` that must follow it; `done` marks the reply's last chunk.
+    pub fn encode_data_header(
+        &self,
+        cookie: u64,
+        offset: u64,
+        len: u32,
+        done: bool,
+        out: &mut BytesMut,
+    ) {
+        ChunkHeader {
+            flags: if done { proto::REPLY_FLAG_DONE } else { 0 },
+            kind: proto::chunk::OFFSET_DATA,
+            cookie,
+            // `Server::new` keeps payloads 8 bytes below 2^32.
+            length: len.saturating_add(8),
+        }
+        .encode(out);
+        out.put_u64(offset);
+    }
+
+    /// Appends an `OFFSET_HOLE` chunk (structured replies only): `len` bytes at `offset`
+    /// read as zeroes.
+    pub fn encode_hole(&self, cookie: u64, offset: u64, len: u32, done: bool, out: &mut BytesMut) {
+        ChunkPayload::OffsetHole {
+            offset,
+            length: len,
+        }
+        .encode_chunk(cookie, done, out);
+    }
+
+    /// Appends the final `NONE` chunk of a structured reply whose other chunks all went
+    /// out without the done flag.
+    pub fn encode_done(&self, cookie: u64, out: &mut BytesMut) {
+        ChunkPayload::None.encode_chunk(cookie, true, out);
+    }
+
+    /// Appends a final `ERROR_OFFSET` chunk (structured replies only): the request failed
+    /// at `offset`.
+    pub fn encode_error_at(
+        &self,
+        cookie: u64,
+        error: NbdErrno,
+        message: &str,
+        offset: u64,
+        out: &mut BytesMut,
+    ) {
+        ChunkPayload::ErrorOffset {
+            error: error.0,
+            message: protocol_string(message),
+            offset,
+        }
+        .encode_chunk(cookie, true, out);
+    }
+
+    /// Appends the final `BLOCK_STATUS` chunk for the negotiated `base:allocation`
+    /// context.
+    pub fn encode_block_status(
+        &self,
+        cookie: u64,
+        descriptors: &[BlockDescriptor],
+        out: &mut BytesMut,
+    ) {
+        ChunkHeader {
+            flags: proto::REPLY_FLAG_DONE,
+            kind: proto::chunk::BLOCK_STATUS,
+            cookie,
+            // The server sends at most `max_extents` descriptors; the length saturates
+            // rather than wraps for a caller that passes more than 2^29.
+            length: u32::try_from(4 + 8 * descriptors.len()).unwrap_or(u32::MAX),
+        }
+        .encode(out);
+        out.put_u32(self.base_allocation_id.unwrap_or(0));
+        for d in descriptors {
+            out.put_u32(d.length);
+            out.put_u32(d.flags);
+        }
+    }
+
     /// Decides what to do with a request header.
     pub fn check(&self, h: &RequestHeader) -> Result<Verdict, FatalRequest> {
         let drain = if h.command == cmd::WRITE { h.length } else { 0 };
@@ -303,4 +414,13 @@ impl Session {
             _ => inval("unknown command"),
         }
     }
+}
+
+/// `message` cut to the protocol's longest string, on a character boundary.
+fn protocol_string(message: &str) -> String {
+    let mut cut = message.len().min(proto::MAX_STRING);
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    message[..cut].to_string()
 }

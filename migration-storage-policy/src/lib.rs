@@ -1,20 +1,6 @@
-//! Decides whether a VM's disk setup is safe for live migration, and explains why.
+#![doc = include_str!("../README.md")]
 //!
-//! Live migration with shared storage is only safe when the destination cannot read stale
-//! data the source wrote. Whether it can depends on the storage's coherence, the disk's
-//! cache mode and what the image format caches. This crate applies named rules, each with
-//! its source, its reasoning and a remedy, to every disk of a [`Plan`] and returns a
-//! [`Report`]: a [`Verdict`] (`safe`, `safe-in-practice`, `unsafe`), the [`Finding`]s
-//! behind it, and what libvirt's own check (`qemuMigrationSrcIsSafe()`) would decide for the
-//! same disks, with the reason wherever the two differ.
-//!
-//! What a [`DiskSpec`] does not give is detected from its path: the filesystem from the
-//! `statfs(2)` magic (walking up to the nearest existing parent, FUSE subtypes and the
-//! server from the mount table), the transport of a block device from sysfs, the storage of
-//! a QEMU URI from its scheme, and the image format from its header. Given values always
-//! win; the report says which values were given, detected or defaulted.
-//!
-//! # A VMM calling it before a migration
+//! ## A VMM calling it before a migration
 //!
 //! ```
 //! use migration_storage_policy::{
@@ -55,7 +41,7 @@
 //! assert_eq!(storage_allows_migration(&plan, false), Ok(Verdict::SafeInPractice));
 //! ```
 //!
-//! The command line `migration-storage-policy check` wraps the same call; see the README.
+//! The command line `migration-storage-policy check` wraps the same call (see above).
 
 #![deny(missing_docs)]
 

@@ -1,14 +1,16 @@
 //! Property tests: every codec round-trips, and arbitrary bytes fed to the server's
-//! negotiation and request parsing (and to the client's) never panic.
+//! negotiation and request parsing (and to the client's) never panic. (The client's reply
+//! handling has its own, in `client::session::tests`.)
 
 use bytes::{Bytes, BytesMut};
-use migration_nbd::handshake::{
+use proptest::prelude::*;
+
+use super::*;
+use crate::handshake::{
     ClientHandshake, ClientWants, ExportInfo, HandshakeLimits, ServerHandshake, ServerStep,
 };
-use migration_nbd::proto::{self, cmd, opt, rep, tflags};
-use migration_nbd::transmission::{Request, Session, Verdict};
-use migration_nbd::wire::*;
-use proptest::prelude::*;
+use crate::proto::{self, cmd, opt, rep, tflags};
+use crate::transmission::{Request, Session, Verdict};
 
 fn nbd_string() -> impl Strategy<Value = String> {
     // Protocol strings: UTF-8 without NUL, at most 4096 bytes.
@@ -375,4 +377,80 @@ fn unknown_command_is_rejected_with_einval_and_write_payload_drained() {
         s.check(&huge).is_err(),
         "a payload above max_drain ends the connection"
     );
+}
+
+proptest! {
+    /// The server session's encoders write what the chunk codec writes (and so what the
+    /// client's parsers read back).
+    #[test]
+    fn server_session_encoders_match_the_codecs(
+        cookie in any::<u64>(),
+        offset in any::<u64>(),
+        len in 1u32..1 << 25,
+        done in any::<bool>(),
+        descriptors in prop::collection::vec((1u32.., any::<u32>()), 1..50),
+        message in nbd_string(),
+    ) {
+        let s = Session {
+            size: u64::MAX,
+            flags: tflags::HAS_FLAGS,
+            structured_replies: true,
+            base_allocation_id: Some(9),
+            alignment: 1,
+            max_payload: 1 << 25,
+            max_drain: 1 << 26,
+        };
+        let descriptors: Vec<BlockDescriptor> = descriptors
+            .into_iter()
+            .map(|(length, flags)| BlockDescriptor { length, flags })
+            .collect();
+        let (mut ours, mut codec) = (BytesMut::new(), BytesMut::new());
+        s.encode_block_status(cookie, &descriptors, &mut ours);
+        ChunkPayload::BlockStatus { context_id: 9, descriptors }.encode_chunk(cookie, true, &mut codec);
+        prop_assert_eq!(&ours, &codec);
+
+        let (mut ours, mut codec) = (BytesMut::new(), BytesMut::new());
+        s.encode_hole(cookie, offset, len, done, &mut ours);
+        ChunkPayload::OffsetHole { offset, length: len }.encode_chunk(cookie, done, &mut codec);
+        prop_assert_eq!(&ours, &codec);
+
+        let (mut ours, mut codec) = (BytesMut::new(), BytesMut::new());
+        s.encode_data_header(cookie, offset, 3, done, &mut ours);
+        ours.extend_from_slice(b"abc");
+        ChunkPayload::OffsetData { offset, data: Bytes::from_static(b"abc") }
+            .encode_chunk(cookie, done, &mut codec);
+        prop_assert_eq!(&ours, &codec);
+
+        let (mut ours, mut codec) = (BytesMut::new(), BytesMut::new());
+        s.encode_error_at(cookie, proto::NbdErrno::EIO, &message, offset, &mut ours);
+        ChunkPayload::ErrorOffset { error: 5, message: message.clone(), offset }
+            .encode_chunk(cookie, true, &mut codec);
+        prop_assert_eq!(&ours, &codec);
+    }
+}
+
+#[test]
+fn server_session_errors_are_cut_to_the_protocol_string_limit() {
+    let s = Session {
+        size: 1 << 20,
+        flags: tflags::HAS_FLAGS,
+        structured_replies: true,
+        base_allocation_id: None,
+        alignment: 1,
+        max_payload: 1 << 16,
+        max_drain: 1 << 17,
+    };
+    let mut out = BytesMut::new();
+    // 3-byte characters: the cut must fall on a character boundary.
+    s.encode_error(1, proto::NbdErrno::EIO, &"€".repeat(2000), &mut out);
+    let Some(ReplyHeader::Chunk(h)) = ReplyHeader::decode(&mut out).unwrap() else {
+        panic!("a structured error chunk")
+    };
+    match ChunkPayload::parse(h.kind, out.freeze()).unwrap() {
+        ChunkPayload::Error { message, .. } => {
+            assert!(message.len() <= proto::MAX_STRING && message.len() > 4000);
+            assert!(message.chars().all(|c| c == '€'));
+        }
+        other => panic!("{other:?}"),
+    }
 }
