@@ -10,6 +10,15 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== the pure layer"
+# migration-core without default features builds and tests alone, and migration-nbd stands
+# on it: no vm-memory, userfaultfd or bindgen (hence libclang) in its dependency tree.
+cargo test -q -p migration-core --no-default-features --lib
+heavy=$(cargo tree -p migration-nbd -e normal,build --prefix none | grep -E '^(vm-memory|userfaultfd|bindgen) ' || true)
+if [ -n "$heavy" ]; then
+    echo "migration-nbd depends on the host layer: $heavy" >&2
+    exit 1
+fi
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
