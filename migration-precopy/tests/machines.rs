@@ -1186,9 +1186,7 @@ mod never_panics {
                     m.handle(DestinationEvent::PagesPlaced(Ok(counts)), t0);
                 }
                 DestinationAction::PassEnded => {}
-                DestinationAction::FinishRam => {
-                    m.handle(DestinationEvent::RamFinished(Ok(())), t0)
-                }
+                DestinationAction::FinishRam => m.handle(DestinationEvent::RamFinished(Ok(())), t0),
                 DestinationAction::LoadDeviceState => {
                     m.handle(DestinationEvent::StateLoaded(Ok(())), t0)
                 }
