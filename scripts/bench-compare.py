@@ -2,6 +2,7 @@
 """Two vmm-demo builds side by side on the pre-copy benchmark rows.
 
     scripts/bench-compare.py OLD_BIN NEW_BIN [RUNS] [MEM]     (defaults: 7, 256M)
+    ROWS=busy scripts/bench-compare.py ...                    (only rows whose name has "busy")
 
 Runs each row of scripts/bench-precopy.sh (without the oracle checks, so that the
 downtime is the engine's pause in every build) with the two binaries in turn, A B A B ...,
@@ -9,6 +10,7 @@ so that drift of the machine's speed during the run hits both alike, and prints 
 median, min and max of the total time, the downtime and the throughput of each.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -49,7 +51,10 @@ def main():
     runs = int(sys.argv[3]) if len(sys.argv) > 3 else 7
     mem = sys.argv[4] if len(sys.argv) > 4 else "256M"
     print(f"# {runs} runs each, alternating; A = {old}, B = {new}; {mem} guest, no oracle checks")
+    only = os.environ.get("ROWS", "")
     for name, args in ROWS:
+        if only not in name:
+            continue
         got = {old: [], new: []}
         for _ in range(runs):
             for b in (old, new):
