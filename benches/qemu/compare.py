@@ -331,7 +331,9 @@ CAPS_OFF = ["xbzrle", "compress", "multifd", "auto-converge", "postcopy-ram", "z
 
 
 def set_migration_options(qmp: Qmp, max_bandwidth: int, downtime_ms: int) -> None:
-    caps = [{"capability": c, "state": False} for c in CAPS_OFF]
+    # Only what this QEMU has: `compress` went in 9.1, and setup.sh may install 10.x.
+    known = {c["capability"] for c in qmp.cmd("query-migrate-capabilities")}
+    caps = [{"capability": c, "state": False} for c in CAPS_OFF if c in known]
     caps.append({"capability": "events", "state": True})
     qmp.cmd("migrate-set-capabilities", capabilities=caps)
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth, "downtime-limit": downtime_ms})
