@@ -404,7 +404,7 @@ impl SourceMachine {
                 State::AwaitVerdict { deadline } => match *deadline {
                     Some(d) if now >= d => {
                         let t = self.opts.verdict_timeout.unwrap_or_default();
-                        self.fail(SourceError::VerdictTimeout(t), now);
+                        self.fail(SourceError::VerdictTimeout(t));
                     }
                     until => return SourceAction::Wait { until },
                 },
@@ -418,7 +418,7 @@ impl SourceMachine {
                 }
                 State::Explain { deadline, .. } => {
                     if now >= *deadline {
-                        self.explained(None, now);
+                        self.explained(None);
                     } else {
                         return SourceAction::Wait {
                             until: Some(*deadline),
@@ -495,7 +495,7 @@ impl SourceMachine {
             _ => Ok(()),
         };
         if let Err(e) = r {
-            self.fail(e, now);
+            self.fail(e);
         }
         self.maybe_progress(now);
     }
@@ -612,12 +612,12 @@ impl SourceMachine {
                     self.cancelled = true;
                     if !self.is_failing() {
                         let phase = self.phase;
-                        self.fail(SourceError::Cancelled { phase }, now);
+                        self.fail(SourceError::Cancelled { phase });
                     }
                 }
             }
-            SourceEvent::Return(r) => self.on_return(r, now),
-            SourceEvent::ReturnClosed(why) => self.on_return_closed(why, now),
+            SourceEvent::Return(r) => self.on_return(r),
+            SourceEvent::ReturnClosed(why) => self.on_return_closed(why),
             SourceEvent::SendFailed(e) => self.on_send_failed(e, now),
             SourceEvent::Flushed => self.on_flushed(now),
             SourceEvent::TrackerStarted(r) => {
@@ -632,7 +632,7 @@ impl SourceMachine {
                         self.begin_pass(0, now);
                         self.state = State::ScanPopulated;
                     }
-                    Err(e) => self.fail(e.into(), now),
+                    Err(e) => self.fail(e.into()),
                 }
             }
             SourceEvent::Populated(populated) => {
@@ -645,7 +645,7 @@ impl SourceMachine {
                     return;
                 };
                 if let Err(e) = r {
-                    self.fail(e.into(), now);
+                    self.fail(e.into());
                     return;
                 }
                 self.synced(after, now);
@@ -681,7 +681,7 @@ impl SourceMachine {
                     self.throttle = 0;
                     self.state = State::Sync(AfterSync::FinalPass);
                 }
-                (State::Throttle(_) | State::Unthrottle, Err(e)) => self.fail(e.into(), now),
+                (State::Throttle(_) | State::Unthrottle, Err(e)) => self.fail(e.into()),
                 (
                     State::Failing {
                         step: FailStep::LiftThrottle,
@@ -713,7 +713,7 @@ impl SourceMachine {
                             State::Sync(AfterSync::FinalPass)
                         };
                     }
-                    Err(e) => self.fail(e.into(), now),
+                    Err(e) => self.fail(e.into()),
                 }
             }
             SourceEvent::DeviceState(r) => {
@@ -732,7 +732,7 @@ impl SourceMachine {
                         // takes milliseconds that would only lengthen the downtime.
                         self.state = State::Flush(AfterFlush::EndFinalPass);
                     }
-                    Err(e) => self.fail(e.into(), now),
+                    Err(e) => self.fail(e.into()),
                 }
             }
             SourceEvent::Resumed(r) => {
@@ -937,7 +937,7 @@ impl SourceMachine {
                 }
             }
             Decision::LimitReached(nc) => match self.opts.limit_policy {
-                LimitPolicy::Fail => self.fail(SourceError::NotConverged(nc), now),
+                LimitPolicy::Fail => self.fail(SourceError::NotConverged(nc)),
                 LimitPolicy::HandOver => {
                     self.handover = Some(nc);
                     self.state = State::Flush(AfterFlush::HandOver);
@@ -948,7 +948,7 @@ impl SourceMachine {
         }
     }
 
-    fn on_return(&mut self, r: ReturnRecord, now: Instant) {
+    fn on_return(&mut self, r: ReturnRecord) {
         match r {
             ReturnRecord::Ack(Ack::Iteration(n)) => {
                 self.acked = Some(self.acked.map_or(n, |a| a.max(n)));
@@ -962,32 +962,26 @@ impl SourceMachine {
                 _ if self.is_failing() => {}
                 _ => {
                     let phase = self.phase;
-                    self.fail(
-                        SourceError::Protocol {
-                            phase,
-                            violation: ReturnViolation::EarlyRunning,
-                        },
-                        now,
-                    );
+                    self.fail(SourceError::Protocol {
+                        phase,
+                        violation: ReturnViolation::EarlyRunning,
+                    });
                 }
             },
             ReturnRecord::Verdict(Verdict::Failed { reason }) => {
                 if matches!(self.state, State::Explain { .. }) {
-                    self.explained(Some(reason), now);
+                    self.explained(Some(reason));
                 } else if !self.is_failing() {
-                    self.fail(SourceError::DestinationFailed { reason }, now);
+                    self.fail(SourceError::DestinationFailed { reason });
                 }
             }
             other => {
                 if !self.is_failing() {
                     let phase = self.phase;
-                    self.fail(
-                        SourceError::Protocol {
-                            phase,
-                            violation: ReturnViolation::Unexpected(other.record_type()),
-                        },
-                        now,
-                    );
+                    self.fail(SourceError::Protocol {
+                        phase,
+                        violation: ReturnViolation::Unexpected(other.record_type()),
+                    });
                 }
             }
         }
@@ -1001,9 +995,9 @@ impl SourceMachine {
         self.state = State::Flush(AfterFlush::Committed);
     }
 
-    fn on_return_closed(&mut self, why: Option<ReturnPathError>, now: Instant) {
+    fn on_return_closed(&mut self, why: Option<ReturnPathError>) {
         if matches!(self.state, State::Explain { .. }) {
-            self.explained(None, now);
+            self.explained(None);
             return;
         }
         // `None`: the return path ended after its verdict, which was handled already.
@@ -1014,7 +1008,7 @@ impl SourceMachine {
             return;
         }
         let phase = self.phase;
-        self.fail(SourceError::ReturnPath { phase, source }, now);
+        self.fail(SourceError::ReturnPath { phase, source });
     }
 
     /// Whether `Complete` went out: nothing may undo the hand-over any more.
@@ -1037,7 +1031,7 @@ impl SourceMachine {
             State::Failing { .. } | State::Done | State::Explain { .. } => {}
             _ if self.cancelled => {
                 let phase = self.phase;
-                self.fail(SourceError::Cancelled { phase }, now);
+                self.fail(SourceError::Cancelled { phase });
             }
             _ => {
                 // The destination may have said why it closed: its verdict is the better
@@ -1050,7 +1044,7 @@ impl SourceMachine {
         }
     }
 
-    fn explained(&mut self, reason: Option<String>, now: Instant) {
+    fn explained(&mut self, reason: Option<String>) {
         let State::Explain { .. } = self.state else {
             return;
         };
@@ -1066,11 +1060,11 @@ impl SourceMachine {
                 source: error,
             },
         };
-        self.fail(e, now);
+        self.fail(e);
     }
 
     /// Enters the failure path with `error`: the guest runs here again with nothing lost.
-    fn fail(&mut self, error: SourceError, _now: Instant) {
+    fn fail(&mut self, error: SourceError) {
         if self.is_failing() {
             return;
         }
