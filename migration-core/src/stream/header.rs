@@ -52,11 +52,16 @@ impl HeaderFlags {
     /// module docs). Required: a destination that does not know it must not take the
     /// stream for a new migration.
     pub const POSTCOPY_RESUME: HeaderFlags = HeaderFlags(0x0100);
+    /// This stream is the urgent channel of a post-copy migration of the same VM: page
+    /// requests on its return path, the pages answering them on it, ahead of the
+    /// background push on the main stream. Required: a destination that does not know it
+    /// must not take the stream for a migration.
+    pub const URGENT: HeaderFlags = HeaderFlags(0x0200);
 
     /// The required bits.
     pub const REQUIRED_MASK: u16 = 0xff00;
     /// The required bits this build knows.
-    pub const KNOWN_REQUIRED: u16 = Self::POSTCOPY_RESUME.0;
+    pub const KNOWN_REQUIRED: u16 = Self::POSTCOPY_RESUME.0 | Self::URGENT.0;
 
     /// Whether every bit of `other` is set.
     pub fn contains(self, other: HeaderFlags) -> bool {

@@ -70,6 +70,7 @@
 //! | `0x0007` | [`Record::Complete`] | empty |
 //! | `0x0008` | [`Record::Abort`] | `reason: string` |
 //! | `0x0009` | [`Record::EndOfData`] | empty |
+//! | `0x000a` | [`Record::PostcopyCommit`] | empty |
 //!
 //! The config is sent once, first; after it the decoder checks every page index and
 //! discard range against the RAM it describes. A second config is an error. In a stream
@@ -111,7 +112,7 @@
 //!
 //! | type | record | payload |
 //! |-----:|--------|---------|
-//! | `0x0101` | [`Ack`] | `kind: u8` (`0` iteration, `1` stream offset), `value: u64` |
+//! | `0x0101` | [`Ack`] | `kind: u8` (`0` iteration, `1` stream offset, `2` post-copy ready), `value: u64` (for `2`: the pages the destination holds) |
 //! | `0x0102` | [`ReturnRecord::PageRequest`] | `page: u64`, `count: u32` (at least 1) |
 //! | `0x0103` | [`ReturnRecord::ReceivedBitmap`] | `page_count: u64`, `form: u8`, then for form `0` (runs): `run_count: u32` and `run_count` × (`gap: varint`, `len: varint`), each run starting `gap` pages after the previous run's end (after page 0 for the first), with `len ≥ 1` and `gap ≥ 1` but for the first run; for form `1` (words): ⌈`page_count`/64⌉ × `u64`, bit `i % 64` of word `i / 64` for page `i` |
 //! | `0x0104` | [`Verdict`] | `code: u8` (`0` running, `1` failed), then for `1`: `reason: string` |
@@ -123,16 +124,43 @@
 //!
 //! `Verdict` ends the return path.
 //!
+//! ## Post-copy
+//!
+//! A post-copy migration (or the post-copy half of a hybrid) runs over two connections
+//! the source opens to the destination: the main stream, and an urgent channel whose
+//! header carries [`HeaderFlags::URGENT`] and the same VM UUID.
+//!
+//! 1. The switch, with the guest paused on the source, on the main stream: the discard
+//!    list (pages dirtied since they were sent; any `DiscardPages`, then
+//!    `SwitchToPostcopy` with the rest, [`write_postcopy_switch`]), the device state, then
+//!    `EndOfData`.
+//! 2. The destination drops the discarded pages, loads the device state, registers every
+//!    page it does not hold for faults, and answers [`Ack::PostcopyReady`] (it does not run
+//!    the guest yet). A failure before that is a `Failed` verdict, and the source resumes.
+//! 3. The source commits with [`Record::PostcopyCommit`] and from then on never runs the
+//!    guest again; the destination runs it when it reads the commit. Before the commit is
+//!    written whole, a failure resumes the guest on the source; a destination that never
+//!    read it never runs the guest.
+//! 4. The destination sends a `PageRequest` on the urgent channel's return path for each
+//!    page the guest (or the VMM, or KVM on its behalf) faults on; the source answers with
+//!    page batches on the urgent channel, ahead of everything else, and pushes every page
+//!    the destination lacks as page batches on the main stream meanwhile, restarting near
+//!    each requested page. `Complete` ends each stream once every page was sent.
+//! 5. When it holds every page, the destination stops handling faults and ends the main
+//!    return path with `Verdict::Running`.
+//!
 //! ## Post-copy recovery
 //!
-//! When the connection breaks during post-copy, both sides keep their state. The source
-//! reconnects and opens a new migration stream whose header carries the same VM UUID and
-//! [`HeaderFlags::POSTCOPY_RESUME`]; the destination answers with a return-path header and
-//! a `ReceivedBitmap` of the pages it holds. That bitmap is the resume handshake: the
-//! source then sends every page not marked in it, serves page requests as before, and
-//! ends the stream with `Complete`. No separate resume message is needed; a destination
-//! that does not know the flag refuses the stream instead of mistaking it for a new
-//! migration.
+//! When a connection breaks during post-copy, both sides keep their state: the guest runs
+//! on the destination with the pages it has, a vCPU that faults on a missing page waits.
+//! The source reconnects and opens a new main stream whose header carries the same VM UUID
+//! and [`HeaderFlags::POSTCOPY_RESUME`] (and a new urgent channel with
+//! `URGENT | POSTCOPY_RESUME`); the destination answers on the main return path with a
+//! `ReceivedBitmap` of the pages it holds. That bitmap is the resume handshake: the source
+//! sends `PostcopyCommit` again (a commit lost with the connection is taken up, a second
+//! one changes nothing), then every page not marked in it, and serves page requests as
+//! before; the destination requests again what it was waiting for. A destination that
+//! does not know the flag refuses the stream instead of mistaking it for a new migration.
 
 mod batch;
 mod decoder;

@@ -171,8 +171,16 @@ pub enum Record {
     EndOfData,
     /// The source's commit, sent once it has the destination's `Running` verdict: from now
     /// on the source never runs the guest again, and the destination may. A destination
-    /// that does not get it never runs the guest, so the two never both run it.
+    /// that does not get it never runs the guest, so the two never both run it. In
+    /// post-copy, where the commit came earlier ([`Record::PostcopyCommit`]), it says that
+    /// every page was sent.
     Complete,
+    /// The post-copy commit, sent once the destination acknowledged the switch
+    /// ([`Ack::PostcopyReady`](super::Ack::PostcopyReady)): from now on the source never
+    /// runs the guest again, and the destination runs it while the pages it lacks follow.
+    /// Sent again after a resumed connection (a commit lost with the connection is then
+    /// taken up; a second one changes nothing).
+    PostcopyCommit,
     /// The source gave up.
     Abort {
         /// Why.
@@ -193,6 +201,7 @@ impl Record {
             Record::EndOfData => RecordType::END_OF_DATA,
             Record::Complete => RecordType::COMPLETE,
             Record::Abort { .. } => RecordType::ABORT,
+            Record::PostcopyCommit => RecordType::POSTCOPY_COMMIT,
         }
     }
 
@@ -238,7 +247,7 @@ impl Record {
             Record::DiscardPages(ranges) | Record::SwitchToPostcopy { discard: ranges } => {
                 put_ranges(out, ranges)
             }
-            Record::EndOfData | Record::Complete => {}
+            Record::EndOfData | Record::Complete | Record::PostcopyCommit => {}
             Record::Abort { reason } => put_string(out, reason),
             Record::PageBatch(_) => unreachable!("encoded above"),
         }
@@ -416,6 +425,7 @@ pub(crate) fn decode(
             discard: get_ranges(&mut r, ctx.page_count)?,
         },
         RecordType::END_OF_DATA => Record::EndOfData,
+        RecordType::POSTCOPY_COMMIT => Record::PostcopyCommit,
         RecordType::COMPLETE => Record::Complete,
         RecordType::ABORT => Record::Abort {
             reason: r.string("abort reason")?,

@@ -16,6 +16,11 @@ pub enum Ack {
     /// byte of its header) was received and applied: lets the source bound what it has in
     /// flight.
     StreamOffset(u64),
+    /// The switch to post-copy arrived whole: pages discarded, device state loaded, RAM
+    /// registered for faults; the destination runs the guest on the source's
+    /// [`Record::PostcopyCommit`](super::Record::PostcopyCommit). The value is the number
+    /// of pages it holds.
+    PostcopyReady(u64),
 }
 
 /// The destination's final word. The source stays paused with all its state until it
@@ -51,6 +56,7 @@ pub enum ReturnRecord {
 
 const ACK_ITERATION: u8 = 0;
 const ACK_OFFSET: u8 = 1;
+const ACK_POSTCOPY_READY: u8 = 2;
 const VERDICT_RUNNING: u8 = 0;
 const VERDICT_FAILED: u8 = 1;
 const BITMAP_RUNS: u8 = 0;
@@ -83,6 +89,7 @@ impl ReturnRecord {
                 let (kind, value) = match *a {
                     Ack::Iteration(n) => (ACK_ITERATION, n),
                     Ack::StreamOffset(n) => (ACK_OFFSET, n),
+                    Ack::PostcopyReady(n) => (ACK_POSTCOPY_READY, n),
                 };
                 out.put_u8(kind);
                 out.put_u64_le(value);
@@ -223,6 +230,7 @@ pub(crate) fn decode(
             ReturnRecord::Ack(match kind {
                 ACK_ITERATION => Ack::Iteration(value),
                 ACK_OFFSET => Ack::StreamOffset(value),
+                ACK_POSTCOPY_READY => Ack::PostcopyReady(value),
                 k => return Err(PayloadError::UnknownAck(k)),
             })
         }

@@ -201,6 +201,7 @@ fn arb_body_record(page_size: u32, pages: u64) -> impl Strategy<Value = Record> 
         arb_ranges(pages).prop_map(Record::DiscardPages),
         arb_ranges(pages).prop_map(|discard| Record::SwitchToPostcopy { discard }),
         Just(Record::EndOfData),
+        Just(Record::PostcopyCommit),
     ]
 }
 
@@ -257,6 +258,7 @@ fn arb_return_record(pages: u64) -> impl Strategy<Value = ReturnRecord> {
     prop_oneof![
         any::<u64>().prop_map(|n| ReturnRecord::Ack(Ack::Iteration(n))),
         any::<u64>().prop_map(|n| ReturnRecord::Ack(Ack::StreamOffset(n))),
+        any::<u64>().prop_map(|n| ReturnRecord::Ack(Ack::PostcopyReady(n))),
         (0..pages.max(1), 1u32..64).prop_filter_map("in range", move |(page, count)| {
             (page + u64::from(count) <= pages).then_some(ReturnRecord::PageRequest { page, count })
         }),
@@ -921,7 +923,8 @@ fn header_checks() {
     for (flags, ok) in [
         (0x00ffu16, true),
         (0x0100, true),
-        (0x0200, false),
+        (0x0200, true),
+        (0x0400, false),
         (0x8000, false),
     ] {
         let mut w = BytesMut::new();

@@ -37,6 +37,8 @@ impl RecordType {
     pub const ABORT: RecordType = RecordType(0x0008);
     /// [`Record::EndOfData`](super::Record::EndOfData).
     pub const END_OF_DATA: RecordType = RecordType(0x0009);
+    /// [`Record::PostcopyCommit`](super::Record::PostcopyCommit).
+    pub const POSTCOPY_COMMIT: RecordType = RecordType(0x000a);
 
     /// [`Ack`](super::Ack).
     pub const ACK: RecordType = RecordType(0x0101);
@@ -64,6 +66,7 @@ impl RecordType {
             Self::COMPLETE => "complete",
             Self::ABORT => "abort",
             Self::END_OF_DATA => "end of data",
+            Self::POSTCOPY_COMMIT => "post-copy commit",
             Self::ACK => "ack",
             Self::PAGE_REQUEST => "page request",
             Self::RECEIVED_BITMAP => "received bitmap",

@@ -356,9 +356,11 @@ impl DestinationMachine {
             r @ Record::Config(_) => self.fail(DestinationError::Protocol(
                 ProtocolViolation::Unexpected(r.record_type()),
             )),
-            r @ (Record::DiscardPages(_) | Record::SwitchToPostcopy { .. }) => self.fail(
-                DestinationError::Protocol(ProtocolViolation::PostcopyRecord(r.record_type())),
-            ),
+            r @ (Record::DiscardPages(_)
+            | Record::SwitchToPostcopy { .. }
+            | Record::PostcopyCommit) => self.fail(DestinationError::Protocol(
+                ProtocolViolation::PostcopyRecord(r.record_type()),
+            )),
         }
         None
     }
