@@ -11,6 +11,8 @@ pub mod transport;
 #[cfg(feature = "host")]
 pub mod dirty;
 #[cfg(feature = "host")]
+pub mod fault;
+#[cfg(feature = "host")]
 pub mod geometry;
 #[cfg(feature = "host")]
 pub mod pagemap;
