@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use migration_core::stream::{DecoderOptions, Frame, ReturnDecoder, ReturnRecord, StreamError};
 use migration_core::transport::{Channel, ChannelCounters, Connection};
 
-/// Cancels a migration from any thread.
+/// Cancels a migration from any thread, or asks it to switch to post-copy.
 ///
 /// [`cancel`](Self::cancel) sets a flag the engine checks between page batches and shuts
 /// the connection down, so that a write or read blocked on the network returns at once.
@@ -29,6 +29,7 @@ type Breaker = Box<dyn Fn() + Send>;
 #[derive(Default)]
 struct CancelInner {
     cancelled: AtomicBool,
+    handover: AtomicBool,
     breaker: Mutex<Option<Breaker>>,
 }
 
@@ -59,6 +60,18 @@ impl CancelToken {
     /// Whether [`cancel`](Self::cancel) was called.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// Asks a running pre-copy to hand over to post-copy at its next decision (QEMU's
+    /// `migrate_start_postcopy`): [`migrate`](crate::migrate) then returns
+    /// [`SourceOutcome::LimitReached`](crate::SourceOutcome::LimitReached). Idempotent.
+    pub fn request_handover(&self) {
+        self.inner.handover.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`request_handover`](Self::request_handover) was called.
+    pub fn handover_requested(&self) -> bool {
+        self.inner.handover.load(Ordering::SeqCst)
     }
 
     /// Registers the connection to shut down on cancel (a clone of it); if the token was

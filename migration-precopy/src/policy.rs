@@ -44,6 +44,12 @@ pub struct ConvergenceConfig {
     pub min_shrink: f64,
     /// Dirty pages at or below this are "almost nothing": stop as soon as they fit.
     pub tiny_dirty_pages: u64,
+    /// Give up (or hand over to post-copy) after this many passes in a row that neither
+    /// fit the downtime limit nor shrank the expected downtime to at most `min_shrink` of
+    /// the best seen so far: the guest dirties memory as fast as the link carries it, and
+    /// more passes will not change that. `None` (the default): iterate until another
+    /// limit is reached. The limit a hybrid post-copy switches on by default.
+    pub give_up_after_stalled: Option<u32>,
 }
 
 impl Default for ConvergenceConfig {
@@ -58,6 +64,7 @@ impl Default for ConvergenceConfig {
             max_time: None,
             min_shrink: 0.5,
             tiny_dirty_pages: 16,
+            give_up_after_stalled: None,
         }
     }
 }
@@ -180,6 +187,10 @@ pub struct Planner {
     prev_dirty: Option<u64>,
     high_dirty_periods: u32,
     throttle: u8,
+    /// The smallest expected downtime seen over the limit, and passes since it last
+    /// shrank markedly.
+    best_expected: Option<Duration>,
+    stalled: u32,
 }
 
 impl Planner {
@@ -190,6 +201,8 @@ impl Planner {
             prev_dirty: None,
             high_dirty_periods: 0,
             throttle: 0,
+            best_expected: None,
+            stalled: 0,
         }
     }
 
@@ -218,7 +231,23 @@ impl Planner {
             }
             return Decision::Iterate;
         }
-        if let Some(limit) = self.limit_hit(m) {
+        // Over the limit: is it still getting closer?
+        match self.best_expected {
+            Some(best) if expected.as_secs_f64() > best.as_secs_f64() * self.cfg.min_shrink => {
+                self.stalled += 1;
+                self.best_expected = Some(best.min(expected));
+            }
+            _ => {
+                self.stalled = 0;
+                self.best_expected = Some(expected);
+            }
+        }
+        let stalled = self
+            .cfg
+            .give_up_after_stalled
+            .is_some_and(|n| self.stalled >= n)
+            .then_some("the stall limit (pre-copy does not converge)");
+        if let Some(limit) = self.limit_hit(m).or(stalled) {
             return Decision::LimitReached(NotConverged {
                 limit,
                 iterations: m.iterations,
@@ -376,6 +405,45 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn a_guest_as_fast_as_the_link_stalls_and_gives_up_where_asked() {
+        let cfg = ConvergenceConfig {
+            downtime_limit: Duration::from_millis(10),
+            give_up_after_stalled: Some(3),
+            ..Default::default()
+        };
+        let mut p = Planner::new(cfg.clone());
+        // 10 MB/s link, 10 000 dirty pages a pass: 4 s of downtime, again and again.
+        let m = |i| measure(10_000, 10_000_000, 1e7, i);
+        for i in 0..3 {
+            assert_eq!(p.decide(&m(i)), Decision::Iterate, "pass {i}");
+        }
+        let Decision::LimitReached(nc) = p.decide(&m(3)) else {
+            panic!("expected the stall limit");
+        };
+        assert!(nc.limit.contains("does not converge"), "{}", nc.limit);
+
+        // A guest that keeps shrinking its dirty set is not stalled, however slowly it
+        // gets there.
+        let mut p = Planner::new(cfg.clone());
+        let mut dirty = 100_000;
+        for i in 0..8 {
+            assert_eq!(
+                p.decide(&measure(dirty, 10_000_000, 1e7, i)),
+                Decision::Iterate
+            );
+            dirty /= 3;
+        }
+        // Without the option it never gives up on its own.
+        let mut p = Planner::new(ConvergenceConfig {
+            give_up_after_stalled: None,
+            ..cfg
+        });
+        for i in 0..50 {
+            assert_eq!(p.decide(&m(i)), Decision::Iterate);
+        }
     }
 
     proptest! {

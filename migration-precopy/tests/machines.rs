@@ -120,6 +120,8 @@ struct Faults {
     cancel_at: Option<Phase>,
     /// The destination's verify refuses the guest.
     refuse_verify: bool,
+    /// Ask the source to hand over to post-copy as soon as it reports this phase.
+    handover_at: Option<Phase>,
 }
 
 struct World {
@@ -381,6 +383,11 @@ impl World {
             if let (ProgressEvent::Phase(p), Some(c)) = (&e, self.faults.cancel_at) {
                 if *p == c {
                     self.src.handle(SourceEvent::Cancel, self.now());
+                }
+            }
+            if let (ProgressEvent::Phase(p), Some(h)) = (&e, self.faults.handover_at) {
+                if *p == h {
+                    self.src.handle(SourceEvent::HandOver, self.now());
                 }
             }
             self.events.push(e);
@@ -830,6 +837,59 @@ fn hand_over_at_the_limit_returns_the_dirty_pages_with_the_tracker_running() {
         !w.svm.paused && !w.cut,
         "the guest runs, the connection stays open"
     );
+}
+
+#[test]
+fn a_switch_on_command_hands_over_at_the_next_decision_whatever_the_policy() {
+    let steps: Vec<Step> = (0..50)
+        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
+        .collect();
+    let o = SourceOptions {
+        downtime_limit: Duration::from_nanos(1),
+        ..opts()
+    };
+    let mut w = World::new(o, steps);
+    w.faults.handover_at = Some(Phase::Iterating);
+    w.run_until_stalled_then_finish_source();
+    match w.src_result.take() {
+        Some(SourceResult::HandOver {
+            not_converged,
+            dirty,
+            ..
+        }) => {
+            assert_eq!(not_converged.limit, "a switch on command");
+            assert_eq!(not_converged.iterations, 0, "right after the bulk pass");
+            assert_eq!(dirty.count(), 40);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!w.svm.paused && !w.tracker.stopped);
+}
+
+#[test]
+fn a_guest_as_fast_as_the_link_hands_over_at_the_stall_limit() {
+    let steps: Vec<Step> = (0..50)
+        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
+        .collect();
+    let o = SourceOptions {
+        downtime_limit: Duration::from_nanos(1),
+        give_up_after_stalled: Some(3),
+        limit_policy: LimitPolicy::HandOver,
+        ..opts()
+    };
+    let mut w = World::new(o, steps);
+    w.run_until_stalled_then_finish_source();
+    match w.src_result.take() {
+        Some(SourceResult::HandOver { not_converged, .. }) => {
+            assert!(
+                not_converged.limit.contains("does not converge"),
+                "{}",
+                not_converged.limit
+            );
+            assert!(not_converged.iterations >= 3);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -80,6 +80,7 @@ where
         sender,
         cancel,
         cancel_seen: false,
+        handover_seen: false,
     };
     d.run(ram, vm, &mut tracker, progress);
     let result = d.m.take_result();
@@ -141,6 +142,7 @@ struct Driver<'c, C: Connection> {
     sender: Sender<C>,
     cancel: &'c CancelToken,
     cancel_seen: bool,
+    handover_seen: bool,
 }
 
 impl<C: Connection> Driver<'_, C> {
@@ -240,6 +242,10 @@ impl<C: Connection> Driver<'_, C> {
         if !self.cancel_seen && self.cancel.is_cancelled() {
             self.cancel_seen = true;
             self.m.handle(SourceEvent::Cancel, Instant::now());
+        }
+        if !self.handover_seen && self.cancel.handover_requested() {
+            self.handover_seen = true;
+            self.m.handle(SourceEvent::HandOver, Instant::now());
         }
     }
 

@@ -112,6 +112,10 @@ pub enum SourceEvent {
     ReturnClosed(Option<ReturnPathError>),
     /// The user cancelled.
     Cancel,
+    /// The operator asks to switch to post-copy now (QEMU's `migrate_start_postcopy`):
+    /// pre-copy hands over at its next decision, as at a limit with
+    /// [`LimitPolicy::HandOver`], whatever the policy.
+    HandOver,
 }
 
 /// How a migration ended on the source, as the machine sees it.
@@ -282,6 +286,8 @@ pub struct SourceMachine {
     handover: Option<NotConverged>,
     /// The destination's `Running` arrived while `EndOfData` was still being flushed.
     running_verdict: bool,
+    /// The operator asked to hand over.
+    handover_requested: bool,
 }
 
 impl SourceMachine {
@@ -335,6 +341,7 @@ impl SourceMachine {
             setup_pending: true,
             handover: None,
             running_verdict: false,
+            handover_requested: false,
             layout,
         };
         m.events.push_back(ProgressEvent::Phase(Phase::Setup));
@@ -617,6 +624,7 @@ impl SourceMachine {
                 }
             }
             SourceEvent::Return(r) => self.on_return(r),
+            SourceEvent::HandOver => self.handover_requested = true,
             SourceEvent::ReturnClosed(why) => self.on_return_closed(why),
             SourceEvent::SendFailed(e) => self.on_send_failed(e, now),
             SourceEvent::Flushed => self.on_flushed(now),
@@ -910,7 +918,21 @@ impl SourceMachine {
             last.dirty_rate_bps = m.dirty_rate_bps();
             last.expected_downtime = m.expected_downtime();
         }
-        let decision = self.planner.decide(&m);
+        let decision = if self.handover_requested {
+            Decision::LimitReached(NotConverged {
+                limit: "a switch on command",
+                iterations: m.iterations,
+                elapsed: m.elapsed,
+                dirty_rate_bps: m.dirty_rate_bps(),
+                bandwidth_bps: m.bandwidth_bps,
+                remaining_bytes: m.dirty_pages * m.page_size,
+                expected_downtime: m.expected_downtime(),
+                downtime_limit: self.opts.downtime_limit,
+                throttle_pct: self.throttle,
+            })
+        } else {
+            self.planner.decide(&m)
+        };
         tracing::debug!(?decision, dirty_pages, "planner");
         match decision {
             Decision::StopAndCopy => {
@@ -937,8 +959,10 @@ impl SourceMachine {
                 }
             }
             Decision::LimitReached(nc) => match self.opts.limit_policy {
-                LimitPolicy::Fail => self.fail(SourceError::NotConverged(nc)),
-                LimitPolicy::HandOver => {
+                LimitPolicy::Fail if !self.handover_requested => {
+                    self.fail(SourceError::NotConverged(nc))
+                }
+                _ => {
                     self.handover = Some(nc);
                     self.state = State::Flush(AfterFlush::HandOver);
                 }

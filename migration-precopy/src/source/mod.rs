@@ -103,6 +103,9 @@ pub struct SourceOptions {
     pub max_iterations: Option<u32>,
     /// Give up (or hand over) after this much time iterating. Default: none.
     pub max_time: Option<Duration>,
+    /// Give up (or hand over) after this many passes in a row that made no headway
+    /// ([`ConvergenceConfig::give_up_after_stalled`]). Default: none.
+    pub give_up_after_stalled: Option<u32>,
     /// What a limit does.
     pub limit_policy: LimitPolicy,
     /// Pages per page-batch record. Default 256 (1 MiB of 4 KiB pages).
@@ -131,6 +134,7 @@ impl Default for SourceOptions {
             auto_converge: false,
             max_iterations: None,
             max_time: None,
+            give_up_after_stalled: None,
             limit_policy: LimitPolicy::Fail,
             batch_pages: 256,
             device_state_estimate: 64 << 10,
@@ -150,6 +154,7 @@ impl SourceOptions {
             auto_converge: self.auto_converge,
             max_iterations: self.max_iterations,
             max_time: self.max_time,
+            give_up_after_stalled: self.give_up_after_stalled,
             ..ConvergenceConfig::default()
         }
     }
