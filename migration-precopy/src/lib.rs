@@ -11,7 +11,8 @@ pub mod source;
 
 pub use destination::{
     DestinationAction, DestinationError, DestinationEvent, DestinationMachine, DestinationOptions,
-    DestinationStats, Incoming, PageWriteError, Placement, ProtocolViolation, VerifyError,
+    DestinationStats, Incoming, PageWriteError, Placement, PostcopySwitch, ProtocolViolation,
+    Received, SwitchedStream, VerifyError,
 };
 pub use link::{CancelToken, ReturnEvent, ReturnPath, ReturnPathError};
 pub use source::{

@@ -1298,3 +1298,59 @@ mod never_panics {
         }
     }
 }
+
+#[test]
+fn with_post_copy_allowed_the_destination_hands_the_stream_over_at_the_switch() {
+    use migration_core::stream::{Config, Direction, Record, StreamHeader, write_postcopy_switch};
+    let layout = RamLayout::new(4096, &[(0, 64 * 4096)]).unwrap();
+    let mut s = BytesMut::new();
+    StreamHeader::new([7; 16]).encode(Direction::Migration, &mut s);
+    Record::Config(Config::from_layout(&layout, Default::default())).encode(&mut s);
+    // A discard list long enough to be split into several records.
+    let discard: Vec<_> = (0..30u64).map(|i| i * 2..i * 2 + 1).collect();
+    assert!(write_postcopy_switch(&mut s, &discard, 32) > 1);
+    Record::DeviceState(DeviceState::new("vcpu0", 1, vec![1u8])).encode(&mut s);
+
+    let t0 = Instant::now();
+    let refused = {
+        let (r, _) = destination_alone(&s, &layout);
+        r
+    };
+    assert!(
+        matches!(
+            refused,
+            Err(DestinationError::Protocol(
+                ProtocolViolation::PostcopyRecord(_)
+            ))
+        ),
+        "without the option a switch is refused: {refused:?}"
+    );
+
+    let opts = DestinationOptions {
+        postcopy: true,
+        ..DestinationOptions::default()
+    };
+    let mut m = DestinationMachine::new(&opts, t0);
+    let mut input = BytesMut::from(&s[..]);
+    m.handle(DestinationEvent::Received(s.len()), t0);
+    loop {
+        match m.poll(&mut input, t0) {
+            DestinationAction::Transmit => {
+                let _ = m.take_transmit();
+                m.handle(DestinationEvent::Transmitted(Ok(())), t0);
+            }
+            DestinationAction::Configured => assert!(m.begin(&layout)),
+            DestinationAction::SwitchToPostcopy => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut sw = m.into_postcopy().expect("switched");
+    let mut got = sw.discard.clone();
+    got.sort_by_key(|r| r.start);
+    assert_eq!(got, discard);
+    // The rest of the stream decodes with the decoder handed over.
+    match sw.decoder.decode(&mut input).unwrap() {
+        Some(Frame::Record(Record::DeviceState(d))) => assert_eq!(d.id, "vcpu0"),
+        other => panic!("{other:?}"),
+    }
+}

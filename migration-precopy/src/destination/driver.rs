@@ -3,18 +3,45 @@
 use std::time::Instant;
 
 use bytes::BytesMut;
+use migration_core::bitmap::DirtyBitmap;
 use migration_core::geometry::GuestRam;
 use migration_core::stream::{Config, DeviceState, StreamHeader};
 use migration_core::transport::{Connection, Stream};
 use migration_core::vm::VmControl;
 use vm_memory::GuestMemoryBackend;
 
-use super::machine::{DestinationAction, DestinationEvent, DestinationMachine};
+use super::machine::{DestinationAction, DestinationEvent, DestinationMachine, SwitchedStream};
 use super::ram::RamWriter;
 use super::{DestinationError, DestinationOptions, DestinationStats, Placement, VerifyError};
 
 /// Bytes asked of the connection per read.
 const READ_CHUNK: usize = 256 << 10;
+
+/// How [`Incoming::receive_or_switch`] ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Received<C: Connection> {
+    /// A pre-copy migration completed: the guest runs here.
+    Completed(DestinationStats),
+    /// The source switched to post-copy.
+    Postcopy(Box<PostcopySwitch<C>>),
+}
+
+/// What a post-copy engine takes over at the switch.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PostcopySwitch<C> {
+    /// The migration connection.
+    pub conn: C,
+    /// Bytes read from it and not decoded yet: the rest of the stream starts here.
+    pub input: BytesMut,
+    /// The stream's decoder and what came before the switch.
+    pub stream: SwitchedStream,
+    /// Pages written into guest RAM so far (before the discard list is applied). Every
+    /// other page of guest RAM may hold anything the destination's own placement left
+    /// there (prefaulted zeros): a post-copy engine treats it as missing.
+    pub received: DirtyBitmap,
+}
 
 /// An incoming migration whose header and config were read.
 pub struct Incoming<C: Connection = Stream> {
@@ -104,12 +131,35 @@ impl<C: Connection> Incoming<C> {
     /// run. `vm` must be paused and hold no state yet; `ram` must be all zero (fresh
     /// memory) and match the config. `progress` sees the statistics after each pass.
     pub fn receive<M, V>(
-        mut self,
+        self,
         ram: &GuestRam<'_, M>,
         vm: &mut V,
         verify: &mut dyn FnMut(&[DeviceState]) -> Result<(), VerifyError>,
         progress: &mut dyn FnMut(&DestinationStats),
     ) -> Result<DestinationStats, DestinationError>
+    where
+        M: GuestMemoryBackend,
+        V: VmControl + ?Sized,
+    {
+        match self.receive_or_switch(ram, vm, verify, progress)? {
+            Received::Completed(stats) => Ok(stats),
+            Received::Postcopy(_) => {
+                unreachable!("a switch only with DestinationOptions::postcopy")
+            }
+        }
+    }
+
+    /// As [`receive`](Self::receive), but with [`DestinationOptions::postcopy`] a switch
+    /// to post-copy ends it too: then what was received, the connection and the rest of
+    /// the stream are handed over in [`Received::Postcopy`] (pages placed so far, and the
+    /// unread bytes of the stream), for a post-copy engine to go on with.
+    pub fn receive_or_switch<M, V>(
+        mut self,
+        ram: &GuestRam<'_, M>,
+        vm: &mut V,
+        verify: &mut dyn FnMut(&[DeviceState]) -> Result<(), VerifyError>,
+        progress: &mut dyn FnMut(&DestinationStats),
+    ) -> Result<Received<C>, DestinationError>
     where
         M: GuestMemoryBackend,
         V: VmControl + ?Sized,
@@ -173,6 +223,29 @@ impl<C: Connection> Incoming<C> {
                 DestinationAction::Configured => {
                     unreachable!("configured once, in accept")
                 }
+                DestinationAction::SwitchToPostcopy => {
+                    let Some(mut w) = writer.take() else {
+                        unreachable!("receiving means a writer")
+                    };
+                    // Placing pages is over here: the post-copy engine registers RAM for
+                    // faults its own way.
+                    w.finish().map_err(DestinationError::Placement)?;
+                    let received = w.into_written();
+                    let Incoming {
+                        m,
+                        conn,
+                        buf,
+                        placement,
+                    } = self;
+                    let mut stream = m.into_postcopy().expect("switched");
+                    stream.stats.placement = placement;
+                    return Ok(Received::Postcopy(Box::new(PostcopySwitch {
+                        conn,
+                        input: buf,
+                        stream,
+                        received,
+                    })));
+                }
                 DestinationAction::Done => break,
             };
             self.m.handle(ev, Instant::now());
@@ -186,7 +259,7 @@ impl<C: Connection> Incoming<C> {
         if let Ok(stats) = &mut r {
             stats.placement = self.placement;
         }
-        r
+        r.map(Received::Completed)
     }
 
     fn read(&mut self) {

@@ -51,6 +51,11 @@ pub enum DestinationAction {
     Verify,
     /// The source committed: resume the guest and report [`DestinationEvent::Resumed`].
     Resume,
+    /// The source switched to post-copy (only with
+    /// [`DestinationOptions::postcopy`](super::DestinationOptions::postcopy)): placing pages
+    /// is over here (finish it), and the rest of the stream goes to a post-copy engine with
+    /// [`DestinationMachine::into_postcopy`].
+    SwitchToPostcopy,
     /// Shut the connection down in this direction. No event follows.
     Shutdown(Shutdown),
     /// Finished: take the result with [`DestinationMachine::take_result`].
@@ -105,6 +110,8 @@ enum State {
     Failing {
         error: DestinationError,
     },
+    /// The source switched to post-copy: the machine's part is over.
+    Switched,
     Done,
 }
 
@@ -128,6 +135,29 @@ pub struct DestinationMachine {
     result: Option<Result<DestinationStats, DestinationError>>,
     /// The stream ended: what `input` holds is all there is.
     eof: bool,
+    /// Accept a switch to post-copy.
+    postcopy: bool,
+    /// Pages to discard, from `DiscardPages` records before the switch.
+    discard: Vec<std::ops::Range<u64>>,
+}
+
+/// What a post-copy engine takes over at the switch (see
+/// [`DestinationMachine::into_postcopy`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct SwitchedStream {
+    /// The migration stream's decoder, after the `SwitchToPostcopy` record.
+    pub decoder: StreamDecoder,
+    /// The stream header.
+    pub header: StreamHeader,
+    /// The source's configuration.
+    pub config: Config,
+    /// Every page to discard (all `DiscardPages` records and the switch's own list).
+    pub discard: Vec<std::ops::Range<u64>>,
+    /// What pre-copy received.
+    pub stats: DestinationStats,
+    /// Return-path bytes still to write (an acknowledgement), before anything else.
+    pub unsent: Bytes,
 }
 
 impl DestinationMachine {
@@ -153,6 +183,8 @@ impl DestinationMachine {
             verify_started: None,
             result: None,
             eof: false,
+            postcopy: opts.postcopy,
+            discard: Vec::new(),
         }
     }
 
@@ -216,6 +248,22 @@ impl DestinationMachine {
         self.fail(DestinationError::Refused(reason.into()));
     }
 
+    /// Hands what a post-copy engine needs over, after
+    /// [`DestinationAction::SwitchToPostcopy`]; `None` before it.
+    pub fn into_postcopy(mut self) -> Option<SwitchedStream> {
+        if !matches!(self.state, State::Switched) {
+            return None;
+        }
+        Some(SwitchedStream {
+            header: self.header?,
+            config: self.config.take()?,
+            discard: std::mem::take(&mut self.discard),
+            stats: std::mem::take(&mut self.stats),
+            unsent: self.out.split().freeze(),
+            decoder: self.dec,
+        })
+    }
+
     /// Fails the migration with `error`, for what the driver could not do (set up page
     /// placement, say): the source hears why, and the guest is not run here.
     pub fn abort(&mut self, error: DestinationError) {
@@ -262,6 +310,7 @@ impl DestinationMachine {
                     self.result = Some(Err(error));
                     return DestinationAction::Shutdown(Shutdown::Both);
                 }
+                State::Switched => return DestinationAction::SwitchToPostcopy,
                 State::Done => return DestinationAction::Done,
             }
             if !self.out.is_empty() {
@@ -356,6 +405,13 @@ impl DestinationMachine {
             r @ Record::Config(_) => self.fail(DestinationError::Protocol(
                 ProtocolViolation::Unexpected(r.record_type()),
             )),
+            Record::DiscardPages(d) if self.postcopy => self.discard.extend(d),
+            Record::SwitchToPostcopy { discard } if self.postcopy => {
+                self.discard.extend(discard);
+                self.stats.bytes_received = self.received;
+                self.state = State::Switched;
+                return Some(DestinationAction::SwitchToPostcopy);
+            }
             r @ (Record::DiscardPages(_)
             | Record::SwitchToPostcopy { .. }
             | Record::PostcopyCommit) => self.fail(DestinationError::Protocol(
@@ -477,7 +533,10 @@ impl DestinationMachine {
     }
 
     fn fail(&mut self, error: DestinationError) {
-        if matches!(self.state, State::Failing { .. } | State::Done) {
+        if matches!(
+            self.state,
+            State::Failing { .. } | State::Done | State::Switched
+        ) {
             return;
         }
         // After `Running`, a second verdict would contradict the first; before the header

@@ -38,8 +38,8 @@ use migration_core::stats::PageCounts;
 use migration_core::stream::{IterationEnd, RecordType, StreamError};
 use migration_core::vm::VmError;
 
-pub use driver::Incoming;
-pub use machine::{DestinationAction, DestinationEvent, DestinationMachine};
+pub use driver::{Incoming, PostcopySwitch, Received};
+pub use machine::{DestinationAction, DestinationEvent, DestinationMachine, SwitchedStream};
 
 /// Settings of the receiving side.
 #[derive(Debug, Clone)]
@@ -53,6 +53,10 @@ pub struct DestinationOptions {
     /// How pages are put into guest RAM this side has not touched yet. Default
     /// [`Placement::Prefault`].
     pub placement: Placement,
+    /// Accept a switch to post-copy: at the source's `SwitchToPostcopy`, hand the
+    /// connection and what was received over to the caller
+    /// ([`Incoming::receive_or_switch`]) instead of refusing the stream. Default off.
+    pub postcopy: bool,
 }
 
 impl Default for DestinationOptions {
@@ -62,6 +66,7 @@ impl Default for DestinationOptions {
             expected_vm: None,
             idle_timeout: None,
             placement: Placement::default(),
+            postcopy: false,
         }
     }
 }

@@ -168,6 +168,11 @@ impl<'r, 'm, M: GuestMemoryBackend> RamWriter<'r, 'm, M> {
         self.prefault = None;
     }
 
+    /// The pages written so far.
+    pub(crate) fn into_written(self) -> DirtyBitmap {
+        self.written
+    }
+
     /// Everything arrived: RAM becomes ordinary memory again before anything reads it
     /// (pages never sent are zero).
     pub(crate) fn finish(&mut self) -> io::Result<()> {
