@@ -68,7 +68,8 @@ pub struct FaultingRam {
     mappings: Vec<Mapping>,
     page_size: usize,
     thread_ids: bool,
-    events: EventBuffer,
+    /// The buffer the fault handler reads into (one reader at a time).
+    events: std::sync::Mutex<EventBuffer>,
     registered: bool,
 }
 
@@ -85,7 +86,7 @@ impl std::fmt::Debug for FaultingRam {
 // SAFETY: the userfaultfd is a file descriptor, usable from any thread; the mappings are
 // plain numbers. `EventBuffer` holds plain `uffd_msg` values.
 unsafe impl Send for FaultingRam {}
-// SAFETY: every method that reads events takes `&mut self`; the ioctls (`copy`, `zeropage`,
+// SAFETY: events are read into a buffer behind a mutex; the ioctls (`copy`, `zeropage`,
 // `wake`) may be issued from several threads at once, as the kernel allows.
 unsafe impl Sync for FaultingRam {}
 
@@ -125,7 +126,7 @@ impl FaultingRam {
             mappings: Vec::new(),
             page_size,
             thread_ids,
-            events: EventBuffer::new(EVENTS_PER_READ),
+            events: std::sync::Mutex::new(EventBuffer::new(EVENTS_PER_READ)),
             registered: true,
         };
         for (_, run) in layout.split_at_regions(0..layout.page_count()) {
@@ -179,10 +180,11 @@ impl FaultingRam {
     /// Reads the faults queued now, without waiting (the descriptor is non-blocking: wait
     /// for it to be readable with `poll` on [`AsFd::as_fd`]), appending them to `out`.
     /// Returns how many were read. Events other than missing-page faults are skipped.
-    pub fn read_faults(&mut self, out: &mut Vec<Fault>) -> io::Result<usize> {
+    pub fn read_faults(&self, out: &mut Vec<Fault>) -> io::Result<usize> {
         let before = out.len();
         let mut batch = Vec::new();
-        for ev in self.uffd.read_events(&mut self.events).map_err(uffd_io)? {
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in self.uffd.read_events(&mut events).map_err(uffd_io)? {
             if let Event::Pagefault {
                 addr,
                 rw,

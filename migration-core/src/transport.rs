@@ -406,6 +406,30 @@ impl Listener {
         })
     }
 
+    /// Waits for one connection for at most `timeout`: `Ok(None)` when none came.
+    pub fn accept_timeout(&self, timeout: Duration) -> io::Result<Option<Stream>> {
+        use std::os::fd::AsRawFd;
+        let mut p = libc::pollfd {
+            fd: self.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the call's duration.
+        match unsafe { libc::poll(&mut p, 1, ms) } {
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(None)
+                } else {
+                    Err(e)
+                }
+            }
+            0 => Ok(None),
+            _ => self.accept().map(Some),
+        }
+    }
+
     /// Waits for one connection.
     pub fn accept(&self) -> io::Result<Stream> {
         Ok(match self {
@@ -718,6 +742,19 @@ mod tests {
         fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
             self.0.set_read_timeout(t)
         }
+    }
+
+    #[test]
+    fn accept_timeout_gives_up_or_takes_the_connection() {
+        let dir = std::env::temp_dir().join(format!("lm-accept-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let addr = Address::Unix(dir.join("s.sock"));
+        let l = Listener::bind(&addr).unwrap();
+        assert!(l.accept_timeout(Duration::from_millis(20)).unwrap().is_none());
+        let _c = connect(&addr).unwrap();
+        assert!(l.accept_timeout(Duration::from_secs(10)).unwrap().is_some());
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

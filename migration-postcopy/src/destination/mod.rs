@@ -1,0 +1,905 @@
+//! The destination of a post-copy migration.
+//!
+//! It takes over where the pre-copy destination hands the stream over, at the source's
+//! `SwitchToPostcopy` ([`migration_precopy::Incoming::receive_or_switch`], with
+//! [`migration_precopy::DestinationOptions::postcopy`] on; a pure post-copy switches right
+//! after the configuration):
+//!
+//! 1. the rest of the switch (device state, `EndOfData`) on the main stream, and the
+//!    source's urgent channel, accepted from the caller's listener;
+//! 2. guest RAM registered for faults ([`FaultingRam`]), every page it does not hold
+//!    dropped (the discard list, and whatever pre-copy did not write), the device state
+//!    loaded, `PostcopyReady` sent;
+//! 3. on the source's `PostcopyCommit` the guest runs here. A fault thread reads faults in
+//!    bursts and sends a page request for each missing page once; one thread places the
+//!    pages answering them (urgent channel), this one places the background push (main
+//!    stream); a page that arrives twice is placed once;
+//! 4. once every page is present, RAM is unregistered and `Running` ends the return path.
+//!
+//! A broken connection (either one) after the commit pauses page service, not the guest:
+//! faults are noted, vCPUs that touch missing pages wait, and this side waits for the
+//! source to dial again (within [`DestinationOptions::recovery_window`]), answers with its
+//! received-pages bitmap, requests again what it waited for, and goes on. If the source
+//! does not come back in time the guest is paused and the error says so.
+
+pub mod book;
+
+use std::io;
+use std::net::Shutdown;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use migration_core::fault::{Fault, FaultingRam, Placed};
+use migration_core::geometry::GuestRam;
+use migration_core::page::PageDecoder;
+use migration_core::stream::{
+    Ack, DecoderOptions, DeviceState, Direction, Frame, HeaderFlags, PageBatch, PageData, Record,
+    ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
+};
+use migration_core::transport::Connection;
+use migration_core::vm::{VmControl, VmError};
+use migration_precopy::{DestinationStats, PostcopySwitch};
+use vm_memory::GuestMemoryBackend;
+
+use crate::stats::{Origin, PostcopyStats};
+pub use book::PageBook;
+
+/// Settings of a post-copy destination.
+#[derive(Debug, Clone)]
+pub struct DestinationOptions {
+    /// How long to wait for the source to come back after a broken connection, and for
+    /// its urgent channel at the switch. Default 5 minutes.
+    pub recovery_window: Duration,
+    /// Longest record accepted. Default 64 MiB.
+    pub max_record_len: u32,
+}
+
+impl Default for DestinationOptions {
+    fn default() -> Self {
+        DestinationOptions {
+            recovery_window: Duration::from_secs(300),
+            max_record_len: migration_core::stream::DEFAULT_MAX_RECORD_LEN,
+        }
+    }
+}
+
+/// Why a post-copy destination failed, and what became of the guest.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DestinationError {
+    /// The stream is malformed or corrupt (before the commit: the source resumes).
+    #[error("refusing the migration stream: {0}")]
+    Stream(#[from] StreamError),
+    /// The connection failed before the commit: the guest was not run here.
+    #[error("connection lost before the commit, the guest was not run here: {0}")]
+    Connection(#[source] io::Error),
+    /// The source gave up before the commit.
+    #[error("the source aborted: {0}")]
+    Aborted(String),
+    /// The stream broke the post-copy protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Guest RAM could not be registered for faults (before the commit).
+    #[error("registering guest RAM for faults: {0}")]
+    Register(#[source] io::Error),
+    /// The VMM refused the device state or a resume (before the commit).
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// After the commit, the source did not come back within the recovery window: the
+    /// guest is paused here, with the pages it has; its other pages were on the source.
+    #[error(
+        "the source did not come back within {window:?} after the connection broke: the guest \
+         is paused here with {missing} pages missing ({why})"
+    )]
+    SourceLost {
+        /// The recovery window.
+        window: Duration,
+        /// Pages the guest does not have.
+        missing: usize,
+        /// What broke.
+        why: String,
+        /// Whether pausing the guest failed too.
+        pause: Option<VmError>,
+    },
+    /// After the commit, a page could not be placed: the guest is paused here.
+    #[error("placing page {page} after the commit: {source}; the guest is paused here")]
+    Placement {
+        /// The page.
+        page: u64,
+        /// What the kernel said.
+        source: io::Error,
+    },
+}
+
+impl DestinationError {
+    /// Whether the guest runs on this side: never on an error (before the commit it was
+    /// not run here, after it it is paused).
+    pub fn committed(&self) -> bool {
+        matches!(
+            self,
+            DestinationError::SourceLost { .. } | DestinationError::Placement { .. }
+        )
+    }
+}
+
+/// What a post-copy destination reports.
+#[derive(Debug, Clone, Default)]
+pub struct DestinationReport {
+    /// Pre-copy's part, before the switch.
+    pub precopy: DestinationStats,
+    /// Post-copy's part.
+    pub postcopy: PostcopyStats,
+    /// From the switch record to the guest running here.
+    pub switchover: Duration,
+    /// Device-state blobs loaded.
+    pub device_states: usize,
+}
+
+/// Accepts one more connection of the migration within the timeout (`Ok(None)`: none came).
+pub type Accept<'a, C> = dyn FnMut(Duration) -> io::Result<Option<C>> + 'a;
+
+/// Receives the post-copy half of a migration into `ram` and `vm` (see the
+/// [module docs](self)). `accept` gives the further connections the source opens to this
+/// side's listener: its urgent channel, and new connections after a break.
+pub fn receive<C, M, V>(
+    switch: PostcopySwitch<C>,
+    accept: &mut Accept<'_, C>,
+    ram: &GuestRam<'_, M>,
+    vm: &mut V,
+    opts: &DestinationOptions,
+) -> Result<DestinationReport, DestinationError>
+where
+    C: Connection,
+    M: GuestMemoryBackend,
+    V: VmControl + ?Sized,
+{
+    let switched_at = Instant::now();
+    let PostcopySwitch {
+        mut conn,
+        input,
+        stream,
+        mut received,
+        ..
+    } = *Box::new(switch);
+    let vm_id = stream.header.vm_uuid;
+    let pages = ram.layout().page_count();
+    let mut main = Reader::new(
+        conn.try_clone().map_err(DestinationError::Connection)?,
+        input,
+        stream.decoder,
+    );
+    if !stream.unsent.is_empty() {
+        conn.write_all(&stream.unsent)
+            .map_err(DestinationError::Connection)?;
+    }
+    let mut report = DestinationReport {
+        precopy: stream.stats,
+        ..Default::default()
+    };
+    // What is left of the switch: the device state, then the end of the data.
+    let mut states: Vec<DeviceState> = Vec::new();
+    let before = (|| loop {
+        match main.next()? {
+            Record::DeviceState(s) => states.push(s),
+            Record::EndOfData => return Ok(()),
+            Record::Abort { reason } => return Err(DestinationError::Aborted(reason)),
+            r => {
+                return Err(DestinationError::Protocol(format!(
+                    "a {} record in the switch to post-copy",
+                    r.record_type()
+                )));
+            }
+        }
+    })();
+    let urgent = before
+        .and_then(|()| accept_urgent(accept, vm_id, HeaderFlags::URGENT, opts.recovery_window));
+    let urgent = match urgent {
+        Ok(u) => u,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
+    // Every page not received (and not discarded) is to be fetched: prefaulted zeros of
+    // the pre-copy placement included.
+    for r in &stream.discard {
+        received.clear_range(r.start as usize..(r.end as usize).min(pages));
+    }
+    let setup = (|| {
+        let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
+        for (_, run) in ram.layout().split_at_regions(0..pages) {
+            let mut pos = run.start;
+            while pos < run.end {
+                let s = match (pos..run.end).find(|&p| !received.test(p)) {
+                    Some(s) => s,
+                    None => break,
+                };
+                let e = received.next_set(s).map_or(run.end, |e| e.min(run.end));
+                faulting.discard(s..e).map_err(DestinationError::Register)?;
+                pos = e;
+            }
+        }
+        vm.load_device_state(&states)?;
+        Ok(faulting)
+    })();
+    let faulting = match setup {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = urgent.conn.shutdown(Shutdown::Both);
+            return Err(refuse(&mut conn, e));
+        }
+    };
+    report.device_states = states.len();
+    let mut out = BytesMut::new();
+    ReturnRecord::Ack(Ack::PostcopyReady(received.count() as u64)).encode(&mut out);
+    if let Err(e) = conn.write_all(&out) {
+        return Err(DestinationError::Connection(e));
+    }
+    tracing::debug!(
+        present = received.count(),
+        pages,
+        "post-copy ready; waiting for the commit"
+    );
+
+    // Until the commit, nothing runs here: a break waits for the source to come back (it
+    // may have committed) and gives up without running the guest if it does not.
+    let mut conns = Conns {
+        main: conn,
+        main_reader: main,
+        urgent,
+    };
+    match conns.main_reader.next() {
+        Ok(Record::PostcopyCommit) => {}
+        Ok(Record::Abort { reason }) => return Err(DestinationError::Aborted(reason)),
+        Ok(r) => {
+            return Err(refuse(
+                &mut conns.main,
+                DestinationError::Protocol(format!(
+                    "a {} record instead of the commit",
+                    r.record_type()
+                )),
+            ));
+        }
+        Err(DestinationError::Connection(e)) => {
+            tracing::warn!(%e, "connection lost before the commit; waiting for the source");
+            // Before the commit the book is only what was received.
+            let book = PageBook::new(received.clone(), Instant::now());
+            match reconnect(accept, vm_id, &book, opts.recovery_window) {
+                Ok(c) => conns = c,
+                Err(_) => return Err(DestinationError::Connection(e)),
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    vm.resume()?;
+    report.switchover = switched_at.elapsed();
+    tracing::debug!(since_switch = ?report.switchover, "committed: the guest runs here");
+
+    let shared = Arc::new(Shared {
+        book: Mutex::new(PageBook::new(received, Instant::now())),
+        complete: Condvar::new(),
+        faulting,
+        requests: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        failed: Mutex::new(None),
+    });
+    let result = serve(&shared, &mut conns, accept, vm_id, opts);
+    let stats = shared
+        .book
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stats(Instant::now());
+    report.postcopy = stats;
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => {
+            let e = match e {
+                DestinationError::SourceLost {
+                    window,
+                    missing,
+                    why,
+                    ..
+                } => DestinationError::SourceLost {
+                    window,
+                    missing,
+                    why,
+                    pause: vm.pause().err(),
+                },
+                e => {
+                    let _ = vm.pause();
+                    e
+                }
+            };
+            Err(e)
+        }
+    }
+}
+
+/// Sends a `Failed` verdict where the connection still works (before the commit), and
+/// hands the error back.
+fn refuse<C: Connection>(conn: &mut C, e: DestinationError) -> DestinationError {
+    tracing::warn!(error = %e, "post-copy switch failed; the guest is not run here");
+    let mut out = BytesMut::new();
+    ReturnRecord::Verdict(Verdict::Failed {
+        reason: e.to_string(),
+    })
+    .encode(&mut out);
+    let _ = conn.write_all(&out);
+    let _ = conn.shutdown(Shutdown::Both);
+    e
+}
+
+/// Reads records from one stream.
+struct Reader<C> {
+    conn: C,
+    buf: BytesMut,
+    dec: StreamDecoder,
+}
+
+impl<C: Connection> Reader<C> {
+    fn new(conn: C, buf: BytesMut, dec: StreamDecoder) -> Self {
+        Reader { conn, buf, dec }
+    }
+
+    /// The next record; the end of the stream or a read error is a
+    /// [`DestinationError::Connection`].
+    fn next(&mut self) -> Result<Record, DestinationError> {
+        loop {
+            match self.dec.decode(&mut self.buf)? {
+                Some(Frame::Record(r)) => return Ok(r),
+                Some(Frame::Header(_)) => continue,
+                None => {}
+            }
+            match self.conn.read_into(&mut self.buf, 256 << 10) {
+                Ok(0) => {
+                    return Err(DestinationError::Connection(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the stream ended",
+                    )));
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(DestinationError::Connection(e)),
+            }
+        }
+    }
+}
+
+/// The two connections of a running post-copy.
+struct Conns<C> {
+    /// The main connection (this side writes the return path on it).
+    main: C,
+    main_reader: Reader<C>,
+    urgent: Urgent<C>,
+}
+
+/// The urgent channel: requests written on `conn`, pages read with `reader`.
+struct Urgent<C> {
+    conn: C,
+    reader: Reader<C>,
+}
+
+/// Accepts the source's next connection within `timeout` and reads its header, which must
+/// name this VM and carry `flags` (the main stream's config is not resent on a resume, so
+/// its decoder is told the page count).
+fn accept_header<C: Connection>(
+    accept: &mut Accept<'_, C>,
+    vm_id: [u8; 16],
+    page_count: Option<u64>,
+    timeout: Duration,
+) -> Result<(C, Reader<C>, StreamHeader), DestinationError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(DestinationError::Connection(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no connection from the source within {timeout:?}"),
+            )));
+        }
+        let Some(conn) = accept(left).map_err(DestinationError::Connection)? else {
+            continue;
+        };
+        let r = (|| {
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            conn.set_nodelay(true)?;
+            let read = conn.try_clone()?;
+            Ok::<_, io::Error>(read)
+        })();
+        let read = match r {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%e, "a connection that cannot be set up");
+                continue;
+            }
+        };
+        let mut reader = Reader::new(
+            read,
+            BytesMut::new(),
+            StreamDecoder::new(DecoderOptions {
+                expected_vm: Some(vm_id),
+                page_count,
+                ..DecoderOptions::default()
+            }),
+        );
+        match read_header(&mut reader) {
+            Ok(h) => {
+                let _ = conn.set_read_timeout(None);
+                return Ok((conn, reader, h));
+            }
+            Err(e) => {
+                // Not the source (a stray connection, another VM): keep waiting.
+                tracing::warn!(error = %e, "refusing a connection");
+                let _ = conn.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+fn read_header<C: Connection>(r: &mut Reader<C>) -> Result<StreamHeader, DestinationError> {
+    loop {
+        match r.dec.decode(&mut r.buf)? {
+            Some(Frame::Header(h)) => return Ok(h),
+            Some(Frame::Record(rec)) => {
+                return Err(DestinationError::Protocol(format!(
+                    "a {} record before the header",
+                    rec.record_type()
+                )));
+            }
+            None => {}
+        }
+        match r.conn.read_into(&mut r.buf, 4096) {
+            Ok(0) => {
+                return Err(DestinationError::Connection(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the connection ended before its header",
+                )));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(DestinationError::Connection(e)),
+        }
+    }
+}
+
+/// Accepts the urgent channel at the switch.
+fn accept_urgent<C: Connection>(
+    accept: &mut Accept<'_, C>,
+    vm_id: [u8; 16],
+    flags: HeaderFlags,
+    timeout: Duration,
+) -> Result<Urgent<C>, DestinationError> {
+    let (mut conn, reader, h) = accept_header(accept, vm_id, None, timeout)?;
+    if !h.flags.contains(flags) {
+        return Err(DestinationError::Protocol(
+            "a second connection that is not the urgent channel".into(),
+        ));
+    }
+    let mut out = BytesMut::new();
+    StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
+    conn.write_all(&out).map_err(DestinationError::Connection)?;
+    Ok(Urgent { conn, reader })
+}
+
+/// After a break: waits for the source's new main stream and urgent channel (in either
+/// order), and answers the main one with the received-pages bitmap.
+fn reconnect<C: Connection>(
+    accept: &mut Accept<'_, C>,
+    vm_id: [u8; 16],
+    book: &PageBook,
+    window: Duration,
+) -> Result<Conns<C>, DestinationError> {
+    let deadline = Instant::now() + window;
+    let pages = book.present().len() as u64;
+    let mut main: Option<(C, Reader<C>)> = None;
+    let mut urgent: Option<(C, Reader<C>)> = None;
+    while main.is_none() || urgent.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (mut conn, reader, h) = accept_header(accept, vm_id, Some(pages), left)?;
+        if !h.flags.contains(HeaderFlags::POSTCOPY_RESUME) {
+            tracing::warn!("a new migration while one is in post-copy: refused");
+            let _ = conn.shutdown(Shutdown::Both);
+            continue;
+        }
+        let mut out = BytesMut::new();
+        StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
+        if h.flags.contains(HeaderFlags::URGENT) {
+            if conn.write_all(&out).is_ok() {
+                urgent = Some((conn, reader));
+            }
+        } else {
+            ReturnRecord::ReceivedBitmap(book.present().clone()).encode(&mut out);
+            if conn.write_all(&out).is_ok() {
+                main = Some((conn, reader));
+            }
+        }
+    }
+    let ((main, main_reader), (uconn, ureader)) = (main.expect("loop"), urgent.expect("loop"));
+    let mut conns = Conns {
+        main,
+        main_reader,
+        urgent: Urgent {
+            conn: uconn,
+            reader: ureader,
+        },
+    };
+    // The source commits again first: a commit lost with the old connection is taken up.
+    match conns.main_reader.next()? {
+        Record::PostcopyCommit => Ok(conns),
+        Record::Abort { reason } => Err(DestinationError::Aborted(reason)),
+        r => Err(DestinationError::Protocol(format!(
+            "a resumed stream starting with a {} record, not the commit",
+            r.record_type()
+        ))),
+    }
+}
+
+/// What the threads of a running post-copy share.
+struct Shared<C> {
+    book: Mutex<PageBook>,
+    /// Notified when the last page is placed, or a thread failed.
+    complete: Condvar,
+    faulting: FaultingRam,
+    /// Where page requests go: the urgent channel, while it works.
+    requests: Mutex<Option<C>>,
+    stop: AtomicBool,
+    /// A failure after the commit that no recovery mends (a page that cannot be placed).
+    failed: Mutex<Option<DestinationError>>,
+}
+
+impl<C: Connection> Shared<C> {
+    /// Places the pages of `batch` that are still missing.
+    fn place(
+        &self,
+        batch: &PageBatch,
+        origin: Origin,
+        decoder: &mut PageDecoder,
+        scratch: &mut [u8],
+    ) -> Result<(), DestinationError> {
+        let mut i = 0;
+        while i < batch.pages.len() {
+            let p = &batch.pages[i];
+            let page = p.index as usize;
+            let fail = |source| DestinationError::Placement {
+                page: p.index,
+                source,
+            };
+            // Zero pages in a row go in one UFFDIO_ZEROPAGE.
+            if matches!(p.data, PageData::Zero) {
+                let mut j = i + 1;
+                while j < batch.pages.len()
+                    && matches!(batch.pages[j].data, PageData::Zero)
+                    && batch.pages[j].index == batch.pages[j - 1].index + 1
+                {
+                    j += 1;
+                }
+                let run = page..page + (j - i);
+                self.place_zero_run(run, origin).map_err(fail)?;
+                i = j;
+                continue;
+            }
+            i += 1;
+            if !self.lock().is_missing(page) {
+                self.lock().duplicate();
+                continue;
+            }
+            let data: &[u8] = match &p.data {
+                PageData::Raw(d) => d,
+                PageData::Zstd(_) => {
+                    decoder
+                        .apply(p.data.as_encoded(), scratch)
+                        .map_err(|e| fail(io::Error::other(e.to_string())))?;
+                    scratch
+                }
+                PageData::Delta(_) => {
+                    return Err(DestinationError::Protocol(format!(
+                        "a delta for page {page}, which this side does not hold"
+                    )));
+                }
+                PageData::Zero => unreachable!("handled above"),
+            };
+            match self.faulting.place(page, data).map_err(fail)? {
+                Placed::Placed => self.placed(page, origin),
+                Placed::AlreadyPresent => self.lock().duplicate(),
+            }
+        }
+        Ok(())
+    }
+
+    fn place_zero_run(&self, run: Range<usize>, origin: Origin) -> io::Result<()> {
+        let missing: Vec<usize> = {
+            let b = self.lock();
+            run.clone().filter(|&p| b.is_missing(p)).collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        // Within one region, as the source splits its batches there... or page by page.
+        if self.faulting.place_zero(run.clone()).is_err() {
+            for &p in &missing {
+                self.faulting.place_zero(p..p + 1)?;
+            }
+        }
+        for p in missing {
+            self.placed(p, origin);
+        }
+        Ok(())
+    }
+
+    fn placed(&self, page: usize, origin: Origin) {
+        let mut b = self.lock();
+        b.placed(page, origin, Instant::now());
+        if b.is_complete() {
+            self.complete.notify_all();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PageBook> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, e: DestinationError) {
+        let mut f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        f.get_or_insert(e);
+        self.complete.notify_all();
+    }
+
+    /// Sends page requests on the urgent channel, if it works.
+    fn request(&self, pages: &[usize]) -> bool {
+        if pages.is_empty() {
+            return true;
+        }
+        let mut out = BytesMut::with_capacity(pages.len() * 24);
+        for &p in pages {
+            ReturnRecord::PageRequest {
+                page: p as u64,
+                count: 1,
+            }
+            .encode(&mut out);
+        }
+        let mut slot = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_mut() {
+            Some(c) => match c.write_all(&out) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!(%e, "sending page requests");
+                    // The receivers notice the broken connection; shut it so they do now.
+                    let _ = c.shutdown(Shutdown::Both);
+                    *slot = None;
+                    false
+                }
+            },
+            None => false,
+        }
+    }
+}
+
+/// Serves faults and places pages until every page is present; recovers from broken
+/// connections.
+fn serve<C: Connection>(
+    shared: &Arc<Shared<C>>,
+    conns: &mut Conns<C>,
+    accept: &mut Accept<'_, C>,
+    vm_id: [u8; 16],
+    opts: &DestinationOptions,
+) -> Result<(), DestinationError> {
+    let fault_thread = {
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || fault_loop(&s))
+            .map_err(DestinationError::Connection)?
+    };
+    let result = (|| loop {
+        let why = match run_connections(shared, conns)? {
+            Service::Complete => return Ok(()),
+            Service::Broken(why) => why,
+        };
+        // A break: page service pauses, the guest runs on with what it has.
+        tracing::warn!(error = %why, "post-copy connection lost; waiting for the source to come back");
+        shared.lock().connection_lost(Instant::now());
+        *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let book_snapshot = PageBook::new(shared.lock().present().clone(), Instant::now());
+        match reconnect(accept, vm_id, &book_snapshot, opts.recovery_window) {
+            Ok(c) => {
+                *conns = c;
+                shared.lock().attempt();
+            }
+            Err(e) => {
+                let missing = shared.lock().missing();
+                tracing::error!(error = %e, missing, "the source did not come back");
+                return Err(DestinationError::SourceLost {
+                    window: opts.recovery_window,
+                    missing,
+                    why,
+                    pause: None,
+                });
+            }
+        }
+    })();
+    shared.stop.store(true, Ordering::SeqCst);
+    let _ = fault_thread.join();
+    if result.is_ok() {
+        // Every page is present: RAM is ordinary memory again, then the source hears it.
+        let mut out = BytesMut::new();
+        ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+        if let Err(e) = conns.main.write_all(&out) {
+            tracing::debug!(%e, "the final verdict");
+        }
+        let _ = conns.main.shutdown(Shutdown::Write);
+    }
+    result
+}
+
+/// How page service on one pair of connections ended.
+enum Service {
+    /// Every page is present.
+    Complete,
+    /// A connection broke, for this reason.
+    Broken(String),
+}
+
+/// Runs page service on one pair of connections until every page is present or one of
+/// them breaks.
+fn run_connections<C: Connection>(
+    shared: &Arc<Shared<C>>,
+    conns: &mut Conns<C>,
+) -> Result<Service, DestinationError> {
+    let pending = shared.lock().resumed(Instant::now());
+    {
+        let w = conns
+            .urgent
+            .conn
+            .try_clone()
+            .map_err(DestinationError::Connection)?;
+        *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+    }
+    shared.request(&pending);
+    // The urgent channel's pages on a thread of their own, so that an answer to a fault
+    // never waits behind a background batch.
+    let urgent_thread = {
+        let s = shared.clone();
+        let mut reader = Reader::new(
+            conns
+                .urgent
+                .reader
+                .conn
+                .try_clone()
+                .map_err(DestinationError::Connection)?,
+            std::mem::take(&mut conns.urgent.reader.buf),
+            std::mem::replace(
+                &mut conns.urgent.reader.dec,
+                StreamDecoder::new(DecoderOptions::default()),
+            ),
+        );
+        let main_ctl = conns
+            .main
+            .try_clone()
+            .map_err(DestinationError::Connection)?;
+        std::thread::Builder::new()
+            .name("postcopy-urgent".into())
+            .spawn(move || {
+                let r = receive_pages(&s, &mut reader, Origin::Requested);
+                if r.is_err() {
+                    // Break the main stream off too, so that this side acts on it now.
+                    let _ = main_ctl.shutdown(Shutdown::Both);
+                }
+                r
+            })
+            .map_err(DestinationError::Connection)?
+    };
+    let broken = match receive_pages(shared, &mut conns.main_reader, Origin::Pushed) {
+        // The push is over: wait for the pages still in flight on the urgent channel.
+        Ok(()) => {
+            let mut b = shared.lock();
+            loop {
+                let failed = shared
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
+                if b.is_complete() || failed {
+                    break None;
+                }
+                if urgent_thread.is_finished() {
+                    break Some("the urgent channel ended before every page arrived".to_string());
+                }
+                b = shared
+                    .complete
+                    .wait_timeout(b, Duration::from_millis(50))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+        }
+        Err(DestinationError::Connection(e)) => Some(format!("main stream: {e}")),
+        Err(e) => {
+            let _ = conns.urgent.conn.shutdown(Shutdown::Both);
+            let _ = urgent_thread.join();
+            return Err(e);
+        }
+    };
+    let _ = conns.urgent.conn.shutdown(Shutdown::Both);
+    let urgent = urgent_thread.join().unwrap_or(Ok(()));
+    if let Some(e) = shared
+        .failed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        return Err(e);
+    }
+    match urgent {
+        Err(DestinationError::Connection(_)) | Ok(()) => {}
+        Err(e) => return Err(e),
+    }
+    if shared.lock().is_complete() {
+        return Ok(Service::Complete);
+    }
+    Ok(Service::Broken(
+        broken.unwrap_or_else(|| "the urgent channel broke".into()),
+    ))
+}
+
+/// Places the pages of one stream until its `Complete` (`Ok`) or a failure.
+fn receive_pages<C: Connection>(
+    shared: &Shared<C>,
+    reader: &mut Reader<C>,
+    origin: Origin,
+) -> Result<(), DestinationError> {
+    let mut decoder = PageDecoder::new().map_err(|e| DestinationError::Protocol(e.to_string()))?;
+    let mut scratch = vec![0u8; shared.faulting.page_size()];
+    loop {
+        match reader.next()? {
+            Record::PageBatch(b) => shared.place(&b, origin, &mut decoder, &mut scratch)?,
+            Record::Complete => return Ok(()),
+            // A commit again (after a resume) changes nothing.
+            Record::PostcopyCommit => {}
+            Record::Abort { reason } => {
+                return Err(DestinationError::Connection(io::Error::other(format!(
+                    "the source aborted after the commit: {reason}"
+                ))));
+            }
+            r => {
+                return Err(DestinationError::Protocol(format!(
+                    "a {} record during post-copy",
+                    r.record_type()
+                )));
+            }
+        }
+    }
+}
+
+/// The fault thread: reads faults in bursts and requests each missing page once.
+fn fault_loop<C: Connection>(shared: &Shared<C>) {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = shared.faulting.as_fd().as_raw_fd();
+    let mut faults: Vec<Fault> = Vec::with_capacity(64);
+    let (mut requests, mut wake) = (Vec::new(), Vec::new());
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a short timeout so that the stop flag is seen.
+        let n = unsafe { libc::poll(&mut p, 1, 20) };
+        if n <= 0 {
+            continue;
+        }
+        faults.clear();
+        if let Err(e) = shared.faulting.read_faults(&mut faults) {
+            tracing::error!(%e, "reading faults");
+            shared.fail(DestinationError::Placement { page: 0, source: e });
+            return;
+        }
+        requests.clear();
+        wake.clear();
+        shared
+            .lock()
+            .on_faults(&faults, Instant::now(), &mut requests, &mut wake);
+        shared.request(&requests);
+        for &p in &wake {
+            let _ = shared.faulting.wake(p..p + 1);
+        }
+    }
+}

@@ -1,0 +1,827 @@
+//! The source of a post-copy migration.
+//!
+//! [`migrate`] runs a pure post-copy (the guest moves at once and its pages follow), or a
+//! hybrid: pre-copy through [`migration_precopy::migrate`] first, switching when pre-copy
+//! will not converge ([`Switch::Auto`]), after a number of passes or a time, or on the
+//! operator's command ([`CancelToken::request_handover`], QEMU's `migrate_start_postcopy`),
+//! whichever comes first. A hybrid that converges finishes as a pre-copy.
+//!
+//! The switch: the urgent channel is opened (before the guest pauses, so that connecting
+//! is not downtime), the guest paused, the tracker synced a last time, the discard list
+//! (pages dirtied since they were sent), the device state and `EndOfData` sent; then the
+//! source waits for the destination's `PostcopyReady`. Until it writes `PostcopyCommit`
+//! whole, any failure (or a cancel) resumes the guest here. From then on it never
+//! resumes: the guest runs on the destination, and this side holds the only copy of the
+//! pages the destination lacks. It serves page requests on the urgent channel, ahead of
+//! the background push of every page the destination lacks (in address order, restarting
+//! after each requested page), and ends both streams with `Complete`; the destination's
+//! `Running` verdict, once it holds every page, ends the migration.
+//!
+//! A broken connection after the commit is not the end: this side dials the destination
+//! again (the same address, or [`SourceOptions::reconnect_to`]'s new one) with backoff for
+//! up to [`SourceOptions::recovery_window`], sends the commit again, takes the
+//! destination's received-pages bitmap for what is left to send, and goes on. Only when the
+//! window passes does it give up, with [`SourceError::DestinationLost`]: the guest is lost
+//! (resuming this side's stale copy would roll it back), and never reported as migrated.
+
+pub mod plan;
+
+use std::io;
+use std::net::Shutdown;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use migration_core::bitmap::DirtyBitmap;
+use migration_core::dirty::DirtyTracker;
+use migration_core::geometry::GuestRam;
+use migration_core::pagemap::populated_pages;
+use migration_core::stats::{MigrationStats, Phase, ProgressEvent};
+use migration_core::stream::{
+    Ack, Config, DecoderOptions, Direction, Frame, HeaderFlags, PageBatchWriter, Record,
+    ReturnDecoder, ReturnRecord, StreamHeader, Verdict, write_postcopy_switch,
+};
+use migration_core::transport::Connection;
+use migration_core::vm::{VmControl, VmError};
+use migration_precopy::{CancelToken, LimitPolicy, ReturnEvent, ReturnPath, SourceOutcome};
+use vm_memory::GuestMemoryBackend;
+
+pub use plan::PushPlan;
+
+use crate::stats::Recovery;
+
+/// When a hybrid migration switches from pre-copy to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Switch {
+    /// When pre-copy will not converge: passes stop shrinking what a pause would cost, or
+    /// a limit of the pre-copy options is reached.
+    #[default]
+    Auto,
+    /// After this many passes over dirty pages.
+    AfterPasses(u32),
+    /// After iterating this long.
+    AfterTime(Duration),
+    /// Only on the operator's command.
+    OnCommand,
+}
+
+/// Pre-copy first or not.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Post-copy at once: the guest moves before any page.
+    Pure,
+    /// Pre-copy with these options, then post-copy when `switch` says.
+    Hybrid {
+        /// The pre-copy half (its limit policy is set to hand over).
+        precopy: Box<migration_precopy::SourceOptions>,
+        /// When to switch.
+        switch: Switch,
+    },
+}
+
+/// Settings of a post-copy source.
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    /// Pure or hybrid.
+    pub mode: Mode,
+    /// The VM's UUID, in every stream header (a hybrid takes its pre-copy options').
+    pub vm_id: [u8; 16],
+    /// The VMM's blob in the config record (pure post-copy; a hybrid's pre-copy options
+    /// carry their own).
+    pub vmm_blob: bytes::Bytes,
+    /// Pages per background batch. Default 256.
+    pub batch_pages: usize,
+    /// How long to try to reach the destination again after a broken connection, once
+    /// committed. Default 5 minutes.
+    pub recovery_window: Duration,
+    /// How long to wait for the destination's `PostcopyReady` at the switch (`None`: as
+    /// long as the connection stays up). On expiry the guest resumes here.
+    pub ready_timeout: Option<Duration>,
+    /// The destination's longest record (its `max_record_len`), to split the discard
+    /// list by. Default 64 MiB.
+    pub max_record_len: u32,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            mode: Mode::Pure,
+            vm_id: [0; 16],
+            vmm_blob: bytes::Bytes::new(),
+            batch_pages: 256,
+            recovery_window: Duration::from_secs(300),
+            ready_timeout: None,
+            max_record_len: migration_core::stream::DEFAULT_MAX_RECORD_LEN,
+        }
+    }
+}
+
+/// Why a post-copy source failed, and where the guest is.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// Pre-copy failed before any switch: see its error for where the guest is (it runs
+    /// here unless it says it was left paused).
+    #[error("{0}")]
+    Precopy(#[from] migration_precopy::SourceError),
+    /// The switch failed before the commit: the guest runs here again (unless `resume`
+    /// says otherwise).
+    #[error("the switch to post-copy failed, {}: {why}", if .resume.is_none() { "the guest runs on the source" } else { "and resuming the guest failed" })]
+    Switch {
+        /// What failed.
+        why: String,
+        /// The resume's failure, if it failed.
+        resume: Option<VmError>,
+    },
+    /// Cancelled before the commit: the guest runs here again.
+    #[error("cancelled before the commit; the guest runs on the source")]
+    Cancelled,
+    /// The VMM refused an operation of the switch.
+    #[error("{0}")]
+    Vm(#[from] VmError),
+    /// After the commit the destination could not be reached again within the recovery
+    /// window: the guest is lost. This side's copy is stale (the guest ran on the
+    /// destination since), so resuming it would roll the guest back.
+    #[error(
+        "the destination was lost after the commit ({why}) and could not be reached again within \
+         {window:?}: the guest is lost; this side's copy is stale and must not be resumed"
+    )]
+    DestinationLost {
+        /// What broke.
+        why: String,
+        /// The recovery window.
+        window: Duration,
+        /// Pages the destination did not have.
+        missing: usize,
+    },
+}
+
+impl SourceError {
+    /// Whether the guest still runs somewhere: on this side before the commit, nowhere
+    /// after a lost destination.
+    pub fn guest_lost(&self) -> bool {
+        matches!(self, SourceError::DestinationLost { .. })
+    }
+}
+
+/// What a post-copy source reports.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct SourceReport {
+    /// Pre-copy's part (empty for a pure post-copy).
+    pub precopy: MigrationStats,
+    /// Why pre-copy handed over (empty for a pure post-copy).
+    pub switch_reason: String,
+    /// From the pause to the commit written.
+    pub downtime: Duration,
+    /// From the commit to the destination's final verdict.
+    pub postcopy_time: Duration,
+    /// From the start to the end.
+    pub total_time: Duration,
+    /// Pages pushed in the background.
+    pub pages_pushed: u64,
+    /// Pages sent in answer to requests.
+    pub pages_requested: u64,
+    /// Page requests served.
+    pub requests: u64,
+    /// Bytes written on the main stream and the urgent channel during post-copy.
+    pub bytes: u64,
+    /// Pages the discard list named.
+    pub discarded: u64,
+    /// Recoveries from broken connections.
+    pub recoveries: Vec<Recovery>,
+}
+
+/// How a hybrid migration ended.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Pre-copy converged: no switch was needed.
+    Precopy(MigrationStats),
+    /// The guest moved by post-copy and every page followed.
+    Postcopy(SourceReport),
+}
+
+/// Opens a new connection to the destination: the urgent channel, and new connections
+/// after a break.
+pub type Connect<'a, C> = dyn FnMut() -> io::Result<C> + 'a;
+
+/// Migrates the guest (see the [module docs](self)). `conn` is the main connection;
+/// `connect` opens the others. `tracker` covers `ram` and is not started (a pure
+/// post-copy does not use it).
+#[allow(clippy::too_many_arguments)]
+pub fn migrate<M, V, T, C>(
+    ram: &GuestRam<'_, M>,
+    vm: &mut V,
+    tracker: T,
+    conn: C,
+    connect: &mut Connect<'_, C>,
+    opts: &SourceOptions,
+    control: &CancelToken,
+    progress: &mut dyn FnMut(&ProgressEvent),
+) -> Result<Outcome, SourceError>
+where
+    M: GuestMemoryBackend + Sync,
+    V: VmControl + ?Sized,
+    T: DirtyTracker,
+    C: Connection,
+{
+    let started = Instant::now();
+    let layout = ram.layout();
+    let pages = layout.page_count();
+    match &opts.mode {
+        Mode::Pure => {
+            progress(&ProgressEvent::Phase(Phase::Setup));
+            let mut conn = conn;
+            let setup = (|| {
+                conn.set_nodelay(true)?;
+                let mut out = BytesMut::new();
+                StreamHeader::new(opts.vm_id).encode(Direction::Migration, &mut out);
+                Record::Config(Config::from_layout(layout, opts.vmm_blob.clone())).encode(&mut out);
+                conn.write_all(&out)?;
+                ReturnPath::start(conn.try_clone()?, opts.vm_id, pages as u64)
+            })();
+            let returns = setup.map_err(|e| SourceError::Switch {
+                why: format!("setting up the connection: {e}"),
+                resume: None,
+            })?;
+            // Every page goes in post-copy: what the kernel never backed goes as zero pages.
+            let need = DirtyBitmap::new_full(pages);
+            let sw = Switching {
+                conn,
+                returns,
+                need,
+                discard: DirtyBitmap::new(pages),
+                throttle: 0,
+                precopy: MigrationStats::default(),
+                reason: String::new(),
+            };
+            let mut none: Option<T> = None;
+            drop(tracker);
+            switch_and_run(
+                ram, vm, &mut none, sw, connect, opts, control, started, progress,
+            )
+            .map(Outcome::Postcopy)
+        }
+        Mode::Hybrid { precopy, switch } => {
+            let mut pre = (**precopy).clone();
+            pre.limit_policy = LimitPolicy::HandOver;
+            match switch {
+                Switch::Auto => {
+                    pre.give_up_after_stalled = pre.give_up_after_stalled.or(Some(3));
+                }
+                Switch::AfterPasses(n) => pre.max_iterations = Some(*n),
+                Switch::AfterTime(d) => pre.max_time = Some(*d),
+                Switch::OnCommand => {}
+            }
+            match migration_precopy::migrate(ram, vm, tracker, conn, &pre, control, progress)? {
+                SourceOutcome::Completed(stats) => Ok(Outcome::Precopy(stats)),
+                SourceOutcome::LimitReached(h) => {
+                    let h = *h;
+                    tracing::info!(reason = %h.not_converged.limit, dirty = h.dirty.count(), "switching to post-copy");
+                    let discard = h.dirty.clone();
+                    let sw = Switching {
+                        conn: h.channel.into_inner(),
+                        returns: h.returns,
+                        need: h.dirty,
+                        discard,
+                        throttle: h.throttle_pct,
+                        precopy: h.stats,
+                        reason: h.not_converged.limit.to_string(),
+                    };
+                    let mut tracker = Some(h.tracker);
+                    let o = SourceOptions {
+                        vm_id: pre.vm_id,
+                        ..opts.clone()
+                    };
+                    switch_and_run(
+                        ram,
+                        vm,
+                        &mut tracker,
+                        sw,
+                        connect,
+                        &o,
+                        control,
+                        started,
+                        progress,
+                    )
+                    .map(Outcome::Postcopy)
+                }
+            }
+        }
+    }
+}
+
+/// What the switch starts from.
+struct Switching<C> {
+    conn: C,
+    returns: ReturnPath,
+    /// Pages the destination lacks (before the final sync).
+    need: DirtyBitmap,
+    /// Pages it must drop (before the final sync).
+    discard: DirtyBitmap,
+    throttle: u8,
+    precopy: MigrationStats,
+    reason: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn switch_and_run<M, V, T, C>(
+    ram: &GuestRam<'_, M>,
+    vm: &mut V,
+    tracker: &mut Option<T>,
+    sw: Switching<C>,
+    connect: &mut Connect<'_, C>,
+    opts: &SourceOptions,
+    control: &CancelToken,
+    started: Instant,
+    progress: &mut dyn FnMut(&ProgressEvent),
+) -> Result<SourceReport, SourceError>
+where
+    M: GuestMemoryBackend + Sync,
+    V: VmControl + ?Sized,
+    T: DirtyTracker,
+    C: Connection,
+{
+    let Switching {
+        mut conn,
+        mut returns,
+        mut need,
+        mut discard,
+        throttle,
+        precopy,
+        reason,
+    } = sw;
+    let pages = ram.layout().page_count();
+    let mut report = SourceReport {
+        precopy,
+        switch_reason: reason,
+        ..Default::default()
+    };
+    // Before the commit, every failure resumes the guest here.
+    let mut paused = false;
+    let before = (|| -> Result<Urgent<C>, String> {
+        if control.is_cancelled() {
+            return Err(String::new());
+        }
+        let urgent = open_urgent(connect, opts.vm_id, HeaderFlags::URGENT)
+            .map_err(|e| format!("opening the urgent channel: {e}"))?;
+        paused = true;
+        vm.pause().map_err(|e| e.to_string())?;
+        Ok(urgent)
+    })();
+    let pause_at = Instant::now();
+    let fail = |vm: &mut V, paused: bool, throttle: u8, tracker: &mut Option<T>, why: String| {
+        if let Some(t) = tracker.as_mut() {
+            let _ = t.stop();
+        }
+        let mut resume = None;
+        if throttle != 0 {
+            if let Err(e) = vm.set_throttle(0) {
+                tracing::warn!(%e, "lifting the throttle");
+            }
+        }
+        if paused {
+            resume = vm.resume().err();
+        }
+        tracing::warn!(%why, "switch to post-copy failed; the guest runs on the source");
+        if why.is_empty() {
+            SourceError::Cancelled
+        } else {
+            SourceError::Switch { why, resume }
+        }
+    };
+    let mut urgent = match before {
+        Ok(u) => u,
+        Err(why) => {
+            let _ = conn.shutdown(Shutdown::Both);
+            return Err(fail(vm, paused, throttle, tracker, why));
+        }
+    };
+    progress(&ProgressEvent::Phase(Phase::StopAndCopy));
+    let switch = (|| -> Result<(), String> {
+        if throttle != 0 {
+            vm.set_throttle(0).map_err(|e| e.to_string())?;
+        }
+        if let Some(t) = tracker.as_mut() {
+            let mut last = ram.layout().new_bitmap();
+            t.sync_and_clear(&mut last).map_err(|e| e.to_string())?;
+            need.union_with(&last);
+            discard.union_with(&last);
+            if let Err(e) = t.stop() {
+                tracing::warn!(%e, "stopping the dirty tracker");
+            }
+        }
+        let states = vm.save_device_state().map_err(|e| e.to_string())?;
+        let mut out = BytesMut::new();
+        let ranges: Vec<Range<u64>> = discard
+            .iter_runs()
+            .map(|r| r.start as u64..r.end as u64)
+            .collect();
+        write_postcopy_switch(&mut out, &ranges, opts.max_record_len);
+        for s in states {
+            Record::DeviceState(s).encode(&mut out);
+        }
+        Record::EndOfData.encode(&mut out);
+        conn.write_all(&out)
+            .map_err(|e| format!("sending the switch: {e}"))?;
+        // The destination's answer: ready, or why not.
+        let deadline = opts.ready_timeout.map(|t| Instant::now() + t);
+        loop {
+            if control.is_cancelled() {
+                return Err(String::new());
+            }
+            let wait = deadline.map_or(Duration::from_millis(50), |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(50))
+            });
+            match returns.next(Some(wait)) {
+                Some(ReturnEvent::Record(ReturnRecord::Ack(Ack::PostcopyReady(_)))) => {
+                    return Ok(());
+                }
+                Some(ReturnEvent::Record(ReturnRecord::Ack(_))) => {}
+                Some(ReturnEvent::Record(ReturnRecord::Verdict(Verdict::Failed { reason }))) => {
+                    return Err(format!("the destination failed: {reason}"));
+                }
+                Some(ReturnEvent::Record(r)) => {
+                    return Err(format!(
+                        "unexpected {} record before the commit",
+                        r.record_type()
+                    ));
+                }
+                Some(ReturnEvent::Closed(why)) => {
+                    return Err(format!(
+                        "the destination closed the connection before it was ready{}",
+                        why.map(|w| format!(": {w}")).unwrap_or_default()
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err("the destination was not ready in time".into());
+                    }
+                }
+            }
+        }
+    })();
+    let commit = switch.and_then(|()| {
+        let mut out = BytesMut::new();
+        Record::PostcopyCommit.encode(&mut out);
+        conn.write_all(&out)
+            .map_err(|e| format!("writing the commit: {e}"))
+    });
+    if let Err(why) = commit {
+        let _ = conn.shutdown(Shutdown::Both);
+        let _ = urgent.conn.shutdown(Shutdown::Both);
+        return Err(fail(vm, paused, 0, tracker, why));
+    }
+    // Committed: this side never runs the guest again.
+    report.downtime = pause_at.elapsed();
+    report.discarded = discard.count() as u64;
+    let committed_at = Instant::now();
+    tracing::debug!(downtime = ?report.downtime, need = need.count(), "post-copy committed");
+    progress(&ProgressEvent::Phase(Phase::Postcopy));
+
+    let plan = Mutex::new(PushPlan::new(need));
+    let mut conns = Some((conn, returns, urgent));
+    let mut attempts_total = 0;
+    loop {
+        let (conn, returns, u) = conns.take().expect("connections");
+        urgent = u;
+        match serve(ram, &plan, conn, returns, urgent, opts, &mut report) {
+            Ok(()) => break,
+            Err(why) => {
+                let lost = Instant::now();
+                progress(&ProgressEvent::Phase(Phase::PostcopyPaused));
+                tracing::warn!(%why, "post-copy connection lost; reconnecting");
+                match reconnect(connect, opts, pages) {
+                    Ok((c, r, u, bitmap, attempts)) => {
+                        attempts_total += attempts;
+                        plan.lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .resume(&bitmap);
+                        report.recoveries.push(Recovery {
+                            duration: lost.elapsed(),
+                            attempts,
+                        });
+                        progress(&ProgressEvent::Phase(Phase::Postcopy));
+                        conns = Some((c, r, u));
+                    }
+                    Err(e) => {
+                        let missing = plan.lock().unwrap_or_else(|e| e.into_inner()).remaining();
+                        tracing::error!(%e, attempts_total, "the destination could not be reached again");
+                        return Err(SourceError::DestinationLost {
+                            why: format!("{why}; then {e}"),
+                            window: opts.recovery_window,
+                            missing,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    report.postcopy_time = committed_at.elapsed();
+    report.total_time = started.elapsed();
+    progress(&ProgressEvent::Phase(Phase::Completed));
+    Ok(report)
+}
+
+/// The urgent channel.
+struct Urgent<C> {
+    conn: C,
+}
+
+fn open_urgent<C: Connection>(
+    connect: &mut Connect<'_, C>,
+    vm_id: [u8; 16],
+    flags: HeaderFlags,
+) -> io::Result<Urgent<C>> {
+    let mut conn = connect()?;
+    conn.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    StreamHeader {
+        flags,
+        vm_uuid: vm_id,
+    }
+    .encode(Direction::Migration, &mut out);
+    conn.write_all(&out)?;
+    Ok(Urgent { conn })
+}
+
+/// Dials the destination again with backoff for up to the recovery window, opens a
+/// resumed main stream and urgent channel, and reads the destination's received-pages
+/// bitmap. Returns the connections, the bitmap and the attempts it took.
+#[allow(clippy::type_complexity)]
+fn reconnect<C: Connection>(
+    connect: &mut Connect<'_, C>,
+    opts: &SourceOptions,
+    pages: usize,
+) -> Result<(C, ReturnPath, Urgent<C>, DirtyBitmap, u32), String> {
+    let deadline = Instant::now() + opts.recovery_window;
+    let mut pause = Duration::from_millis(10);
+    let mut attempts = 0;
+    let mut last = String::from("no attempt");
+    while Instant::now() < deadline {
+        attempts += 1;
+        match try_resume(connect, opts, pages) {
+            Ok((c, r, u, b)) => return Ok((c, r, u, b, attempts)),
+            Err(e) => {
+                tracing::debug!(%e, attempts, "reconnecting");
+                last = e;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
+    Err(format!("{attempts} attempts, the last: {last}"))
+}
+
+#[allow(clippy::type_complexity)]
+fn try_resume<C: Connection>(
+    connect: &mut Connect<'_, C>,
+    opts: &SourceOptions,
+    pages: usize,
+) -> Result<(C, ReturnPath, Urgent<C>, DirtyBitmap), String> {
+    let mut conn = connect().map_err(|e| format!("connecting: {e}"))?;
+    let setup = (|| -> io::Result<ReturnPath> {
+        conn.set_nodelay(true)?;
+        let mut out = BytesMut::new();
+        StreamHeader {
+            flags: HeaderFlags::POSTCOPY_RESUME,
+            vm_uuid: opts.vm_id,
+        }
+        .encode(Direction::Migration, &mut out);
+        conn.write_all(&out)?;
+        ReturnPath::start(conn.try_clone()?, opts.vm_id, pages as u64)
+    })();
+    let mut returns = setup.map_err(|e| format!("resuming the main stream: {e}"))?;
+    let urgent = open_urgent(
+        connect,
+        opts.vm_id,
+        HeaderFlags::URGENT | HeaderFlags::POSTCOPY_RESUME,
+    )
+    .map_err(|e| {
+        let _ = conn.shutdown(Shutdown::Both);
+        format!("resuming the urgent channel: {e}")
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let bitmap = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match returns.next(Some(left)) {
+            Some(ReturnEvent::Record(ReturnRecord::ReceivedBitmap(b))) => break b,
+            Some(ReturnEvent::Record(_)) => {}
+            Some(ReturnEvent::Closed(why)) => {
+                let _ = urgent.conn.shutdown(Shutdown::Both);
+                return Err(format!(
+                    "the destination closed the resumed stream{}",
+                    why.map(|w| format!(": {w}")).unwrap_or_default()
+                ));
+            }
+            Some(_) => {}
+            None => {
+                let _ = conn.shutdown(Shutdown::Both);
+                let _ = urgent.conn.shutdown(Shutdown::Both);
+                return Err("no received-pages bitmap from the destination".into());
+            }
+        }
+    };
+    // The commit again: one lost with the old connection is taken up.
+    let mut out = BytesMut::new();
+    Record::PostcopyCommit.encode(&mut out);
+    conn.write_all(&out)
+        .map_err(|e| format!("committing again: {e}"))?;
+    Ok((conn, returns, urgent, bitmap))
+}
+
+/// Serves one pair of connections until the destination's final verdict (`Ok`) or a
+/// break (`Err` with why).
+fn serve<M, C>(
+    ram: &GuestRam<'_, M>,
+    plan: &Mutex<PushPlan>,
+    mut conn: C,
+    mut returns: ReturnPath,
+    urgent: Urgent<C>,
+    opts: &SourceOptions,
+    report: &mut SourceReport,
+) -> Result<(), String>
+where
+    M: GuestMemoryBackend + Sync,
+    C: Connection,
+{
+    let ps = ram.layout().page_size() as usize;
+    let broken = Arc::new(AtomicBool::new(false));
+    let populated = populated_pages(ram.memory(), ram.layout()).ok();
+    std::thread::scope(|s| {
+        let urgent_ctl = urgent.conn.try_clone().map_err(|e| e.to_string())?;
+        let main_ctl = conn.try_clone().map_err(|e| e.to_string())?;
+        let b = broken.clone();
+        let server = s.spawn(move || {
+            let r = serve_requests(ram, plan, urgent);
+            if r.is_err() {
+                b.store(true, Ordering::SeqCst);
+                // The push must notice at once.
+                let _ = main_ctl.shutdown(Shutdown::Both);
+            }
+            r
+        });
+        // The background push.
+        let mut buf = BytesMut::with_capacity(opts.batch_pages * (ps + 16) + 64);
+        let push = (|| -> Result<(), String> {
+            loop {
+                if broken.load(Ordering::SeqCst) {
+                    return Err("the urgent channel broke".into());
+                }
+                if let Some(ReturnEvent::Closed(Some(e))) = returns.try_next() {
+                    return Err(format!("main return path: {e}"));
+                }
+                let run = plan
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_run(opts.batch_pages);
+                let Some(run) = run else { break };
+                buf.clear();
+                encode_pages(ram, run.clone(), populated.as_ref(), &mut buf)
+                    .map_err(|e| format!("reading guest RAM: {e}"))?;
+                conn.write_all(&buf)
+                    .map_err(|e| format!("pushing pages: {e}"))?;
+                report.pages_pushed += run.len() as u64;
+                report.bytes += buf.len() as u64;
+            }
+            let mut out = BytesMut::new();
+            Record::Complete.encode(&mut out);
+            conn.write_all(&out)
+                .map_err(|e| format!("ending the push: {e}"))?;
+            // The destination says when it holds every page (urgent answers may still be
+            // on their way).
+            loop {
+                match returns.next(Some(Duration::from_millis(50))) {
+                    Some(ReturnEvent::Record(ReturnRecord::Verdict(Verdict::Running))) => {
+                        return Ok(());
+                    }
+                    Some(ReturnEvent::Record(ReturnRecord::Verdict(Verdict::Failed {
+                        reason,
+                    }))) => {
+                        return Err(format!("the destination failed: {reason}"));
+                    }
+                    Some(ReturnEvent::Closed(why)) => {
+                        return Err(format!(
+                            "main return path closed before the final verdict{}",
+                            why.map(|w| format!(": {w}")).unwrap_or_default()
+                        ));
+                    }
+                    _ => {
+                        if broken.load(Ordering::SeqCst) {
+                            return Err("the urgent channel broke".into());
+                        }
+                    }
+                }
+            }
+        })();
+        // Done or broken: stop the server either way.
+        let _ = urgent_ctl.shutdown(Shutdown::Both);
+        if push.is_err() {
+            let _ = conn.shutdown(Shutdown::Both);
+        }
+        let served = server.join().unwrap_or(Ok(Served::default()));
+        if let Ok(s) = &served {
+            report.pages_requested += s.pages;
+            report.requests += s.requests;
+            report.bytes += s.bytes;
+        }
+        push
+    })
+}
+
+/// What the urgent server did on one connection.
+#[derive(Debug, Default)]
+struct Served {
+    requests: u64,
+    pages: u64,
+    bytes: u64,
+}
+
+/// Answers page requests on the urgent channel until it ends.
+fn serve_requests<M: GuestMemoryBackend, C: Connection>(
+    ram: &GuestRam<'_, M>,
+    plan: &Mutex<PushPlan>,
+    mut urgent: Urgent<C>,
+) -> Result<Served, String> {
+    let pages = ram.layout().page_count() as u64;
+    let mut dec = ReturnDecoder::new(DecoderOptions {
+        page_count: Some(pages),
+        ..DecoderOptions::default()
+    });
+    let mut input = BytesMut::with_capacity(4096);
+    let mut out = BytesMut::with_capacity(64 << 10);
+    let mut served = Served::default();
+    let mut read = urgent.conn.try_clone().map_err(|e| e.to_string())?;
+    loop {
+        loop {
+            match dec.decode(&mut input) {
+                Ok(Some(Frame::Record(ReturnRecord::PageRequest { page, count }))) => {
+                    let run = page as usize..(page + u64::from(count)) as usize;
+                    plan.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .requested(run.clone());
+                    out.clear();
+                    encode_pages(ram, run.clone(), None, &mut out)
+                        .map_err(|e| format!("reading guest RAM: {e}"))?;
+                    urgent
+                        .conn
+                        .write_all(&out)
+                        .map_err(|e| format!("answering a page request: {e}"))?;
+                    served.requests += 1;
+                    served.pages += run.len() as u64;
+                    served.bytes += out.len() as u64;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return Err(format!("urgent return path: {e}")),
+            }
+        }
+        match read.read_into(&mut input, 4096) {
+            Ok(0) => return Ok(served),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return if served.requests > 0 || e.kind() != io::ErrorKind::NotConnected {
+                    Err(format!("urgent channel: {e}"))
+                } else {
+                    Ok(served)
+                };
+            }
+        }
+    }
+}
+
+/// Appends one page-batch record of `run` read from `ram` (split at region boundaries):
+/// pages the kernel never backed (`populated` says) as zero pages unread.
+fn encode_pages<M: GuestMemoryBackend>(
+    ram: &GuestRam<'_, M>,
+    run: Range<usize>,
+    populated: Option<&DirtyBitmap>,
+    out: &mut BytesMut,
+) -> Result<(), migration_core::geometry::RamAccessError> {
+    let ps = ram.layout().page_size() as usize;
+    let mut w = PageBatchWriter::new(out, ps as u32);
+    for (_, piece) in ram.layout().split_at_regions(run) {
+        let slice = ram.pages_slice(piece.start, piece.len())?;
+        let base = slice.ptr_guard().as_ptr();
+        for (i, idx) in piece.enumerate() {
+            if populated.is_some_and(|p| !p.test(idx)) {
+                w.push_zero(idx as u64);
+                continue;
+            }
+            // SAFETY: the piece lies in one mapping from `base`, which lives as long as
+            // `ram`; the guest is paused, and `push_raw_from` allows for writes anyway.
+            unsafe { w.push_raw_from(idx as u64, base.add(i * ps)) };
+        }
+    }
+    w.finish();
+    Ok(())
+}
