@@ -750,7 +750,11 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let addr = Address::Unix(dir.join("s.sock"));
         let l = Listener::bind(&addr).unwrap();
-        assert!(l.accept_timeout(Duration::from_millis(20)).unwrap().is_none());
+        assert!(
+            l.accept_timeout(Duration::from_millis(20))
+                .unwrap()
+                .is_none()
+        );
         let _c = connect(&addr).unwrap();
         assert!(l.accept_timeout(Duration::from_secs(10)).unwrap().is_some());
         drop(l);

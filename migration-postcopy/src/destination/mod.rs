@@ -755,6 +755,8 @@ fn run_connections<C: Connection>(
         *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
     }
     shared.request(&pending);
+    // Set before this side closes the urgent channel itself, once done.
+    let closing = Arc::new(AtomicBool::new(false));
     // The urgent channel's pages on a thread of their own, so that an answer to a fault
     // never waits behind a background batch.
     let urgent_thread = {
@@ -776,11 +778,12 @@ fn run_connections<C: Connection>(
             .main
             .try_clone()
             .map_err(DestinationError::Connection)?;
+        let closing = closing.clone();
         std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || {
                 let r = receive_pages(&s, &mut reader, Origin::Requested);
-                if r.is_err() {
+                if r.is_err() && !closing.load(Ordering::SeqCst) {
                     // Break the main stream off too, so that this side acts on it now.
                     let _ = main_ctl.shutdown(Shutdown::Both);
                 }
@@ -818,6 +821,7 @@ fn run_connections<C: Connection>(
             return Err(e);
         }
     };
+    closing.store(true, Ordering::SeqCst);
     let _ = conns.urgent.conn.shutdown(Shutdown::Both);
     let urgent = urgent_thread.join().unwrap_or(Ok(()));
     if let Some(e) = shared

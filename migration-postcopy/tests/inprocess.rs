@@ -1,0 +1,430 @@
+//! Post-copy between two threads of this process, over unix sockets: the destination's
+//! "guest" is a thread that touches pages after the commit (each touch of a missing page
+//! faults through userfaultfd, as a vCPU's would), the source's a writer thread that
+//! dirties pages before the switch. Skipped, with a line saying why, where userfaultfd
+//! for missing pages is not available.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use migration_core::dirty::VmmBitmapTracker;
+use migration_core::stream::DeviceState;
+use migration_core::transport::{self, Address, Listener, Stream};
+use migration_core::vm::{VmControl, VmError};
+use migration_core::{GuestRam, RamLayout};
+use migration_postcopy::destination::{self, DestinationOptions};
+use migration_postcopy::source::{self, Mode, Outcome, SourceOptions, Switch};
+use migration_precopy::{CancelToken, Incoming, Received};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+type Mem = GuestMemoryMmap<AtomicBitmap>;
+const PAGE: usize = 4096;
+
+fn uffd_or_skip(test: &str) -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGE)]).unwrap();
+    let ram = GuestRam::new(&mem).unwrap();
+    match migration_core::fault::FaultingRam::register(&ram) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("{test}: skipped, userfaultfd for missing pages is not available: {e}");
+            false
+        }
+    }
+}
+
+fn regions(mib: usize) -> Vec<(GuestAddress, usize)> {
+    vec![
+        (GuestAddress(0), (mib << 20) / 2),
+        (GuestAddress(1 << 32), (mib << 20) / 2),
+    ]
+}
+
+/// Guest RAM filled with a pattern that names each page.
+fn source_mem(mib: usize) -> Arc<Mem> {
+    let mem = Arc::new(Mem::from_ranges(&regions(mib)).unwrap());
+    let layout = RamLayout::of_memory(&*mem).unwrap();
+    for p in 0..layout.page_count() {
+        // Every eighth page untouched: zero on both sides, never read on the source.
+        if p % 8 == 7 {
+            continue;
+        }
+        let v: Vec<u8> = (0..PAGE)
+            .map(|i| (i as u64 * 31 + p as u64 * 7) as u8)
+            .collect();
+        mem.write_slice(&v, GuestAddress(layout.page_to_gpa(p).unwrap()))
+            .unwrap();
+    }
+    mem
+}
+
+/// A VM double: pause, resume, a device state, and a flag the guest thread watches.
+#[derive(Clone, Default)]
+struct Vm {
+    running: Arc<AtomicBool>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl VmControl for Vm {
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.running.store(false, Ordering::SeqCst);
+        self.log.lock().unwrap().push("pause".into());
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.running.store(true, Ordering::SeqCst);
+        self.log.lock().unwrap().push("resume".into());
+        Ok(())
+    }
+    fn set_throttle(&mut self, _: u8) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn save_device_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        Ok(vec![DeviceState::new("dev0", 1, vec![9u8; 10])])
+    }
+    fn load_device_state(&mut self, s: &[DeviceState]) -> Result<(), VmError> {
+        self.log.lock().unwrap().push(format!("load {}", s.len()));
+        Ok(())
+    }
+}
+
+struct Dest {
+    report: Result<destination::DestinationReport, String>,
+    mem: Arc<GuestMemoryMmap>,
+    touched: u64,
+}
+
+/// The destination: accepts on `listener`, switches, and runs a guest thread that reads
+/// a word of pages in a scattered order once the guest runs.
+fn destination(listener: Listener, opts: DestinationOptions) -> std::thread::JoinHandle<Dest> {
+    std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        let inc = Incoming::accept(
+            conn,
+            &migration_precopy::DestinationOptions {
+                postcopy: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let layout = inc.config().layout().unwrap();
+        let ranges: Vec<_> = layout
+            .regions()
+            .iter()
+            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
+            .collect();
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+        let ram = GuestRam::with_layout(&*mem, layout.clone());
+        let mut vm = Vm::default();
+        let switch = match inc
+            .receive_or_switch(&ram, &mut vm, &mut |_| Ok(()), &mut |_| {})
+            .unwrap()
+        {
+            Received::Postcopy(s) => *s,
+            Received::Completed(_) => panic!("pre-copy completed; a switch was expected"),
+            _ => unreachable!(),
+        };
+        // The guest: touches pages as soon as it runs, until told to stop.
+        let stop = Arc::new(AtomicBool::new(false));
+        let touched = Arc::new(AtomicU64::new(0));
+        let guest = {
+            let (mem, running, stop, touched) = (
+                mem.clone(),
+                vm.running.clone(),
+                stop.clone(),
+                touched.clone(),
+            );
+            let addrs: Vec<usize> = (0..layout.page_count())
+                .map(|p| {
+                    GuestRam::with_layout(&*mem, layout.clone())
+                        .host_address(p)
+                        .unwrap() as usize
+                })
+                .collect();
+            std::thread::spawn(move || {
+                let n = addrs.len();
+                let mut i = 0usize;
+                while !stop.load(Ordering::SeqCst) {
+                    if !running.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    let p = (i * 7919) % n;
+                    i += 1;
+                    // SAFETY: inside guest RAM, which outlives this thread (joined below);
+                    // a missing page faults and waits for its placement.
+                    let w = unsafe { &*((addrs[p] + 64) as *const AtomicU64) };
+                    w.load(Ordering::Relaxed);
+                    touched.fetch_add(1, Ordering::Relaxed);
+                    if i % 64 == 0 {
+                        std::thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            })
+        };
+        let mut accept = |t: Duration| listener.accept_timeout(t);
+        let report = destination::receive(switch, &mut accept, &ram, &mut vm, &opts)
+            .map_err(|e| e.to_string());
+        stop.store(true, Ordering::SeqCst);
+        guest.join().unwrap();
+        drop(ram);
+        Dest {
+            report,
+            mem,
+            touched: touched.load(Ordering::Relaxed),
+        }
+    })
+}
+
+fn ram_equal(a: &Mem, b: &GuestMemoryMmap) {
+    let layout = RamLayout::of_memory(a).unwrap();
+    let (mut x, mut y) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+    for (p, gpa) in layout.pages() {
+        a.read_slice(&mut x, GuestAddress(gpa)).unwrap();
+        b.read_slice(&mut y, GuestAddress(gpa)).unwrap();
+        assert!(x == y, "page {p} differs");
+    }
+}
+
+fn socket(name: &str) -> (Address, Listener, tempfile_dir::Dir) {
+    let dir = tempfile_dir::Dir::new(name);
+    let addr = Address::Unix(dir.path.join("m.sock"));
+    let l = Listener::bind(&addr).unwrap();
+    (addr, l, dir)
+}
+
+mod tempfile_dir {
+    /// A directory removed when dropped.
+    pub struct Dir {
+        pub path: std::path::PathBuf,
+    }
+    impl Dir {
+        pub fn new(name: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!("pc-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&path);
+            std::fs::create_dir_all(&path).unwrap();
+            Dir { path }
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[test]
+fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
+    if !uffd_or_skip("a_pure_postcopy_moves_the_guest_first_and_every_page_follows") {
+        return;
+    }
+    let (addr, listener, _dir) = socket("pure");
+    let dest = destination(listener, DestinationOptions::default());
+    let mem = source_mem(16);
+    let ram = GuestRam::new(&*mem).unwrap();
+    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
+    let mut vm = Vm::default();
+    vm.running.store(true, Ordering::SeqCst);
+    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
+    let mut connect = || transport::connect(&addr);
+    let opts = SourceOptions {
+        mode: Mode::Pure,
+        vm_id: [3; 16],
+        ..SourceOptions::default()
+    };
+    let r = source::migrate(
+        &ram,
+        &mut vm,
+        tracker,
+        conn,
+        &mut connect,
+        &opts,
+        &CancelToken::new(),
+        &mut |_| {},
+    );
+    let d = dest.join().unwrap();
+    let report = match r {
+        Ok(Outcome::Postcopy(rep)) => rep,
+        other => panic!("{other:?}; destination: {:?}", d.report),
+    };
+    let dr = d.report.expect("the destination completed");
+    assert!(
+        !vm.running.load(Ordering::SeqCst),
+        "the source never resumes"
+    );
+    assert_eq!(*vm.log.lock().unwrap(), ["pause"]);
+    ram_equal(&mem, &d.mem);
+    assert!(d.touched > 0, "the guest ran on the destination");
+    let pages = ram.layout().page_count() as u64;
+    assert!(
+        report.pages_pushed + report.pages_requested >= pages,
+        "{report:?}"
+    );
+    let st = &dr.postcopy;
+    assert_eq!(st.pages.pushed + st.pages.requested, pages, "{st:?}");
+    assert!(
+        st.faults > 0 && st.requests > 0,
+        "the guest faulted: {st:?}"
+    );
+    // Every page requested was waited for and is there now; one may have come by the push.
+    assert_eq!(st.fault_latency.count(), st.requests, "{st:?}");
+    assert!(st.pages.requested <= st.requests);
+    assert!(st.faults >= st.requests + st.duplicate_requests_avoided);
+    assert_eq!(dr.device_states, 1);
+}
+
+#[test]
+fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_fetched_fresh() {
+    if !uffd_or_skip("a_hybrid_switches_on_command") {
+        return;
+    }
+    let (addr, listener, _dir) = socket("hybrid");
+    let dest = destination(listener, DestinationOptions::default());
+    let mem = source_mem(16);
+    let ram = GuestRam::new(&*mem).unwrap();
+    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
+    let mut vm = Vm::default();
+    vm.running.store(true, Ordering::SeqCst);
+    // A writer that keeps changing a working set while pre-copy runs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mem, stop, running) = (mem.clone(), stop.clone(), vm.running.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                if running.load(Ordering::SeqCst) {
+                    for p in 0..200u64 {
+                        mem.write_obj(n, GuestAddress(p * PAGE as u64)).unwrap();
+                    }
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let control = CancelToken::new();
+    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
+    let mut connect = || transport::connect(&addr);
+    let opts = SourceOptions {
+        mode: Mode::Hybrid {
+            precopy: Box::new(migration_precopy::SourceOptions {
+                vm_id: [4; 16],
+                // Never fits: only the command ends pre-copy.
+                downtime_limit: Duration::from_nanos(1),
+                ..Default::default()
+            }),
+            switch: Switch::OnCommand,
+        },
+        ..SourceOptions::default()
+    };
+    let c = control.clone();
+    let mut passes = 0;
+    let r = source::migrate(
+        &ram,
+        &mut vm,
+        tracker,
+        conn,
+        &mut connect,
+        &opts,
+        &control,
+        &mut |e| {
+            if let migration_core::stats::ProgressEvent::IterationDone(_) = e {
+                passes += 1;
+                if passes == 3 {
+                    c.request_handover();
+                }
+            }
+        },
+    );
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let d = dest.join().unwrap();
+    let report = match r {
+        Ok(Outcome::Postcopy(rep)) => rep,
+        other => panic!("{other:?}; destination: {:?}", d.report),
+    };
+    let dr = d.report.expect("the destination completed");
+    assert_eq!(report.switch_reason, "a switch on command");
+    assert!(report.precopy.iterations.len() >= 3);
+    assert!(
+        report.discarded > 0,
+        "the writer's pages were discarded: {report:?}"
+    );
+    assert!(dr.postcopy.pages.precopied > 0);
+    ram_equal(&mem, &d.mem);
+}
+
+#[test]
+fn a_connection_cut_after_the_commit_is_recovered_and_nothing_is_lost() {
+    if !uffd_or_skip("a_connection_cut_after_the_commit_is_recovered") {
+        return;
+    }
+    let (addr, listener, _dir) = socket("cut");
+    let dest = destination(
+        listener,
+        DestinationOptions {
+            recovery_window: Duration::from_secs(30),
+            ..Default::default()
+        },
+    );
+    let mem = source_mem(32);
+    let ram = GuestRam::new(&*mem).unwrap();
+    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
+    let mut vm = Vm::default();
+    vm.running.store(true, Ordering::SeqCst);
+    // Every connection the source makes, so that the test can cut them.
+    let made: Arc<Mutex<Vec<Stream>>> = Arc::default();
+    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
+    made.lock().unwrap().push(conn.try_clone().unwrap());
+    let m2 = made.clone();
+    let mut connect = move || {
+        let c = transport::connect(&addr)?;
+        m2.lock().unwrap().push(c.try_clone()?);
+        Ok(c)
+    };
+    let opts = SourceOptions {
+        mode: Mode::Pure,
+        vm_id: [5; 16],
+        batch_pages: 16,
+        ..SourceOptions::default()
+    };
+    let cut_once = Arc::new(AtomicBool::new(false));
+    let (m3, cut) = (made.clone(), cut_once.clone());
+    let r = source::migrate(
+        &ram,
+        &mut vm,
+        tracker,
+        conn,
+        &mut connect,
+        &opts,
+        &CancelToken::new(),
+        &mut |e| {
+            if *e
+                == migration_core::stats::ProgressEvent::Phase(
+                    migration_core::stats::Phase::Postcopy,
+                )
+                && !cut.swap(true, Ordering::SeqCst)
+            {
+                // Right after the commit: break both connections off.
+                for c in m3.lock().unwrap().iter() {
+                    let _ = c.shutdown(std::net::Shutdown::Both);
+                }
+            }
+        },
+    );
+    let d = dest.join().unwrap();
+    let report = match r {
+        Ok(Outcome::Postcopy(rep)) => rep,
+        other => panic!("{other:?}; destination: {:?}", d.report),
+    };
+    let dr = d.report.expect("the destination completed");
+    assert_eq!(report.recoveries.len(), 1, "{report:?}");
+    assert_eq!(dr.postcopy.recoveries.len(), 1, "{:?}", dr.postcopy);
+    ram_equal(&mem, &d.mem);
+    let _ = Instant::now();
+}
