@@ -407,7 +407,7 @@ mod tests {
     #[test]
     fn a_fault_waits_for_the_page_placed() {
         let mem = ram();
-        let Some((mut f, g)) = faulting(&mem) else {
+        let Some((f, g)) = faulting(&mem) else {
             return;
         };
         let _ = RamLayout::of_memory(&mem).unwrap();
