@@ -627,7 +627,12 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
                 "switch_after_ms": ms_between(t_setup, t_stop),
                 "pause_ms": ms_between(t_stop, t_resume),
                 "postcopy_ms": ms_between(t_switch, t_done),
-                "dst_status_after_completion": dst_status.get("status"),
+                # Per-fault latency came in QEMU 10.1 (ns, and a histogram of 2^N us buckets):
+                # recorded when this QEMU reports it, None before.
+                "latency_ns": dst_info.get("postcopy-latency"),
+                "vcpu_latency_ns": dst_info.get("postcopy-vcpu-latency"),
+                "non_vcpu_latency_ns": dst_info.get("postcopy-non-vcpu-latency"),
+                "latency_dist": dst_info.get("postcopy-latency-dist"),
             })
 
         # Verify that the guest arrived whole.
@@ -756,6 +761,14 @@ def print_table(report: dict) -> None:
               "source's MIGRATION setup event to its STOP, ms;\n pause: source's STOP to destination's RESUME "
               "event, ms; in pc: source's postcopy-active to completed event; precopy B:\n ram.precopy-bytes, "
               "sent before the switch; pc MiB: ram.postcopy-bytes; dst pages: pages the destination touched)")
+        lat = [r for r in pc_runs if r["latency_ns"] is not None]
+        if not lat:
+            print("per-fault latency: not reported by this QEMU (postcopy-latency and postcopy-latency-dist "
+                  "came in 10.1)")
+        for r in lat:
+            print(f"{r['workload']:{ww}} {r['rep']:>3} postcopy-latency {r['latency_ns'] / 1000:.1f} us, "
+                  f"non-vCPU {fmt(r['non_vcpu_latency_ns'])} ns, postcopy-latency-dist (faults per [2^N, 2^N+1) us) "
+                  f"{r['latency_dist']}")
     for w, s in report["summary"].items():
         tot, down, rate = s["total_ms"], s["downtime_ms"], s["mib_per_s"]
         print(f"{w:{ww}} over {s['runs']} run(s), median [min-max]: total {tot['median']} [{tot['min']}-{tot['max']}] ms, "
