@@ -544,10 +544,20 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
                 statuses.append(status)
             if status in ("completed", "failed", "cancelled"):
                 break
+            if status == "postcopy-paused":
+                # The connection broke during post-copy: neither side has the whole guest; QEMU
+                # waits for a `migrate-recover`, which this benchmark does not attempt.
+                raise BenchError(f"post-copy paused (the migration stream broke): "
+                                 f"{info.get('error-desc', 'no error-desc')}; source exited: {src.poll()}, "
+                                 f"destination exited: {dst.poll()}")
             if time.monotonic() > mig_deadline:
-                src_qmp.cmd("migrate_cancel")
+                try:
+                    src_qmp.cmd("migrate_cancel")
+                    cancelled = "cancelled"
+                except BenchError as e:  # e.g. refused in post-copy; the processes end in finally anyway
+                    cancelled = f"migrate_cancel refused: {e}"
                 raise BenchError(f"migration not completed after {args.migration_timeout} s (status {status}, "
-                                 f"ram {info.get('ram')})")
+                                 f"ram {info.get('ram')}; {cancelled})")
             time.sleep(args.poll_interval)
         wall = time.monotonic() - t0
         machine_after = machine_cpu_ticks()
