@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""QEMU's pre-copy migration of a 256 MiB guest over loopback, next to the loopback TCP limit.
+"""QEMU's migration of a 256 MiB guest over loopback, next to the loopback TCP limits.
 
 The reference half of the issue-3 benchmark: the same three workloads our vmm-demo migrates
 (idle, random content, busy writer), run by Debian's qemu-system-x86_64 under TCG, migrated
@@ -7,12 +7,25 @@ from one QEMU process to another over 127.0.0.1 on a single channel with no comp
 max-bandwidth raised out of the way. The loopback TCP limit is measured in the same run, by a
 Python sender/receiver pair and, when installed, iperf3.
 
+The reference half of issue 10 (post-copy), not run unless asked (--workloads all, or by name):
+  postcopy          post-copy of a guest that touches pseudo-random pages of its RAM (the
+                    scatter guest), switched with migrate-start-postcopy right after `migrate`;
+  postcopy-preempt  the same with the postcopy-preempt capability (urgent pages on a channel
+                    of their own).
+Both report page requests, vCPU blocktime, the guest's pause and the time in post-copy. The
+loopback round trip of a 16-byte request answered by 4 KiB (scripts/rtt.py, the floor our
+post-copy's fault latency is stated against) is measured in every run.
+
 Every guest is the 512-byte boot sector in bootblock.s (assembled here with binutils), so no
 image is downloaded. The harness waits on what the guest prints on its serial port, never on
 a sleep, and checks the outcome:
   idle, random  the destination runs, and RAM above 1 MiB hashes the same on both sides;
   busy          the destination keeps printing passes, its counters are N+1...N+1 N...N
                 (one walk in progress), and the passes it reports continue the source's.
+  postcopy*     the destination keeps printing touches after completion; RAM above 1 MiB is
+                equal on both sides except the first word of pages touched on the destination,
+                which holds touch numbers the destination made; the touches both sides report
+                add up to the destination's touch count.
 
 Only processes this script starts are ended, by their PID, always (try/finally).
 
@@ -34,13 +47,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 PAGE = 4096
 FILL_START = 1 * MIB  # the guest fills and walks RAM from 1 MiB up
-MODES = {"idle": 0, "random": 1, "busy": 2}
+MODES = {"idle": 0, "random": 1, "busy": 2, "postcopy": 3, "postcopy-preempt": 3}
+PRECOPY_WORKLOADS = ["idle", "random", "busy"]  # the default run, as before issue 10
+# Post-copy workloads: the capabilities each one turns on (on both sides) besides postcopy-ram.
+POSTCOPY = {"postcopy": [], "postcopy-preempt": ["postcopy-preempt"]}
+TOUCH_COUNT_ADDR = 0x10000  # bootblock.s: touch_count, the scatter guest's touches so far
+RTT_TOOL = HERE.parent.parent / "scripts" / "rtt.py"
 
 
 class BenchError(Exception):
@@ -309,6 +328,25 @@ def measure_loopback_iperf3(nbytes: int, started: Started, workdir: Path) -> dic
             "mib_per_s": float(recv["bits_per_second"]) / 8 / MIB}
 
 
+def measure_rtt(count: int, started: Started, workdir: Path) -> dict:
+    """scripts/rtt.py: loopback round trips of a 16-byte request answered by 4 KiB (TCP_NODELAY)."""
+    if not RTT_TOOL.is_file():
+        raise BenchError(f"{RTT_TOOL} not found (the round-trip tool this script runs)")
+    log = workdir / "rtt.log"
+    p = started.popen([sys.executable, str(RTT_TOOL), "--count", str(count), "--json"], log)
+    try:
+        p.wait(timeout=60 + count / 1000)  # ~20-100 us a round trip; generous
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"{RTT_TOOL.name} did not finish {count} round trips in time") from None
+    out = log.read_text(errors="replace")
+    if p.returncode != 0:
+        raise BenchError(f"{RTT_TOOL.name} exited {p.returncode}: {out.strip()[-500:]}")
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise BenchError(f"{RTT_TOOL.name} printed no JSON result: {out.strip()[-500:]!r}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # One migration
 
@@ -327,16 +365,41 @@ def qemu_cmd(qemu: str, mem_mib: int, image: Path, serial: Path, qmp: Path, inco
     return cmd
 
 
-CAPS_OFF = ["xbzrle", "compress", "multifd", "auto-converge", "postcopy-ram", "zero-blocks", "release-ram"]
+CAPS_OFF = ["xbzrle", "compress", "multifd", "auto-converge", "postcopy-ram", "zero-blocks", "release-ram",
+            "postcopy-preempt", "postcopy-blocktime"]
 
 
-def set_migration_options(qmp: Qmp, max_bandwidth: int, downtime_ms: int) -> None:
+def set_migration_options(qmp: Qmp, max_bandwidth: int, downtime_ms: int, enable: list[str] = ()) -> None:
+    """Capabilities off but `events` and those in `enable` (which this QEMU must have), then parameters."""
     # Only what this QEMU has: `compress` went in 9.1, and setup.sh may install 10.x.
     known = {c["capability"] for c in qmp.cmd("query-migrate-capabilities")}
-    caps = [{"capability": c, "state": False} for c in CAPS_OFF if c in known]
-    caps.append({"capability": "events", "state": True})
-    qmp.cmd("migrate-set-capabilities", capabilities=caps)
+    missing = [c for c in enable if c not in known]
+    if missing:
+        raise BenchError(f"this QEMU has no migration capability {', '.join(missing)} "
+                         f"(query-migrate-capabilities lists {sorted(known)})")
+    caps = [{"capability": c, "state": False} for c in CAPS_OFF if c in known and c not in enable]
+    caps += [{"capability": c, "state": True} for c in ["events", *enable]]
+    try:
+        qmp.cmd("migrate-set-capabilities", capabilities=caps)
+    except BenchError as e:
+        if "postcopy-ram" in enable:  # QEMU checks userfaultfd here ("Postcopy is not supported: ...")
+            raise BenchError(f"{e} (post-copy needs userfaultfd: root, /dev/userfaultfd access or "
+                             f"vm.unprivileged_userfaultfd=1)") from None
+        raise
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth, "downtime-limit": downtime_ms})
+
+
+def event_time(qmp: Qmp, event: str, status: str | None = None) -> float | None:
+    """Host time (s) of the first QMP event of that name (and MIGRATION status) received so far."""
+    for e in qmp.events:
+        if e.get("event") == event and (status is None or e.get("data", {}).get("status") == status):
+            ts = e["timestamp"]
+            return ts["seconds"] + ts["microseconds"] / 1e6
+    return None
+
+
+def ms_between(t0: float | None, t1: float | None) -> float | None:
+    return None if t0 is None or t1 is None else round((t1 - t0) * 1000, 2)
 
 
 def ram_hash(qmp: Qmp, start: int, size: int, path: Path) -> tuple[str, int]:
@@ -363,11 +426,56 @@ def check_counters(data: bytes, ws_bytes: int) -> tuple[bool, int, str]:
     return True, lo, f"{step} pages at {hi}, {len(counters) - step} at {lo}"
 
 
+def read_touch_count(qmp: Qmp, path: Path) -> int:
+    """The scatter guest's touch_count word (guest-physical TOUCH_COUNT_ADDR), via pmemsave."""
+    qmp.cmd("pmemsave", val=TOUCH_COUNT_ADDR, size=4, filename=str(path))
+    data = path.read_bytes()
+    path.unlink()
+    if len(data) != 4:
+        raise BenchError(f"pmemsave of touch_count wrote {len(data)} bytes where 4 were asked")
+    return struct.unpack("<I", data)[0]
+
+
+def check_scatter(src: bytes, dst: bytes, n_src: int, n_dst: int) -> tuple[bool, int, str]:
+    """Post-copy oracle for the scatter guest, on RAM [1 MiB, end) of the stopped source (as it
+    was at the switch) and of the stopped destination.
+
+    Every touch n writes n into the first word of one page, after storing n in touch_count, so:
+    bytes 4..4095 of every page are equal on both sides (each page arrived whole), and a page
+    whose first word differs was touched on the destination: it holds n_src <= n <= n_dst.
+    Returns (ok, pages whose first word differs, what was found).
+    """
+    if len(src) != len(dst) or len(src) % PAGE:
+        return False, 0, f"RAM dumps of {len(src)} and {len(dst)} bytes"
+    a, b = array("I"), array("I")
+    if a.itemsize != 4:
+        raise BenchError(f"array('I') has {a.itemsize}-byte items on this platform where 4 were expected")
+    a.frombytes(src)
+    b.frombytes(dst)
+    step = PAGE // 4
+    first_a, first_b = a[::step], b[::step]
+    blank = array("I", bytes(4 * len(first_a)))
+    a[::step] = blank  # compare everything but the touched words in one go
+    b[::step] = blank
+    if a != b:
+        bad = next(i for i in range(len(first_a)) if a[i * step:(i + 1) * step] != b[i * step:(i + 1) * step])
+        return False, 0, f"page {bad} (at {FILL_START + bad * PAGE:#x}) differs beyond its first word"
+    changed = [(i, y) for i, (x, y) in enumerate(zip(first_a, first_b)) if x != y]
+    stray = [(i, y) for i, y in changed if not n_src <= y <= n_dst]
+    if stray:
+        i, y = stray[0]
+        return False, len(changed), (f"{len(stray)} changed page(s) hold no touch number of the destination, e.g. "
+                                     f"page {i}: {y} outside [{n_src}, {n_dst}]")
+    return True, len(changed), (f"RAM equal but the first word of {len(changed)} pages, each holding a touch "
+                                f"number in [{n_src}, {n_dst}]")
+
+
 def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
     mem = args.mem_mib * MIB
     run_dir = workdir / f"{workload}-{rep}"
     run_dir.mkdir()
-    shift = args.report_shift
+    postcopy = workload in POSTCOPY
+    shift = args.scatter_report_shift if postcopy else args.report_shift
     image = patch_params(block, MODES[workload], args.busy_fill == "random", shift, mem, args.busy_ws_mib * MIB,
                          args.seed + rep)
     src_img, dst_img = run_dir / "src.img", run_dir / "dst.img"
@@ -396,6 +504,11 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
                 # a few pass reports after the fill: the walk is under way
                 text = serial_text(src_ser)
                 return start_marker in text and text.split(start_marker, 1)[1].count("B") >= 3
+        elif postcopy:
+            def ready():
+                # filled, and a few touch reports after it: the scatter loop is under way
+                text = serial_text(src_ser)
+                return "F" in text and text.split("F", 1)[1].count("S") >= 3
         else:
             def ready():
                 return "H" in serial_text(src_ser)
@@ -403,8 +516,10 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
         wait_for(f"{workload} guest ready on serial", ready, time.monotonic() + args.ready_timeout, procs)
         result["guest_ready_s"] = round(time.monotonic() - t_boot, 3)
 
-        set_migration_options(dst_qmp, args.max_bandwidth, args.downtime_limit)
-        set_migration_options(src_qmp, args.max_bandwidth, args.downtime_limit)
+        # Post-copy: postcopy-blocktime is measured by the destination; set on both for symmetry.
+        enable = ["postcopy-ram", *POSTCOPY[workload], "postcopy-blocktime"] if postcopy else []
+        set_migration_options(dst_qmp, args.max_bandwidth, args.downtime_limit, enable)
+        set_migration_options(src_qmp, args.max_bandwidth, args.downtime_limit, enable)
         port = free_port()
         uri = f"tcp:127.0.0.1:{port}"
         dst_qmp.cmd("migrate-incoming", uri=uri)
@@ -415,6 +530,11 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
         machine_before = machine_cpu_ticks()
         t0 = time.monotonic()
         src_qmp.cmd("migrate", uri=uri)
+        if postcopy:
+            # As pure a post-copy as QEMU allows: asked for before the migration thread's first
+            # iteration (it is still connecting or in setup), QEMU switches at that iteration,
+            # before sending any page in pre-copy (precopy_bytes shows whether it did).
+            src_qmp.cmd("migrate-start-postcopy")
         mig_deadline = t0 + args.migration_timeout
         statuses = []
         while True:
@@ -424,15 +544,27 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
                 statuses.append(status)
             if status in ("completed", "failed", "cancelled"):
                 break
+            if status == "postcopy-paused":
+                # The connection broke during post-copy: neither side has the whole guest; QEMU
+                # waits for a `migrate-recover`, which this benchmark does not attempt.
+                raise BenchError(f"post-copy paused (the migration stream broke): "
+                                 f"{info.get('error-desc', 'no error-desc')}; source exited: {src.poll()}, "
+                                 f"destination exited: {dst.poll()}")
             if time.monotonic() > mig_deadline:
-                src_qmp.cmd("migrate_cancel")
+                try:
+                    src_qmp.cmd("migrate_cancel")
+                    cancelled = "cancelled"
+                except BenchError as e:  # e.g. refused in post-copy; the processes end in finally anyway
+                    cancelled = f"migrate_cancel refused: {e}"
                 raise BenchError(f"migration not completed after {args.migration_timeout} s (status {status}, "
-                                 f"ram {info.get('ram')})")
+                                 f"ram {info.get('ram')}; {cancelled})")
             time.sleep(args.poll_interval)
         wall = time.monotonic() - t0
         machine_after = machine_cpu_ticks()
         if status != "completed":
             raise BenchError(f"migration {status}: {info.get('error-desc', info)}")
+        if postcopy:
+            touches_at_completion = serial_text(dst_ser).count("S")
         # QEMU's migration thread sets "completed" before it fills in total-time and downtime
         # (under the iothread lock, a moment later): a query in between reads zeros.
         info = wait_for("completed migration's statistics",
@@ -482,9 +614,63 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
             "dst_status": dst_status.get("status"),
             "others_cpu_pct": others_pct,
         })
+        if postcopy:
+            # Blocktime is the destination's: its query-migrate has it once its side completed.
+            dst_info = wait_for("destination's side of the migration completed",
+                                lambda: (i := dst_qmp.cmd("query-migrate")).get("status") == "completed" and i,
+                                time.monotonic() + 20, procs)
+            requests = ram.get("postcopy-requests")
+            vcpu_bt = dst_info.get("postcopy-vcpu-blocktime")
+            # Host-clock timestamps of QMP events, the same clock for both processes.
+            t_setup = event_time(src_qmp, "MIGRATION", "setup")
+            t_stop = event_time(src_qmp, "STOP")
+            t_switch = event_time(src_qmp, "MIGRATION", "postcopy-active")
+            t_done = event_time(src_qmp, "MIGRATION", "completed")
+            t_resume = event_time(dst_qmp, "RESUME")
+            result.update({
+                "postcopy_requests": requests,
+                "postcopy_bytes": ram.get("postcopy-bytes"),
+                "blocktime_ms": dst_info.get("postcopy-blocktime"),
+                "vcpu_blocktime_ms": vcpu_bt,
+                "blocktime_per_request_us": (round(1000 * sum(vcpu_bt) / requests, 1)
+                                             if vcpu_bt and requests else None),
+                "switch_after_ms": ms_between(t_setup, t_stop),
+                "pause_ms": ms_between(t_stop, t_resume),
+                "postcopy_ms": ms_between(t_switch, t_done),
+                # Per-fault latency came in QEMU 10.1 (ns, and a histogram of 2^N us buckets):
+                # recorded when this QEMU reports it, None before.
+                "latency_ns": dst_info.get("postcopy-latency"),
+                "vcpu_latency_ns": dst_info.get("postcopy-vcpu-latency"),
+                "non_vcpu_latency_ns": dst_info.get("postcopy-non-vcpu-latency"),
+                "latency_dist": dst_info.get("postcopy-latency-dist"),
+            })
 
         # Verify that the guest arrived whole.
-        if workload == "busy":
+        if postcopy:
+            # It goes on running on the destination: more touch reports after completion.
+            wait_for("destination reporting touches after completion",
+                     lambda: serial_text(dst_ser).count("S") >= touches_at_completion + 2,
+                     time.monotonic() + 30, procs)
+            dst_qmp.cmd("stop")
+            n_src = read_touch_count(src_qmp, run_dir / "src.count")  # stopped since the switch
+            n_dst = read_touch_count(dst_qmp, run_dir / "dst.count")
+            size = mem - FILL_START
+            dumps = []
+            for side, q in (("src", src_qmp), ("dst", dst_qmp)):
+                path = run_dir / f"{side}.ram"
+                q.cmd("pmemsave", val=FILL_START, size=size, filename=str(path))
+                dumps.append(path.read_bytes())
+                path.unlink()
+            ok, changed, why = check_scatter(dumps[0], dumps[1], n_src, n_dst)
+            src_reports, dst_reports = serial_text(src_ser).count("S"), serial_text(dst_ser).count("S")
+            # One report per 2^shift touches, printed after the touch: one may be pending on each side.
+            src_cont = src_reports in (n_src >> shift, (n_src >> shift) - 1)
+            cont = src_reports + dst_reports in (n_dst >> shift, (n_dst >> shift) - 1)
+            result.update({"touches_at_switch": n_src, "touches_at_stop": n_dst, "pages_touched_on_dst": changed})
+            result["verify"] = (f"{why}; 'S' reports: source {src_reports} for {n_src} touches, source+destination "
+                                f"{src_reports + dst_reports} for {n_dst} (one per {1 << shift})")
+            result["verified"] = ok and src_cont and cont and changed > 0
+        elif workload == "busy":
             def more_passes():
                 return serial_text(dst_ser).count("B") >= 2
             wait_for("destination printing passes", more_passes, time.monotonic() + 30, procs)
@@ -539,15 +725,25 @@ def print_table(report: dict) -> None:
           + ", ".join(f"{lb['tool']} {lb['when']} {lb['mib_per_s']:.0f}" for lb in lbs))
     print(f"loopback TCP limit: best {report['loopback_best_mib_per_s']:.0f} MiB/s, "
           f"median {report['loopback_median_mib_per_s']:.0f} MiB/s")
-    hdr = (f"{'workload':8} {'rep':>3} {'total ms':>8} {'down ms':>7} {'setup':>5} {'xfer MiB':>8} {'MiB/s':>7} "
+    for rt in report["rtt"]:
+        print(f"loopback round trip ({rt['when']}), {rt['request_bytes']} B request / {rt['reply_bytes']} B reply, "
+              f"TCP_NODELAY, {rt['count']} round trips: p50 {rt['p50_us']:.1f} us, p99 {rt['p99_us']:.1f} us, "
+              f"max {rt['max_us']:.0f} us (p90 {rt['p90_us']:.1f}, p99.9 {rt['p999_us']:.1f}, mean {rt['mean_us']:.1f})")
+    if report["rtt"]:
+        rs = report["rtt_summary"]
+        print(f"loopback round trip, median of {len(report['rtt'])} measures: p50 {rs['p50_us']:.1f} us, "
+              f"p99 {rs['p99_us']:.1f} us, max {rs['max_us']:.0f} us; our post-copy's targets against it: "
+              f"fault p50 <= {2 * rs['p50_us']:.1f} us (2x), p99 <= 1000 us")
+    ww = max([8] + [len(r["workload"]) for r in report["runs"]])
+    hdr = (f"{'workload':{ww}} {'rep':>3} {'total ms':>8} {'down ms':>7} {'setup':>5} {'xfer MiB':>8} {'MiB/s':>7} "
            f"{'normal pg':>9} {'zero pg':>7} {'syncs':>5} {'srcHWM':>7} {'dstHWM':>7} {'others':>6}  verified")
     print(hdr)
     print("-" * len(hdr))
     for r in report["runs"]:
         if not r["ok"]:
-            print(f"{r['workload']:8} {r['rep']:>3}  FAILED: {r.get('error')}")
+            print(f"{r['workload']:{ww}} {r['rep']:>3}  FAILED: {r.get('error')}")
             continue
-        print(f"{r['workload']:8} {r['rep']:>3} {r['total_ms']:>8} {fmt(r['downtime_ms']):>7} {fmt(r['setup_ms']):>5} "
+        print(f"{r['workload']:{ww}} {r['rep']:>3} {r['total_ms']:>8} {fmt(r['downtime_ms']):>7} {fmt(r['setup_ms']):>5} "
               f"{r['ram_transferred'] / MIB:>8.1f} {fmt(r['mib_per_s'], '.0f'):>7} {fmt(r['pages_normal']):>9} "
               f"{fmt(r['pages_duplicate_zero']):>7} {fmt(r['dirty_sync_count']):>5} "
               f"{r['src_vmhwm_kib'] // 1024:>6}M {r['dst_vmhwm_kib'] // 1024:>6}M {fmt(r['others_cpu_pct']):>5}%"
@@ -555,11 +751,46 @@ def print_table(report: dict) -> None:
     print("(MiB/s: RAM bytes transferred / (total - setup) time; srcHWM/dstHWM: VmHWM of each QEMU "
           "right after completion;\n others: share of the machine's CPUs busy with other work during "
           "the migration)")
+    pc_runs = [r for r in report["runs"] if r["ok"] and r["workload"] in POSTCOPY]
+    if pc_runs:
+        print(f"\npost-copy (scatter guest, migrate-start-postcopy right after migrate; "
+              f"one 'S' per {1 << report['params']['scatter_report_shift']} touches)")
+        hdr = (f"{'workload':{ww}} {'rep':>3} {'requests':>8} {'blocktime':>9} {'per vCPU':>9} {'bt/req us':>9} "
+               f"{'switch':>6} {'pause':>6} {'in pc ms':>8} {'precopy B':>9} {'pc MiB':>6} {'dst pages':>9}")
+        print(hdr)
+        print("-" * len(hdr))
+        for r in pc_runs:
+            vcpu = "-" if r["vcpu_blocktime_ms"] is None else ",".join(str(v) for v in r["vcpu_blocktime_ms"])
+            print(f"{r['workload']:{ww}} {r['rep']:>3} {fmt(r['postcopy_requests']):>8} {fmt(r['blocktime_ms']):>9} "
+                  f"{vcpu:>9} {fmt(r['blocktime_per_request_us'], '.0f'):>9} {fmt(r['switch_after_ms'], '.1f'):>6} "
+                  f"{fmt(r['pause_ms'], '.1f'):>6} {fmt(r['postcopy_ms'], '.0f'):>8} {fmt(r['precopy_bytes']):>9} "
+                  f"{r['postcopy_bytes'] / MIB if r['postcopy_bytes'] is not None else float('nan'):>6.1f} "
+                  f"{fmt(r.get('pages_touched_on_dst')):>9}")
+        print("(requests: ram.postcopy-requests of the source; blocktime, per vCPU: postcopy-blocktime and "
+              "postcopy-vcpu-blocktime of the\n destination, ms; bt/req: vCPU blocktime / requests; switch: "
+              "source's MIGRATION setup event to its STOP, ms;\n pause: source's STOP to destination's RESUME "
+              "event, ms; in pc: source's postcopy-active to completed event; precopy B:\n ram.precopy-bytes, "
+              "sent before the switch; pc MiB: ram.postcopy-bytes; dst pages: pages the destination touched)")
+        lat = [r for r in pc_runs if r["latency_ns"] is not None]
+        if not lat:
+            print("per-fault latency: not reported by this QEMU (postcopy-latency and postcopy-latency-dist "
+                  "came in 10.1)")
+        for r in lat:
+            print(f"{r['workload']:{ww}} {r['rep']:>3} postcopy-latency {r['latency_ns'] / 1000:.1f} us, "
+                  f"non-vCPU {fmt(r['non_vcpu_latency_ns'])} ns, postcopy-latency-dist (faults per [2^N, 2^N+1) us) "
+                  f"{r['latency_dist']}")
     for w, s in report["summary"].items():
         tot, down, rate = s["total_ms"], s["downtime_ms"], s["mib_per_s"]
-        print(f"{w:8} over {s['runs']} run(s), median [min-max]: total {tot['median']} [{tot['min']}-{tot['max']}] ms, "
+        print(f"{w:{ww}} over {s['runs']} run(s), median [min-max]: total {tot['median']} [{tot['min']}-{tot['max']}] ms, "
               f"downtime {down['median']} [{down['min']}-{down['max']}] ms, "
               f"{fmt(rate['median'], '.0f')} [{fmt(rate['min'], '.0f')}-{fmt(rate['max'], '.0f')}] MiB/s")
+        if w in POSTCOPY:
+            def mm(key, spec=".0f"):
+                v = s[key]
+                return f"{fmt(v['median'], spec)} [{fmt(v['min'], spec)}-{fmt(v['max'], spec)}]"
+            print(f"{'':{ww}}   requests {mm('postcopy_requests')}, vCPU blocktime {mm('vcpu_blocktime_ms')} ms, "
+                  f"{mm('blocktime_per_request_us')} us per request, pause {mm('pause_ms', '.1f')} ms, "
+                  f"in post-copy {mm('postcopy_ms')} ms")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -568,8 +799,8 @@ def summarize(runs: list[dict]) -> dict:
         ok = [r for r in runs if r["workload"] == w and r["ok"]]
         if not ok:
             continue
-        def spread(key):
-            vals = [r[key] for r in ok if r[key] is not None]
+        def spread(key, get=None):
+            vals = [v for r in ok if (v := (get(r) if get else r[key])) is not None]
             if not vals:
                 return {"median": None, "min": None, "max": None}
             return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
@@ -583,6 +814,13 @@ def summarize(runs: list[dict]) -> dict:
             "dst_vmhwm_kib": max(r["dst_vmhwm_kib"] for r in ok),
             "all_verified": all(r["verified"] for r in ok),
         }
+        if w in POSTCOPY:
+            for key in ("postcopy_requests", "blocktime_ms", "blocktime_per_request_us", "pause_ms",
+                        "postcopy_ms", "switch_after_ms", "precopy_bytes", "postcopy_bytes", "ram_transferred"):
+                out[w][key] = spread(key)
+            # the sum over vCPUs, one figure per run (this guest has one vCPU)
+            out[w]["vcpu_blocktime_ms"] = spread(None, lambda r: sum(r["vcpu_blocktime_ms"])
+                                                 if r["vcpu_blocktime_ms"] else None)
     return out
 
 
@@ -600,13 +838,16 @@ def main() -> int:
         return 0
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workloads", default="idle,random,busy", help="comma-separated: idle, random, busy")
+    ap.add_argument("--workloads", default=",".join(PRECOPY_WORKLOADS),
+                    help=f"comma-separated: {', '.join(MODES)}, or all (default: {','.join(PRECOPY_WORKLOADS)})")
     ap.add_argument("--reps", type=int, default=5, help="repetitions of each workload")
     ap.add_argument("--mem-mib", type=int, default=256, help="guest RAM in MiB")
     ap.add_argument("--busy-ws-mib", type=int, default=16, help="busy: working set in MiB, from 1 MiB up")
     ap.add_argument("--busy-fill", choices=["random", "zero"], default="random",
                     help="busy: content of RAM outside the working set (vmm-demo's --fill)")
     ap.add_argument("--report-shift", type=int, default=8, help="busy: print 'B' every 2^N passes")
+    ap.add_argument("--scatter-report-shift", type=int, default=12,
+                    help="postcopy workloads: the guest prints 'S' every 2^N touches")
     ap.add_argument("--seed", type=int, default=0x2545F491, help="xorshift32 seed (plus the repetition)")
     ap.add_argument("--max-bandwidth", type=parse_size, default=100_000_000_000,
                     help="QEMU max-bandwidth in bytes/s (default 100 GB/s, i.e. out of the way)")
@@ -615,6 +856,8 @@ def main() -> int:
     ap.add_argument("--loopback-rounds", type=int, default=2,
                     help="loopback measures (python and iperf3) before the migrations; one more follows them")
     ap.add_argument("--no-iperf3", action="store_true", help="skip the iperf3 loopback measure")
+    ap.add_argument("--rtt-count", type=int, default=20000,
+                    help="round trips in each loopback round-trip measure (scripts/rtt.py), 0 to skip")
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="start the destination with -mem-prealloc (not QEMU's default; for diagnosis)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
@@ -626,11 +869,18 @@ def main() -> int:
     args = ap.parse_args()
 
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if workloads == ["all"]:
+        workloads = list(MODES)
     bad = [w for w in workloads if w not in MODES]
     if bad:
         ap.error(f"unknown workload(s) {bad}; choose from {list(MODES)}")
     if args.mem_mib * MIB > 0xFFFFF000 or args.mem_mib < 2 + args.busy_ws_mib:
         ap.error("--mem-mib must be below 4 GiB and leave room for the working set above 1 MiB")
+    if args.dst_prealloc and any(w in POSTCOPY for w in workloads):
+        ap.error("--dst-prealloc cannot go with a post-copy workload: QEMU's post-copy needs the "
+                 "destination's RAM not populated")
+    if not 0 <= args.report_shift <= 31 or not 0 <= args.scatter_report_shift <= 31:
+        ap.error("--report-shift and --scatter-report-shift must be within 0..31")
     qemu = shutil.which(args.qemu)
     if qemu is None:
         print(f"skipped: {args.qemu} not found; run benches/qemu/setup.sh first", file=sys.stderr)
@@ -658,9 +908,11 @@ def main() -> int:
             "mem_mib": args.mem_mib, "busy_ws_mib": args.busy_ws_mib, "busy_fill": args.busy_fill,
             "max_bandwidth": args.max_bandwidth, "downtime_limit_ms": args.downtime_limit,
             "channels": 1, "compression": None, "accel": "tcg", "machine": "pc", "reps": args.reps,
-            "dst_prealloc": args.dst_prealloc,
+            "dst_prealloc": args.dst_prealloc, "workloads": workloads,
+            "report_shift": args.report_shift, "scatter_report_shift": args.scatter_report_shift,
         },
         "loopback": [],
+        "rtt": [],
         "runs": [],
     }
     started = Started()
@@ -671,13 +923,15 @@ def main() -> int:
         measure_loopback_python(min(args.loopback_bytes, 512 * MIB), started, workdir)
 
         def loopback_round(when: str) -> None:
-            print(f"loopback TCP ({when}) ...", flush=True)
+            print(f"loopback TCP and round trip ({when}) ...", flush=True)
             lb = measure_loopback_python(args.loopback_bytes, started, workdir)
             report["loopback"].append(lb | {"when": when})
             if not args.no_iperf3:
                 lb = measure_loopback_iperf3(args.loopback_bytes, started, workdir)
                 if lb is not None:
                     report["loopback"].append(lb | {"when": when})
+            if args.rtt_count > 0:
+                report["rtt"].append(measure_rtt(args.rtt_count, started, workdir) | {"when": when})
 
         for _ in range(args.loopback_rounds):
             loopback_round("before")
@@ -698,6 +952,15 @@ def main() -> int:
     report["summary"] = summarize(report["runs"])
     report["loopback_best_mib_per_s"] = max(lb["mib_per_s"] for lb in report["loopback"])
     report["loopback_median_mib_per_s"] = statistics.median(lb["mib_per_s"] for lb in report["loopback"])
+    if report["rtt"]:
+        # Median of each measure's percentile; max over all of them.
+        report["rtt_summary"] = {
+            "measures": len(report["rtt"]),
+            "round_trips": sum(rt["count"] for rt in report["rtt"]),
+            "p50_us": statistics.median(rt["p50_us"] for rt in report["rtt"]),
+            "p99_us": statistics.median(rt["p99_us"] for rt in report["rtt"]),
+            "max_us": max(rt["max_us"] for rt in report["rtt"]),
+        }
     print_table(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
