@@ -1,6 +1,9 @@
-//! The guest: a hand-assembled 64-bit program, and the RAM image the VMM builds around it
-//! (GDT, identity-mapped page tables, control blocks, initial data).
+//! The guest: a 64-bit program assembled at build time from readable source, and the RAM
+//! image the VMM builds around it (GDT, identity-mapped page tables, control blocks,
+//! initial data).
 //!
+//! The program's source is `guest/program.rs` (assembly written with iced-x86's code
+//! assembler, which `build.rs` runs); the numbers it shares with the VMM are in [`abi`].
 //! Each vCPU enters [`PROGRAM`] in long mode with `rsi` pointing at its control block
 //! (see [`layout::control_block`]) and `rsp` at the end of that page, interrupts off. It
 //! then walks its share of the working set forever: one `add qword [page], 1` per page,
@@ -17,64 +20,19 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
 
-/// The serial port the guest prints on.
-pub const SERIAL_PORT: u16 = 0x3f8;
+pub mod abi;
 
-/// The guest program, assembled from the listing beside each line (Intel syntax; checked
-/// with GNU as and objdump).
-#[rustfmt::skip]
-pub const PROGRAM: [u8; 120] = [
-    // entry (0x00):
-    0x48, 0x83, 0x7e, 0x08, 0x00,             // cmp  qword [rsi+0x08], 0  any segment?
-    0x75, 0x03,                               // jne  pass_loop
-    // idle (0x07):
-    0xf4,                                     // hlt                     interrupts are off
-    0xeb, 0xfd,                               // jmp  idle
-    // pass_loop (0x0a):
-    0x48, 0x8d, 0x5e, 0x40,                   // lea  rbx, [rsi+0x40]    first segment
-    0x48, 0x8b, 0x4e, 0x08,                   // mov  rcx, [rsi+0x08]    segment count
-    // seg_loop (0x12):
-    0x48, 0x8b, 0x3b,                         // mov  rdi, [rbx]         segment start
-    0x48, 0x8b, 0x53, 0x08,                   // mov  rdx, [rbx+8]       segment end
-    // page_loop (0x19):
-    0x48, 0x83, 0x07, 0x01,                   // add  qword [rdi], 1     the counter (COUNTER_OFFSET 0)
-    0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add  rdi, 0x1000        next page
-    0x48, 0x39, 0xd7,                         // cmp  rdi, rdx
-    0x72, 0xf0,                               // jb   page_loop
-    0x48, 0x83, 0xc3, 0x10,                   // add  rbx, 16            next segment
-    0x48, 0xff, 0xc9,                         // dec  rcx
-    0x75, 0xe0,                               // jnz  seg_loop
-    0x48, 0xff, 0x06,                         // inc  qword [rsi]        pass += 1
-    0x48, 0x8d, 0x5e, 0x18,                   // lea  rbx, [rsi+0x18]    report prefix
-    0x48, 0x8b, 0x4e, 0x10,                   // mov  rcx, [rsi+0x10]    its length
-    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // prefix_loop (0x41):
-    0x8a, 0x03,                               // mov  al, [rbx]
-    0xee,                                     // out  dx, al
-    0x48, 0xff, 0xc3,                         // inc  rbx
-    0x48, 0xff, 0xc9,                         // dec  rcx
-    0x75, 0xf5,                               // jnz  prefix_loop
-    0x48, 0x8b, 0x06,                         // mov  rax, [rsi]         the pass number
-    0xb9, 0x0a, 0x00, 0x00, 0x00,             // mov  ecx, 10
-    0x45, 0x31, 0xc0,                         // xor  r8d, r8d           digit count
-    // div_loop (0x57):
-    0x31, 0xd2,                               // xor  edx, edx
-    0x48, 0xf7, 0xf1,                         // div  rcx                rax = q, rdx = r
-    0x80, 0xc2, 0x30,                         // add  dl, '0'
-    0x52,                                     // push rdx                digits, last first
-    0x49, 0xff, 0xc0,                         // inc  r8
-    0x48, 0x85, 0xc0,                         // test rax, rax
-    0x75, 0xef,                               // jnz  div_loop
-    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // digit_loop (0x6c):
-    0x58,                                     // pop  rax
-    0xee,                                     // out  dx, al
-    0x49, 0xff, 0xc8,                         // dec  r8
-    0x75, 0xf9,                               // jnz  digit_loop
-    0xb0, 0x0a,                               // mov  al, '\n'
-    0xee,                                     // out  dx, al
-    0xeb, 0x92,                               // jmp  pass_loop
-];
+pub use abi::SERIAL_PORT;
+
+include!(concat!(env!("OUT_DIR"), "/guest_program.rs"));
+
+/// The offset of the program's label `name` from its first byte.
+pub fn label(name: &str) -> Option<u64> {
+    PROGRAM_LABELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, offset)| offset)
+}
 
 /// GDT selector of the 64-bit code segment.
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -198,23 +156,28 @@ mod tests {
         assert_eq!(GDT[3], 0x008f_8b00_0000_ffff);
     }
 
+    /// The listing the program was hand-assembled from before it had a source (Intel
+    /// syntax; checked with GNU as and objdump): the assembler must give the same bytes.
+    #[rustfmt::skip]
+    const HAND_ASSEMBLED: [u8; 120] = [
+        0x48, 0x83, 0x7e, 0x08, 0x00, 0x75, 0x03, 0xf4, 0xeb, 0xfd, 0x48, 0x8d, 0x5e, 0x40,
+        0x48, 0x8b, 0x4e, 0x08, 0x48, 0x8b, 0x3b, 0x48, 0x8b, 0x53, 0x08, 0x48, 0x83, 0x07,
+        0x01, 0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, 0x48, 0x39, 0xd7, 0x72, 0xf0, 0x48,
+        0x83, 0xc3, 0x10, 0x48, 0xff, 0xc9, 0x75, 0xe0, 0x48, 0xff, 0x06, 0x48, 0x8d, 0x5e,
+        0x18, 0x48, 0x8b, 0x4e, 0x10, 0x66, 0xba, 0xf8, 0x03, 0x8a, 0x03, 0xee, 0x48, 0xff,
+        0xc3, 0x48, 0xff, 0xc9, 0x75, 0xf5, 0x48, 0x8b, 0x06, 0xb9, 0x0a, 0x00, 0x00, 0x00,
+        0x45, 0x31, 0xc0, 0x31, 0xd2, 0x48, 0xf7, 0xf1, 0x80, 0xc2, 0x30, 0x52, 0x49, 0xff,
+        0xc0, 0x48, 0x85, 0xc0, 0x75, 0xef, 0x66, 0xba, 0xf8, 0x03, 0x58, 0xee, 0x49, 0xff,
+        0xc8, 0x75, 0xf9, 0xb0, 0x0a, 0xee, 0xeb, 0x92,
+    ];
+
     #[test]
-    fn program_jumps_land_on_their_labels() {
-        // Each rel8 jump: (offset of the displacement byte, target label).
-        for (disp_at, target) in [
-            (0x06, 0x0a),
-            (0x09, 0x07),
-            (0x28, 0x19),
-            (0x31, 0x12),
-            (0x4b, 0x41),
-            (0x67, 0x57),
-            (0x72, 0x6c),
-            (0x77, 0x0a),
-        ] {
-            let next = disp_at + 1;
-            let rel = PROGRAM[disp_at] as i8 as isize;
-            assert_eq!(next as isize + rel, target as isize, "jump at {disp_at:#x}");
-        }
-        assert_eq!(PROGRAM.len(), 0x78);
+    fn the_assembled_program_is_the_hand_assembled_one() {
+        assert_eq!(PROGRAM, HAND_ASSEMBLED);
+        assert_eq!(label("entry"), Some(0));
+        assert_eq!(label("idle"), Some(0x07));
+        assert_eq!(label("pass_loop"), Some(0x0a));
+        assert_eq!(label("digit_loop"), Some(0x6c));
+        assert_eq!(label("nowhere"), None);
     }
 }

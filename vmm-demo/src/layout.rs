@@ -41,32 +41,15 @@ pub const CONTROL_BASE: u64 = 0x2_0000;
 pub const MAX_VCPUS: u32 = 64;
 /// First guest-physical address of data pages.
 pub const DATA_START: u64 = 0x10_0000;
-/// Offset, in every working-set page, of the u64 counter the guest increments.
-pub const COUNTER_OFFSET: u64 = 0;
 /// Guest-physical hole left between two RAM regions.
 pub const REGION_GAP: u64 = 2 << 20;
 /// Most RAM regions a VM may have.
 pub const MAX_REGIONS: u32 = 8;
 
-/// Offsets inside a vCPU control block (see `guest::PROGRAM` for the code that reads it).
-pub mod control_block {
-    /// u64: passes completed so far.
-    pub const PASS: u64 = 0x00;
-    /// u64: number of segments of the vCPU's share.
-    pub const SEGMENT_COUNT: u64 = 0x08;
-    /// u64: length of the report prefix.
-    pub const PREFIX_LEN: u64 = 0x10;
-    /// The report prefix, `"vcpuN pass "`.
-    pub const PREFIX: u64 = 0x18;
-    /// Room for the prefix.
-    pub const PREFIX_MAX: u64 = 0x28;
-    /// The segments: `(start, end)` guest-physical address pairs, 16 bytes each.
-    pub const SEGMENTS: u64 = 0x40;
-    /// The guest's stack grows down from the end of the page and needs at most 20 pushes.
-    pub const STACK_RESERVE: u64 = 0x100;
-    /// Most segments a share may have.
-    pub const MAX_SEGMENTS: u64 = (super::PAGE_SIZE - STACK_RESERVE - SEGMENTS) / 16;
-}
+pub use crate::guest::abi::{COUNTER_OFFSET, control_block};
+
+// The guest walks by the page size migration-core numbers pages in.
+const _: () = assert!(1u64 << crate::guest::abi::PAGE_SHIFT == PAGE_SIZE);
 
 /// Guest-physical address of vCPU `index`'s control block.
 pub fn control_block_addr(index: u32) -> u64 {
