@@ -23,12 +23,21 @@ pub mod control_block {
     pub const PREFIX_LEN: u64 = 0x10;
     /// The report prefix, `"vcpuN pass "`.
     pub const PREFIX: u64 = 0x18;
-    /// Room for the prefix.
-    pub const PREFIX_MAX: u64 = 0x28;
+    /// Room for the prefix (the longest, `"vcpu63 pass "`, takes 12 bytes).
+    pub const PREFIX_MAX: u64 = 0x18;
+    /// u64: the stride of a scattered walk, the distance (in pages of the share) from
+    /// one page to the next, modulo [`SHARE_PAGES`]; 0 for a walk in address order.
+    pub const STRIDE: u64 = 0x30;
+    /// u64: pages in the vCPU's share, for a scattered walk (0 in address order, whose
+    /// walk goes by the segments alone).
+    pub const SHARE_PAGES: u64 = 0x38;
     /// The segments: `(start, end)` guest-physical address pairs, 16 bytes each.
     pub const SEGMENTS: u64 = 0x40;
     /// The guest's stack grows down from the end of the page and needs at most 20 pushes.
     pub const STACK_RESERVE: u64 = 0x100;
+    // The fields follow one another without overlapping.
+    const _: () = assert!(PREFIX + PREFIX_MAX <= STRIDE && SHARE_PAGES + 8 <= SEGMENTS);
+
     /// Most segments a share may have.
     pub const MAX_SEGMENTS: u64 = ((1 << super::PAGE_SHIFT) - STACK_RESERVE - SEGMENTS) / 16;
 }
