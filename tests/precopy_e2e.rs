@@ -15,7 +15,7 @@ use serde_json::Value;
 use vmm_demo::cli::{MigrateOptions, parse_phase};
 use vmm_demo::protocol::{ErrorClass, Event, MigrateRequest, RunState, StatusReply};
 use vmm_demo::report::{DemoReport, DestinationReport, MigrationReport, RunReport};
-use vmm_demo::{ClientError, ControlClient, GuestKind, PAGE_SIZE};
+use vmm_demo::{ClientError, ControlClient, GuestKind, Order, PAGE_SIZE};
 
 /// The `vmm-demo` binary of this build profile, built once per test run.
 fn bin() -> &'static Path {
@@ -263,6 +263,47 @@ fn idle_guests_migrate_halted() {
         assert_eq!(d.passes_at_end, [0, 0], "{v:#?}");
         assert!(d.hash_checked, "{v:#?}");
     }
+}
+
+/// A guest walking its pages in scattered order, the post-copy benchmark's workload,
+/// migrates verified: the order travels in the machine description, so the destination's
+/// oracle judges every page against the same permutation, at the switchover and after
+/// running the guest on. Two vCPUs over two RAM regions: one share, and its walk, cross
+/// the hole between them.
+#[test]
+fn a_scattered_walk_migrates_verified() {
+    let guest = if vmm_demo::kvm_available() {
+        GuestKind::Kvm
+    } else {
+        eprintln!(
+            "a_scattered_walk_migrates_verified: /dev/kvm is missing or not usable, migrating the software guest"
+        );
+        GuestKind::Software
+    };
+    let v = demo(&[
+        "--guest",
+        guest.as_str(),
+        "--software-page-ns",
+        "5000",
+        "--mem",
+        "16M",
+        "--ram-regions",
+        "2",
+        "--vcpus",
+        "2",
+        "--working-set",
+        "8M",
+        "--order",
+        "scattered",
+        "--run-after",
+        "500ms",
+    ]);
+    assert_migrated(&v, guest);
+    assert_eq!(v.order, Order::Scattered, "{v:#?}");
+    assert_eq!(v.source.as_ref().unwrap().order, Order::Scattered);
+    let d = v.destination.as_ref().unwrap();
+    assert_eq!(d.order, Some(Order::Scattered), "{v:#?}");
+    assert_eq!(d.passes_at_switchover.len(), 2, "{v:#?}");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use migration_precopy::Placement;
 use migration_storage_policy::CacheMode;
 use serde::{Deserialize, Serialize};
 
-use crate::layout::{Fill, VmConfig};
+use crate::layout::{Fill, Order, VmConfig};
 
 /// A command-line value that does not parse. Each names the input as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -200,6 +200,11 @@ pub struct VmArgs {
     /// guest, whose vCPUs halt.
     #[arg(long, value_parser = parse_size, default_value = "4M")]
     pub working_set: u64,
+    /// Order in which each vCPU visits the pages of its share every pass: sequential
+    /// (address order) or scattered (a fixed pseudo-random permutation, so that
+    /// consecutive visits land far apart, as for a post-copy benchmark).
+    #[arg(long, value_enum, default_value_t = Order::Sequential)]
+    pub order: Order,
     /// Initial content of the rest of RAM: zero (compressible) or random (incompressible).
     #[arg(long, value_enum, default_value_t = Fill::Random)]
     pub fill: Fill,
@@ -223,6 +228,7 @@ impl VmArgs {
             ("--ram-regions", self.ram_regions.to_string()),
             ("--vcpus", self.vcpus.to_string()),
             ("--working-set", self.working_set.to_string()),
+            ("--order", value_name(&self.order)),
             ("--fill", value_name(&self.fill)),
             ("--seed", self.seed.to_string()),
             ("--guest", value_name(&self.guest)),
@@ -242,6 +248,7 @@ impl VmArgs {
             working_set_bytes: self.working_set,
             fill: self.fill,
             seed: self.seed,
+            order: self.order,
         }
     }
 }
@@ -527,8 +534,19 @@ mod tests {
             vm: VmArgs,
         }
         let p = P::parse_from([
-            "x", "--mem", "32M", "--guest", "software", "--fill", "zero", "--vcpus", "3",
+            "x",
+            "--mem",
+            "32M",
+            "--guest",
+            "software",
+            "--fill",
+            "zero",
+            "--vcpus",
+            "3",
+            "--order",
+            "scattered",
         ]);
+        assert_eq!(p.vm.config().order, Order::Scattered);
         let again = P::parse_from(std::iter::once("x".to_string()).chain(p.vm.to_args()));
         assert_eq!(again.vm.config(), p.vm.config());
         assert_eq!(again.vm.guest, GuestChoice::Software);

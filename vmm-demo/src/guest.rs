@@ -1,10 +1,14 @@
-//! The guest: a hand-assembled 64-bit program, and the RAM image the VMM builds around it
-//! (GDT, identity-mapped page tables, control blocks, initial data).
+//! The guest: a 64-bit program assembled at build time from readable source, and the RAM
+//! image the VMM builds around it (GDT, identity-mapped page tables, control blocks,
+//! initial data).
 //!
+//! The program's source is `guest/program.rs` (assembly written with iced-x86's code
+//! assembler, which `build.rs` runs); the numbers it shares with the VMM are in [`abi`].
 //! Each vCPU enters [`PROGRAM`] in long mode with `rsi` pointing at its control block
 //! (see [`layout::control_block`]) and `rsp` at the end of that page, interrupts off. It
 //! then walks its share of the working set forever: one `add qword [page], 1` per page,
-//! and after each full pass it increments its pass counter and prints
+//! in address order or in the scattered order of [`layout::Order`] (its control block
+//! says which), and after each full pass it increments its pass counter and prints
 //! `"vcpuN pass <decimal>\n"` on the serial port 0x3f8, one `out` per byte. A vCPU with no
 //! share (an idle guest: no working set) halts instead, for good: with interrupts off,
 //! `hlt` waits forever, and KVM parks the vCPU thread in the kernel, so an idle guest takes
@@ -17,64 +21,23 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
 
-/// The serial port the guest prints on.
-pub const SERIAL_PORT: u16 = 0x3f8;
+pub mod abi;
 
-/// The guest program, assembled from the listing beside each line (Intel syntax; checked
-/// with GNU as and objdump).
-#[rustfmt::skip]
-pub const PROGRAM: [u8; 120] = [
-    // entry (0x00):
-    0x48, 0x83, 0x7e, 0x08, 0x00,             // cmp  qword [rsi+0x08], 0  any segment?
-    0x75, 0x03,                               // jne  pass_loop
-    // idle (0x07):
-    0xf4,                                     // hlt                     interrupts are off
-    0xeb, 0xfd,                               // jmp  idle
-    // pass_loop (0x0a):
-    0x48, 0x8d, 0x5e, 0x40,                   // lea  rbx, [rsi+0x40]    first segment
-    0x48, 0x8b, 0x4e, 0x08,                   // mov  rcx, [rsi+0x08]    segment count
-    // seg_loop (0x12):
-    0x48, 0x8b, 0x3b,                         // mov  rdi, [rbx]         segment start
-    0x48, 0x8b, 0x53, 0x08,                   // mov  rdx, [rbx+8]       segment end
-    // page_loop (0x19):
-    0x48, 0x83, 0x07, 0x01,                   // add  qword [rdi], 1     the counter (COUNTER_OFFSET 0)
-    0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add  rdi, 0x1000        next page
-    0x48, 0x39, 0xd7,                         // cmp  rdi, rdx
-    0x72, 0xf0,                               // jb   page_loop
-    0x48, 0x83, 0xc3, 0x10,                   // add  rbx, 16            next segment
-    0x48, 0xff, 0xc9,                         // dec  rcx
-    0x75, 0xe0,                               // jnz  seg_loop
-    0x48, 0xff, 0x06,                         // inc  qword [rsi]        pass += 1
-    0x48, 0x8d, 0x5e, 0x18,                   // lea  rbx, [rsi+0x18]    report prefix
-    0x48, 0x8b, 0x4e, 0x10,                   // mov  rcx, [rsi+0x10]    its length
-    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // prefix_loop (0x41):
-    0x8a, 0x03,                               // mov  al, [rbx]
-    0xee,                                     // out  dx, al
-    0x48, 0xff, 0xc3,                         // inc  rbx
-    0x48, 0xff, 0xc9,                         // dec  rcx
-    0x75, 0xf5,                               // jnz  prefix_loop
-    0x48, 0x8b, 0x06,                         // mov  rax, [rsi]         the pass number
-    0xb9, 0x0a, 0x00, 0x00, 0x00,             // mov  ecx, 10
-    0x45, 0x31, 0xc0,                         // xor  r8d, r8d           digit count
-    // div_loop (0x57):
-    0x31, 0xd2,                               // xor  edx, edx
-    0x48, 0xf7, 0xf1,                         // div  rcx                rax = q, rdx = r
-    0x80, 0xc2, 0x30,                         // add  dl, '0'
-    0x52,                                     // push rdx                digits, last first
-    0x49, 0xff, 0xc0,                         // inc  r8
-    0x48, 0x85, 0xc0,                         // test rax, rax
-    0x75, 0xef,                               // jnz  div_loop
-    0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
-    // digit_loop (0x6c):
-    0x58,                                     // pop  rax
-    0xee,                                     // out  dx, al
-    0x49, 0xff, 0xc8,                         // dec  r8
-    0x75, 0xf9,                               // jnz  digit_loop
-    0xb0, 0x0a,                               // mov  al, '\n'
-    0xee,                                     // out  dx, al
-    0xeb, 0x92,                               // jmp  pass_loop
-];
+pub use abi::SERIAL_PORT;
+
+include!(concat!(env!("OUT_DIR"), "/guest_program.rs"));
+
+// The program has one page, below the control blocks.
+const _: () = assert!(PROGRAM.len() as u64 <= PAGE_SIZE);
+const _: () = assert!(layout::CODE_ADDR + PAGE_SIZE <= layout::CONTROL_BASE);
+
+/// The offset of the program's label `name` from its first byte.
+pub fn label(name: &str) -> Option<u64> {
+    PROGRAM_LABELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|&(_, offset)| offset)
+}
 
 /// GDT selector of the 64-bit code segment.
 pub const CODE_SELECTOR: u16 = 0x08;
@@ -139,7 +102,9 @@ pub fn page_table_entries(w: &Workload) -> Vec<(u64, u64)> {
 }
 
 /// The fixed part of vCPU `index`'s control block, from its first byte to its last
-/// segment, with the pass counter at zero. The stack at the end of the page is not in it.
+/// segment, with the pass counter at zero: segments, report prefix and, for a scattered
+/// walk, its stride and the share's page count. The stack at the end of the page is not
+/// in it.
 pub fn control_block_config(w: &Workload, index: u32) -> Vec<u8> {
     let segs = w.segments(index);
     let prefix = Workload::report_prefix(index);
@@ -149,6 +114,12 @@ pub fn control_block_config(w: &Workload, index: u32) -> Vec<u8> {
     };
     put(&mut b, cb::SEGMENT_COUNT, segs.len() as u64);
     put(&mut b, cb::PREFIX_LEN, prefix.len() as u64);
+    // Left 0 in address order, so that a sequential VM's RAM image is what it always was.
+    let stride = w.stride(index);
+    if stride != 0 {
+        put(&mut b, cb::STRIDE, stride);
+        put(&mut b, cb::SHARE_PAGES, w.share(index).len() as u64);
+    }
     b[cb::PREFIX as usize..cb::PREFIX as usize + prefix.len()].copy_from_slice(prefix.as_bytes());
     for (i, &(s, e)) in segs.iter().enumerate() {
         put(&mut b, cb::SEGMENTS + 16 * i as u64, s);
@@ -198,23 +169,82 @@ mod tests {
         assert_eq!(GDT[3], 0x008f_8b00_0000_ffff);
     }
 
+    /// Two stretches of the listing the program was hand-assembled from before it had a
+    /// source (Intel syntax, checked with GNU as and objdump), each with jumps inside it
+    /// only: the walk in address order and the pass report. The assembled program must
+    /// hold them unchanged, so a sequential walk is what it always was.
+    #[rustfmt::skip]
+    const WALK_IN_ADDRESS_ORDER: [u8; 40] = [
+        0x48, 0x8d, 0x5e, 0x40,                   // lea  rbx, [rsi+0x40]
+        0x48, 0x8b, 0x4e, 0x08,                   // mov  rcx, [rsi+0x08]
+        0x48, 0x8b, 0x3b,                         // mov  rdi, [rbx]
+        0x48, 0x8b, 0x53, 0x08,                   // mov  rdx, [rbx+8]
+        0x48, 0x83, 0x07, 0x01,                   // add  qword [rdi], 1
+        0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // add  rdi, 0x1000
+        0x48, 0x39, 0xd7,                         // cmp  rdi, rdx
+        0x72, 0xf0,                               // jb   page_loop
+        0x48, 0x83, 0xc3, 0x10,                   // add  rbx, 16
+        0x48, 0xff, 0xc9,                         // dec  rcx
+        0x75, 0xe0,                               // jnz  seg_loop
+    ];
+    #[rustfmt::skip]
+    const PASS_REPORT: [u8; 68] = [
+        0x48, 0xff, 0x06,                         // inc  qword [rsi]
+        0x48, 0x8d, 0x5e, 0x18,                   // lea  rbx, [rsi+0x18]
+        0x48, 0x8b, 0x4e, 0x10,                   // mov  rcx, [rsi+0x10]
+        0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
+        0x8a, 0x03,                               // mov  al, [rbx]
+        0xee,                                     // out  dx, al
+        0x48, 0xff, 0xc3,                         // inc  rbx
+        0x48, 0xff, 0xc9,                         // dec  rcx
+        0x75, 0xf5,                               // jnz  prefix_loop
+        0x48, 0x8b, 0x06,                         // mov  rax, [rsi]
+        0xb9, 0x0a, 0x00, 0x00, 0x00,             // mov  ecx, 10
+        0x45, 0x31, 0xc0,                         // xor  r8d, r8d
+        0x31, 0xd2,                               // xor  edx, edx
+        0x48, 0xf7, 0xf1,                         // div  rcx
+        0x80, 0xc2, 0x30,                         // add  dl, '0'
+        0x52,                                     // push rdx
+        0x49, 0xff, 0xc0,                         // inc  r8
+        0x48, 0x85, 0xc0,                         // test rax, rax
+        0x75, 0xef,                               // jnz  div_loop
+        0x66, 0xba, 0xf8, 0x03,                   // mov  dx, 0x3f8
+        0x58,                                     // pop  rax
+        0xee,                                     // out  dx, al
+        0x49, 0xff, 0xc8,                         // dec  r8
+        0x75, 0xf9,                               // jnz  digit_loop
+        0xb0, 0x0a,                               // mov  al, '\n'
+        0xee,                                     // out  dx, al
+    ];
+
+    fn at(name: &str) -> usize {
+        label(name).unwrap_or_else(|| panic!("no label {name}")) as usize
+    }
+
     #[test]
-    fn program_jumps_land_on_their_labels() {
-        // Each rel8 jump: (offset of the displacement byte, target label).
-        for (disp_at, target) in [
-            (0x06, 0x0a),
-            (0x09, 0x07),
-            (0x28, 0x19),
-            (0x31, 0x12),
-            (0x4b, 0x41),
-            (0x67, 0x57),
-            (0x72, 0x6c),
-            (0x77, 0x0a),
-        ] {
-            let next = disp_at + 1;
-            let rel = PROGRAM[disp_at] as i8 as isize;
-            assert_eq!(next as isize + rel, target as isize, "jump at {disp_at:#x}");
-        }
-        assert_eq!(PROGRAM.len(), 0x78);
+    fn the_walk_in_address_order_and_the_report_are_the_hand_assembled_ones() {
+        let walk = at("in_address_order");
+        assert_eq!(PROGRAM[walk..walk + 40], WALK_IN_ADDRESS_ORDER);
+        assert_eq!(at("report"), walk + 40, "the report follows the walk");
+        let report = at("report");
+        assert_eq!(PROGRAM[report..report + 68], PASS_REPORT);
+        // The entry is the same too: an idle vCPU halts at once.
+        assert_eq!(
+            PROGRAM[..10],
+            [0x48, 0x83, 0x7e, 0x08, 0x00, 0x75, 0x03, 0xf4, 0xeb, 0xfd]
+        );
+        assert_eq!(at("idle"), 7);
+    }
+
+    #[test]
+    fn the_program_starts_at_its_entry_and_its_labels_are_in_it_in_order() {
+        assert_eq!(at("entry"), 0);
+        let offsets: Vec<u64> = PROGRAM_LABELS.iter().map(|&(_, o)| o).collect();
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{PROGRAM_LABELS:?}"
+        );
+        assert!(offsets.iter().all(|&o| o < PROGRAM.len() as u64));
+        assert_eq!(label("nowhere"), None);
     }
 }

@@ -41,32 +41,15 @@ pub const CONTROL_BASE: u64 = 0x2_0000;
 pub const MAX_VCPUS: u32 = 64;
 /// First guest-physical address of data pages.
 pub const DATA_START: u64 = 0x10_0000;
-/// Offset, in every working-set page, of the u64 counter the guest increments.
-pub const COUNTER_OFFSET: u64 = 0;
 /// Guest-physical hole left between two RAM regions.
 pub const REGION_GAP: u64 = 2 << 20;
 /// Most RAM regions a VM may have.
 pub const MAX_REGIONS: u32 = 8;
 
-/// Offsets inside a vCPU control block (see `guest::PROGRAM` for the code that reads it).
-pub mod control_block {
-    /// u64: passes completed so far.
-    pub const PASS: u64 = 0x00;
-    /// u64: number of segments of the vCPU's share.
-    pub const SEGMENT_COUNT: u64 = 0x08;
-    /// u64: length of the report prefix.
-    pub const PREFIX_LEN: u64 = 0x10;
-    /// The report prefix, `"vcpuN pass "`.
-    pub const PREFIX: u64 = 0x18;
-    /// Room for the prefix.
-    pub const PREFIX_MAX: u64 = 0x28;
-    /// The segments: `(start, end)` guest-physical address pairs, 16 bytes each.
-    pub const SEGMENTS: u64 = 0x40;
-    /// The guest's stack grows down from the end of the page and needs at most 20 pushes.
-    pub const STACK_RESERVE: u64 = 0x100;
-    /// Most segments a share may have.
-    pub const MAX_SEGMENTS: u64 = (super::PAGE_SIZE - STACK_RESERVE - SEGMENTS) / 16;
-}
+pub use crate::guest::abi::{COUNTER_OFFSET, control_block};
+
+// The guest walks by the page size migration-core numbers pages in.
+const _: () = assert!(1u64 << crate::guest::abi::PAGE_SHIFT == PAGE_SIZE);
 
 /// Guest-physical address of vCPU `index`'s control block.
 pub fn control_block_addr(index: u32) -> u64 {
@@ -81,6 +64,65 @@ pub enum Fill {
     Zero,
     /// Pseudo-random from the seed and the address: RAM no compressor can shrink.
     Random,
+}
+
+/// In which order each vCPU visits the pages of its share, once per pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// In address order, segment by segment: neighbours one after the other, what a
+    /// dirty-page tracker and a prefetcher handle best.
+    #[default]
+    Sequential,
+    /// A fixed pseudo-random permutation of the share's pages, the same every pass (see
+    /// [`scatter_stride`]): consecutive visits land far apart, so that after a post-copy
+    /// switch almost every visit faults on a page the destination does not hold yet.
+    Scattered,
+}
+
+impl Order {
+    /// `"sequential"` or `"scattered"`, the name `--order` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Order::Sequential => "sequential",
+            Order::Scattered => "scattered",
+        }
+    }
+}
+
+impl std::fmt::Display for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The stride of a scattered walk over a share of `pages` pages: the walk's `i`-th visit
+/// is page `(i * stride) mod pages` of the share (numbered in address order). The stride
+/// is coprime with `pages`, so the walk is a permutation: it visits every page once and
+/// is back at page 0 after exactly `pages` visits, which is how the guest knows a pass is
+/// over. It is the first such number from `pages / φ` (φ the golden ratio) up: steps of
+/// about 0.62 of the share put each visit far from the last ones and spread the visits of
+/// a pass as evenly as any stride can (the three-distance theorem). 0 for no pages.
+pub fn scatter_stride(pages: u64) -> u64 {
+    if pages <= 1 {
+        return pages;
+    }
+    // 2^64 / φ: the fraction of `pages` taken, in 64-bit fixed point.
+    const INV_PHI: u128 = 0x9e37_79b9_7f4a_7c15;
+    // Below `pages` (the fraction is below 1) and at least 1 (pages / φ >= 1.2).
+    let mut s = ((u128::from(pages) * INV_PHI) >> 64) as u64;
+    // pages - 1 is coprime with pages: the search ends there at the latest.
+    while gcd(s, pages) != 1 {
+        s += 1;
+    }
+    s
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// The shape of the VM and of its workload. Source and destination of a migration must
@@ -100,6 +142,10 @@ pub struct VmConfig {
     pub fill: Fill,
     /// Seed of the pseudo-random content.
     pub seed: u64,
+    /// Order of each pass over a vCPU's share (sequential when a description leaves it
+    /// out, as those from before scattered walks do).
+    #[serde(default)]
+    pub order: Order,
 }
 
 impl Default for VmConfig {
@@ -111,6 +157,7 @@ impl Default for VmConfig {
             working_set_bytes: 4 << 20,
             fill: Fill::Random,
             seed: 0x5eed_0f0a_c1e5,
+            order: Order::Sequential,
         }
     }
 }
@@ -171,6 +218,7 @@ pub struct Workload {
     working_set: Range<usize>,
     shares: Vec<Range<usize>>,
     segments: Vec<Vec<(u64, u64)>>,
+    strides: Vec<u64>,
 }
 
 impl Workload {
@@ -222,6 +270,7 @@ impl Workload {
         let (per, extra) = (ws_pages / vcpus, ws_pages % vcpus);
         let mut shares = Vec::with_capacity(vcpus);
         let mut segments = Vec::with_capacity(vcpus);
+        let mut strides = Vec::with_capacity(vcpus);
         let mut start = working_set.start;
         for i in 0..vcpus {
             let len = per + usize::from(i < extra);
@@ -234,6 +283,10 @@ impl Workload {
             if segs.len() as u64 > control_block::MAX_SEGMENTS {
                 return Err(ConfigError::Segments(i as u32));
             }
+            strides.push(match config.order {
+                Order::Sequential => 0,
+                Order::Scattered => scatter_stride(len as u64),
+            });
             shares.push(share);
             segments.push(segs);
         }
@@ -245,6 +298,7 @@ impl Workload {
             working_set,
             shares,
             segments,
+            strides,
         })
     }
 
@@ -278,15 +332,52 @@ impl Workload {
         self.working_set.clone()
     }
 
-    /// Dense page indices of vCPU `index`'s share, in the order it walks them.
+    /// Dense page indices of vCPU `index`'s share, in address order.
     pub fn share(&self, index: u32) -> Range<usize> {
         self.shares[index as usize].clone()
     }
 
     /// vCPU `index`'s share as guest-physical `(start, end)` segments, one per region it
-    /// touches, in walking order.
+    /// touches, in address order.
     pub fn segments(&self, index: u32) -> &[(u64, u64)] {
         &self.segments[index as usize]
+    }
+
+    /// The order of every vCPU's walk.
+    pub fn order(&self) -> Order {
+        self.config.order
+    }
+
+    /// The stride of vCPU `index`'s scattered walk ([`scatter_stride`] of its share), as
+    /// its control block holds it: 0 in sequential order or for an empty share.
+    pub fn stride(&self, index: u32) -> u64 {
+        self.strides[index as usize]
+    }
+
+    /// The guest-physical address of page `n` of vCPU `index`'s share, counted in address
+    /// order, if the share has that many pages.
+    pub fn share_page(&self, index: u32, n: u64) -> Option<u64> {
+        let share = self.share(index);
+        let page = share.start.checked_add(usize::try_from(n).ok()?)?;
+        if page >= share.end {
+            return None;
+        }
+        self.ram.page_to_gpa(page)
+    }
+
+    /// The guest-physical addresses of vCPU `index`'s pages in the order one pass visits
+    /// them: address order, or the scattered permutation.
+    pub fn walk(&self, index: u32) -> impl Iterator<Item = u64> + '_ {
+        let pages = self.share(index).len() as u64;
+        let stride = self.stride(index);
+        (0..pages).filter_map(move |i| {
+            let n = match self.config.order {
+                Order::Sequential => i,
+                // Below 2^64 · 2^64: no overflow in u128, and the result is below `pages`.
+                Order::Scattered => (u128::from(i) * u128::from(stride) % u128::from(pages)) as u64,
+            };
+            self.share_page(index, n)
+        })
     }
 
     /// The prefix vCPU `index` prints before its pass number.
@@ -424,6 +515,91 @@ mod tests {
         for cfg in bad {
             assert!(Workload::new(&cfg).is_err(), "{cfg:?} accepted");
         }
+    }
+
+    #[test]
+    fn scattered_walks_are_permutations_of_every_share_size() {
+        assert_eq!(scatter_stride(0), 0);
+        for n in 1..=4096u64 {
+            let s = scatter_stride(n);
+            assert_eq!(gcd(s, n), 1, "{n} pages, stride {s}");
+            assert!(s >= 1 && (s < n || n == 1), "{n} pages, stride {s}");
+            // Far from address order once a share has a few pages: about n / φ.
+            if n >= 16 {
+                assert!(n / 2 < s && s < 3 * n / 4, "{n} pages, stride {s}");
+            }
+            // The recurrence the guest program and the software vCPU step by (the next
+            // index one stride on, modulo n; the pass over when it is back at 0) gives
+            // the closed form the oracle uses, and visits every page once.
+            let mut seen = vec![false; n as usize];
+            let mut next = 0u64;
+            for i in 0..n {
+                assert_eq!(next, i * s % n, "{n} pages, step {i}");
+                assert!(!seen[next as usize], "{n} pages: page {next} twice");
+                seen[next as usize] = true;
+                next += s;
+                if next >= n {
+                    next -= n;
+                }
+                assert_eq!(next == 0, i == n - 1, "{n} pages: back at 0 after step {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_scattered_workload_walks_every_page_of_each_share_once() {
+        let cfg = VmConfig {
+            mem_bytes: 8 << 20,
+            ram_regions: 2,
+            vcpus: 3,
+            working_set_bytes: 5 << 20,
+            order: Order::Scattered,
+            ..VmConfig::default()
+        };
+        let w = Workload::new(&cfg).unwrap();
+        let sequential = Workload::new(&VmConfig {
+            order: Order::Sequential,
+            ..cfg
+        })
+        .unwrap();
+        for v in 0..3 {
+            let share = w.share(v);
+            let mut walk: Vec<u64> = w.walk(v).collect();
+            assert_eq!(walk.len(), share.len());
+            // It starts where address order does, then strays far from it.
+            assert_eq!(walk[0], w.segments(v)[0].0);
+            assert_eq!(
+                walk[1],
+                w.share_page(v, w.stride(v)).unwrap(),
+                "vCPU {v}'s second page is one stride on"
+            );
+            assert_ne!(walk, sequential.walk(v).collect::<Vec<_>>());
+            walk.sort_unstable();
+            let pages: Vec<u64> = share
+                .clone()
+                .map(|p| w.ram().page_to_gpa(p).unwrap())
+                .collect();
+            assert_eq!(walk, pages, "vCPU {v}");
+            assert_eq!(w.share_page(v, share.len() as u64), None);
+            assert_eq!(sequential.stride(v), 0);
+        }
+        // Idle: no share, no stride.
+        let idle = Workload::new(&VmConfig {
+            working_set_bytes: 0,
+            ..cfg
+        })
+        .unwrap();
+        assert_eq!(idle.stride(0), 0);
+        assert_eq!(idle.walk(0).count(), 0);
+    }
+
+    #[test]
+    fn every_report_prefix_fits_its_room() {
+        let longest = Workload::report_prefix(MAX_VCPUS - 1);
+        assert!(
+            longest.len() as u64 <= control_block::PREFIX_MAX,
+            "{longest:?}"
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub mod vm;
 pub use client::{ClientError, ControlClient};
 pub use control::VcpuStats;
 pub use error::Error;
-pub use layout::{Fill, VmConfig, Workload};
+pub use layout::{Fill, Order, VmConfig, Workload};
 /// The guest page size: the one migration-core numbers pages in, and the one the guest
 /// walks.
 pub use migration_core::PAGE_SIZE;

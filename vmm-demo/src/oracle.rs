@@ -1,10 +1,13 @@
 //! The oracle: does guest RAM hold exactly what the workload can have written?
 //!
 //! Each vCPU walks its share of the working set page by page, adding one to the counter of
-//! every page, and counts its passes in its control block. So at any instant when the
+//! every page, and counts its passes in its control block. It visits the pages of its
+//! share in the same order every pass ([`Workload::walk`]: address order, or the
+//! scattered permutation of [`layout::Order::Scattered`]). So at any instant when the
 //! vCPUs are stopped, with `P` the pass number a vCPU's control block holds, its pages in
-//! walking order hold `P + 1, …, P + 1, P, …, P`: the pages it has already visited in the
-//! current pass one step ahead of the rest, and nothing else (as in QEMU's migration
+//! walking order hold `P + 1, …, P + 1, P, …, P`: the first `k` pages of the walk, those
+//! it has already visited in the current pass, one step ahead of the rest, and nothing
+//! else (as in QEMU's migration
 //! tests, where every page holds pass N or N + 1 with a single step between). Every other
 //! data page still holds its initial content, and the program, GDT, page tables and
 //! control blocks hold what the VMM wrote (page walks may set accessed and dirty bits).
@@ -88,10 +91,10 @@ pub enum OracleError {
         /// The vCPU's pass number.
         pass: u64,
     },
-    /// A page the vCPU visited in this pass follows one it had not: the earlier one lost
-    /// an increment (or the later one gained one).
+    /// A page the vCPU visited in this pass follows, in walking order, one it had not: the
+    /// earlier one lost an increment (or the later one gained one).
     #[error(
-        "vCPU {vcpu}: page {gpa:#x} holds {ahead} but the earlier page {earlier_gpa:#x} holds {pass}: the earlier page lost an increment"
+        "vCPU {vcpu}: page {gpa:#x} holds {ahead} but {earlier_gpa:#x}, earlier in the walk, holds {pass}: the earlier page lost an increment"
     )]
     Gap {
         /// The vCPU whose share holds the pages.
@@ -134,7 +137,8 @@ pub enum OracleError {
 pub struct VcpuVerdict {
     /// Passes the vCPU completed.
     pub pass: u64,
-    /// Pages of its share already visited in the current pass (holding `pass + 1`).
+    /// Pages of its share already visited in the current pass (holding `pass + 1`): the
+    /// first `visited` pages of its walk.
     pub visited: usize,
     /// Pages in its share.
     pub pages: usize,
@@ -222,54 +226,50 @@ pub fn check(mem: &GuestMemoryMmap, w: &Workload) -> Result<OracleReport, Oracle
         let mut visited = 0usize;
         let mut first_unvisited: Option<u64> = None;
         let mut pages = 0usize;
-        for &(start, end) in w.segments(v) {
-            let mut gpa = start;
-            while gpa < end {
-                mem.read_slice(&mut page, GuestAddress(gpa))
-                    .map_err(|e| mem_err(gpa, e))?;
-                w.initial_page(gpa, &mut expected);
-                let found = u64::from_le_bytes(page[ctr..ctr + 8].try_into().unwrap_or_default());
-                page[ctr..ctr + 8].fill(0);
-                if let Some(offset) = first_difference(&page, &expected) {
-                    return Err(OracleError::Corrupted {
-                        gpa,
-                        offset,
-                        found: page[offset],
-                        expected: expected[offset],
-                    });
-                }
-                if found < pass {
-                    return Err(OracleError::Behind {
-                        vcpu: v,
-                        gpa,
-                        found,
-                        pass,
-                    });
-                }
-                if found > pass.saturating_add(1) {
-                    return Err(OracleError::Ahead {
-                        vcpu: v,
-                        gpa,
-                        found,
-                        pass,
-                    });
-                }
-                if found == pass {
-                    first_unvisited.get_or_insert(gpa);
-                } else if let Some(earlier_gpa) = first_unvisited {
-                    return Err(OracleError::Gap {
-                        vcpu: v,
-                        gpa,
-                        earlier_gpa,
-                        pass,
-                        ahead: found,
-                    });
-                } else {
-                    visited += 1;
-                }
-                pages += 1;
-                gpa += PAGE_SIZE;
+        for gpa in w.walk(v) {
+            mem.read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|e| mem_err(gpa, e))?;
+            w.initial_page(gpa, &mut expected);
+            let found = u64::from_le_bytes(page[ctr..ctr + 8].try_into().unwrap_or_default());
+            page[ctr..ctr + 8].fill(0);
+            if let Some(offset) = first_difference(&page, &expected) {
+                return Err(OracleError::Corrupted {
+                    gpa,
+                    offset,
+                    found: page[offset],
+                    expected: expected[offset],
+                });
             }
+            if found < pass {
+                return Err(OracleError::Behind {
+                    vcpu: v,
+                    gpa,
+                    found,
+                    pass,
+                });
+            }
+            if found > pass.saturating_add(1) {
+                return Err(OracleError::Ahead {
+                    vcpu: v,
+                    gpa,
+                    found,
+                    pass,
+                });
+            }
+            if found == pass {
+                first_unvisited.get_or_insert(gpa);
+            } else if let Some(earlier_gpa) = first_unvisited {
+                return Err(OracleError::Gap {
+                    vcpu: v,
+                    gpa,
+                    earlier_gpa,
+                    pass,
+                    ahead: found,
+                });
+            } else {
+                visited += 1;
+            }
+            pages += 1;
         }
         vcpus.push(VcpuVerdict {
             pass,
@@ -402,9 +402,14 @@ pub fn ram_hash(mem: &GuestMemoryMmap) -> Result<u64, OracleError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{Fill, VmConfig};
+    use crate::layout::{Fill, Order, VmConfig};
 
     fn setup(fill: Fill) -> (GuestMemoryMmap, Workload) {
+        setup_in(fill, Order::Sequential)
+    }
+
+    /// Two vCPUs over two regions: one share crosses the hole between them.
+    fn setup_in(fill: Fill, order: Order) -> (GuestMemoryMmap, Workload) {
         let cfg = VmConfig {
             mem_bytes: 8 << 20,
             ram_regions: 2,
@@ -412,6 +417,7 @@ mod tests {
             working_set_bytes: 5 << 20,
             fill,
             seed: 7,
+            order,
         };
         let w = Workload::new(&cfg).unwrap();
         let ranges: Vec<_> = w
@@ -424,15 +430,17 @@ mod tests {
         (mem, w)
     }
 
-    /// Does what the guest does: `steps` page visits of vCPU `v` from the start of a pass.
+    /// Does what the guest does: `passes` whole passes of vCPU `v`, then `steps` page
+    /// visits of the next one, in the workload's order.
     fn walk(mem: &GuestMemoryMmap, w: &Workload, v: u32, passes: u64, steps: usize) {
-        let pages: Vec<u64> = w
-            .segments(v)
-            .iter()
-            .flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize))
-            .collect();
+        let pages: Vec<u64> = w.walk(v).collect();
+        walk_pages(mem, v, &pages, passes, steps);
+    }
+
+    /// [`walk`] in the order of `pages`.
+    fn walk_pages(mem: &GuestMemoryMmap, v: u32, pages: &[u64], passes: u64, steps: usize) {
         for _ in 0..passes {
-            for &p in &pages {
+            for &p in pages {
                 bump(mem, p, 1);
             }
             let cb = layout::control_block_addr(v);
@@ -444,18 +452,23 @@ mod tests {
         }
     }
 
+    /// vCPU `v`'s pages in address order.
+    fn address_order(w: &Workload, v: u32) -> Vec<u64> {
+        w.segments(v)
+            .iter()
+            .flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize))
+            .collect()
+    }
+
     fn bump(mem: &GuestMemoryMmap, gpa: u64, by: i64) {
         let v = read_u64(mem, gpa).unwrap();
         mem.write_obj(v.wrapping_add(by as u64), GuestAddress(gpa))
             .unwrap();
     }
 
+    /// The `n`-th page vCPU `v` visits in a pass.
     fn nth_page(w: &Workload, v: u32, n: usize) -> u64 {
-        w.segments(v)
-            .iter()
-            .flat_map(|&(s, e)| (s..e).step_by(PAGE_SIZE as usize))
-            .nth(n)
-            .unwrap()
+        w.walk(v).nth(n).unwrap()
     }
 
     #[test]
@@ -499,6 +512,119 @@ mod tests {
                 pass: 2
             })
         );
+    }
+
+    #[test]
+    fn scattered_walks_pass_and_are_judged_in_their_own_order() {
+        for fill in [Fill::Zero, Fill::Random] {
+            let (mem, w) = setup_in(fill, Order::Scattered);
+            let r = check(&mem, &w).unwrap();
+            assert_eq!(r.min_pass(), 0);
+            walk(&mem, &w, 0, 3, 100);
+            walk(&mem, &w, 1, 2, w.share(1).len() - 1);
+            let r = check(&mem, &w).unwrap();
+            assert_eq!((r.vcpus[0].pass, r.vcpus[0].visited), (3, 100));
+            assert_eq!(r.vcpus[1].pass, 2);
+            assert_eq!(r.vcpus[1].visited, w.share(1).len() - 1);
+            assert_eq!(r.data_pages, w.ram().page_count() - w.first_data_page());
+        }
+    }
+
+    #[test]
+    fn a_page_off_by_one_in_scattered_order_is_caught() {
+        let (mem, w) = setup_in(Fill::Random, Order::Scattered);
+        // vCPU 1's share crosses the hole between the regions: its walk does too.
+        assert_eq!(w.segments(1).len(), 2);
+        walk(&mem, &w, 1, 2, 10);
+        // Inside the visited part of the walk: a gap, named by the first page it left.
+        let p = nth_page(&w, 1, 4);
+        bump(&mem, p, -1);
+        assert!(matches!(
+            check(&mem, &w),
+            Err(OracleError::Gap { vcpu: 1, earlier_gpa, pass: 2, ahead: 3, .. }) if earlier_gpa == p
+        ));
+        bump(&mem, p, 1);
+        // Past it: behind the pass number.
+        let q = nth_page(&w, 1, 50);
+        bump(&mem, q, -1);
+        assert_eq!(
+            check(&mem, &w),
+            Err(OracleError::Behind {
+                vcpu: 1,
+                gpa: q,
+                found: 1,
+                pass: 2
+            })
+        );
+        bump(&mem, q, 1);
+        // The page after the last one visited, one step ahead: the walk has a hole.
+        let next = nth_page(&w, 1, 11);
+        bump(&mem, next, 1);
+        assert!(matches!(
+            check(&mem, &w),
+            Err(OracleError::Gap { vcpu: 1, gpa, earlier_gpa, .. })
+                if gpa == next && earlier_gpa == nth_page(&w, 1, 10)
+        ));
+        bump(&mem, next, -1);
+        // A visited page one step further still.
+        let v = nth_page(&w, 1, 0);
+        bump(&mem, v, 1);
+        assert_eq!(
+            check(&mem, &w),
+            Err(OracleError::Ahead {
+                vcpu: 1,
+                gpa: v,
+                found: 4,
+                pass: 2
+            })
+        );
+        bump(&mem, v, -1);
+        check(&mem, &w).unwrap();
+    }
+
+    #[test]
+    fn a_walk_in_the_wrong_order_is_caught() {
+        // Pages visited in address order where the workload says scattered...
+        let (mem, w) = setup_in(Fill::Zero, Order::Scattered);
+        walk_pages(&mem, 0, &address_order(&w, 0), 1, 10);
+        assert!(matches!(
+            check(&mem, &w),
+            Err(OracleError::Gap { vcpu: 0, .. })
+        ));
+        // ... and scattered where it says sequential.
+        let (mem, w) = setup_in(Fill::Zero, Order::Sequential);
+        let (_, scattered) = setup_in(Fill::Zero, Order::Scattered);
+        let pages: Vec<u64> = scattered.walk(0).collect();
+        walk_pages(&mem, 0, &pages, 1, 10);
+        assert!(matches!(
+            check(&mem, &w),
+            Err(OracleError::Gap { vcpu: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn a_changed_stride_is_caught() {
+        let (mem, w) = setup_in(Fill::Zero, Order::Scattered);
+        let at = layout::control_block_addr(0) + layout::control_block::STRIDE;
+        assert_eq!(read_u64(&mem, at).unwrap(), w.stride(0));
+        bump(&mem, at, 2);
+        assert_eq!(
+            check(&mem, &w),
+            Err(OracleError::ControlBlock {
+                vcpu: 0,
+                offset: layout::control_block::STRIDE as usize
+            })
+        );
+        bump(&mem, at, -2);
+        check(&mem, &w).unwrap();
+        // A sequential VM's control block holds no stride: a scattered guest's RAM is
+        // not mistaken for it.
+        let (seq, sw) = setup_in(Fill::Zero, Order::Sequential);
+        assert_eq!(read_u64(&seq, at).unwrap(), 0);
+        assert!(matches!(
+            check(&mem, &sw),
+            Err(OracleError::ControlBlock { vcpu: 0, .. })
+        ));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cli::TransportKind;
 use crate::control::VcpuStats;
-use crate::layout::Fill;
+use crate::layout::{Fill, Order};
 use crate::oracle::VcpuVerdict;
 use crate::protocol::RunState;
 use crate::vm::GuestKind;
@@ -150,6 +150,10 @@ pub struct RunReport {
     pub working_set_bytes: u64,
     /// Initial content of the rest of RAM.
     pub fill: Fill,
+    /// Order of each vCPU's walk over its share (sequential in reports from before
+    /// scattered walks).
+    #[serde(default)]
+    pub order: Order,
     /// Wall time from resume to pause, in milliseconds.
     pub total_ms: f64,
     /// Passes each vCPU completed.
@@ -189,11 +193,12 @@ impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "{} guest, {} MiB RAM, {} vCPU(s), working set {} KiB, ran {:.0} ms{}",
+            "{} guest, {} MiB RAM, {} vCPU(s), working set {} KiB walked in {} order, ran {:.0} ms{}",
             self.guest,
             self.mem_bytes >> 20,
             self.vcpus,
             self.working_set_bytes >> 10,
+            self.order,
             self.total_ms,
             if self.throttle_pct > 0 {
                 format!(", throttled {} %", self.throttle_pct)
@@ -237,6 +242,10 @@ pub struct DestinationReport {
     pub guest: Option<GuestKind>,
     /// Guest RAM, bytes.
     pub mem_bytes: u64,
+    /// Order of the guest's walk, from the machine description that came with the
+    /// migration, once known: what the oracle checked the pages against.
+    #[serde(default)]
+    pub order: Option<Order>,
     /// Bytes received.
     pub bytes_received: u64,
     /// Pages applied by encoding.
@@ -276,6 +285,7 @@ impl DestinationReport {
             mode: "destination".into(),
             guest: None,
             mem_bytes: 0,
+            order: None,
             bytes_received: 0,
             pages: PagesReport::default(),
             placement,
@@ -438,6 +448,10 @@ pub struct DemoReport {
     pub working_set_bytes: u64,
     /// Initial content of the rest of RAM.
     pub fill: Fill,
+    /// Order of each vCPU's walk over its share (sequential in reports from before
+    /// scattered walks).
+    #[serde(default)]
+    pub order: Order,
     /// The downtime limit, ms.
     pub downtime_limit_ms: u64,
     /// The migration's figures, when it completed.
@@ -464,9 +478,10 @@ impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pre-copy migration of a {} guest, {} MiB RAM, over {}",
+            "pre-copy migration of a {} guest, {} MiB RAM, {} walk, over {}",
             self.guest.map_or("?", GuestKind::as_str),
             self.mem_bytes >> 20,
+            self.order,
             match self.transport {
                 TransportKind::Tcp => "tcp",
                 TransportKind::Unix => "unix",
@@ -578,6 +593,7 @@ mod tests {
             vcpus: 1,
             working_set_bytes: 1 << 20,
             fill: Fill::Random,
+            order: Order::Scattered,
             downtime_limit_ms: 300,
             migration: Some(d),
             verified: true,
@@ -617,6 +633,7 @@ mod tests {
             vcpus: 1,
             working_set_bytes: 0,
             fill: Fill::Zero,
+            order: Order::Sequential,
             downtime_limit_ms: 1,
             migration: None,
             verified: false,

@@ -1,7 +1,7 @@
 //! The software vCPU: where `/dev/kvm` is missing (or when asked), a thread runs the guest
 //! program's workload itself, over the same `GuestMemoryMmap`, with the same layout: it
-//! reads its segments from its control block, adds one to the counter of each page in
-//! turn, bumps its pass counter in RAM after each pass and prints the same report on the
+//! reads its segments (and, for a scattered walk, its stride) from its control block,
+//! adds one to the counter of each page in the order they say, bumps its pass counter in RAM after each pass and prints the same report on the
 //! same serial line buffer. Its only state outside RAM is its position (segment index and
 //! next page), which is what its `swcpuN` blob carries.
 //!
@@ -109,7 +109,8 @@ fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
 }
 
 /// One iteration of the guest's page loop, with the end-of-segment and end-of-pass work
-/// the program does after it (see `guest::PROGRAM`).
+/// the program does after it (see `guest/program.rs`), in the order the control block
+/// says.
 fn step(
     mem: &GuestMemoryMmap,
     index: u32,
@@ -118,15 +119,58 @@ fn step(
 ) -> Result<(), String> {
     let block = layout::control_block_addr(index);
     let seg_at = |s: u64| block + cb::SEGMENTS + 16 * s;
-    let end = load(mem, seg_at(pos.segment) + 8)?;
     let counter = pos.addr + COUNTER_OFFSET;
     store(mem, counter, load(mem, counter)?.wrapping_add(1))?;
-    pos.addr += PAGE_SIZE;
-    if pos.addr < end {
-        return Ok(());
-    }
-    pos.segment += 1;
-    if pos.segment >= load(mem, block + cb::SEGMENT_COUNT)? {
+    let stride = load(mem, block + cb::STRIDE)?;
+    let pass_done = if stride == 0 {
+        let end = load(mem, seg_at(pos.segment) + 8)?;
+        pos.addr += PAGE_SIZE;
+        if pos.addr < end {
+            return Ok(());
+        }
+        pos.segment += 1;
+        pos.segment >= load(mem, block + cb::SEGMENT_COUNT)?
+    } else {
+        // The program keeps the index of the next page; the position keeps its address,
+        // so the index is counted back from it. Control-block values come from guest RAM:
+        // where they make no sense the vCPU stops with an error, as the program would
+        // fault or walk off its share.
+        let bad = || format!("vcpu{index}'s control block does not describe its position");
+        let segment_pages = |s: u64| -> Result<u64, String> {
+            let (start, end) = (load(mem, seg_at(s))?, load(mem, seg_at(s) + 8)?);
+            Ok(end.checked_sub(start).ok_or_else(bad)? / PAGE_SIZE)
+        };
+        let start = load(mem, seg_at(pos.segment))?;
+        let mut next = pos.addr.checked_sub(start).ok_or_else(bad)? / PAGE_SIZE;
+        for s in 0..pos.segment {
+            next = next.checked_add(segment_pages(s)?).ok_or_else(bad)?;
+        }
+        let pages = load(mem, block + cb::SHARE_PAGES)?;
+        next = next.checked_add(stride).ok_or_else(bad)?;
+        if next >= pages {
+            next -= pages;
+        }
+        // Back at the first page: every page was visited once.
+        let wrapped = next == 0;
+        // The segment the next page is in, as the program finds it.
+        let count = load(mem, block + cb::SEGMENT_COUNT)?;
+        let mut seg = 0;
+        loop {
+            if seg >= count {
+                return Err(bad());
+            }
+            let len = segment_pages(seg)?;
+            if next < len {
+                pos.segment = seg;
+                pos.addr = load(mem, seg_at(seg))? + next * PAGE_SIZE;
+                break;
+            }
+            next -= len;
+            seg += 1;
+        }
+        wrapped
+    };
+    if pass_done {
         let pass = load(mem, block + cb::PASS)?.wrapping_add(1);
         store(mem, block + cb::PASS, pass)?;
         let len = load(mem, block + cb::PREFIX_LEN)?.min(cb::PREFIX_MAX) as usize;
@@ -137,8 +181,10 @@ fn step(
         line.push(b'\n');
         serial.write(index, &line);
         pos.segment = 0;
+        pos.addr = load(mem, seg_at(0))?;
+    } else if stride == 0 {
+        pos.addr = load(mem, seg_at(pos.segment))?;
     }
-    pos.addr = load(mem, seg_at(pos.segment))?;
     Ok(())
 }
 
@@ -237,5 +283,91 @@ pub(crate) fn vcpu_thread(
             (pace_start, paced) = (slice_start, 0);
         }
         run_start = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{Order, VmConfig};
+    use crate::serial::Console;
+
+    /// Steps software vCPUs through two whole passes from a fresh image and checks that
+    /// they visit their pages in the order the oracle expects, print each pass, and come
+    /// back to where they started.
+    #[test]
+    fn software_vcpus_walk_in_the_workloads_order() {
+        for order in [Order::Sequential, Order::Scattered] {
+            // Three vCPUs over two regions (one share crosses the hole), 1281 pages.
+            let w = Workload::new(&VmConfig {
+                mem_bytes: 8 << 20,
+                ram_regions: 2,
+                vcpus: 3,
+                working_set_bytes: 1281 * PAGE_SIZE,
+                order,
+                ..VmConfig::default()
+            })
+            .unwrap();
+            assert!((0..3).any(|v| w.segments(v).len() == 2));
+            let ranges: Vec<_> = w
+                .regions()
+                .iter()
+                .map(|&(b, s)| (GuestAddress(b), s as usize))
+                .collect();
+            let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+            crate::guest::write_image(&mem, &w).unwrap();
+            let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
+            let l = lines.clone();
+            let serial = Serial::new(
+                3,
+                Console::Callback(Arc::new(move |line| {
+                    l.lock().unwrap().push(line.text.clone())
+                })),
+            );
+            for v in 0..3 {
+                let start = SoftVcpu::new(v, &w).position();
+                let mut pos = start;
+                let expected: Vec<u64> = w.walk(v).collect();
+                for pass in 1..=2u64 {
+                    let mut visited = Vec::with_capacity(expected.len());
+                    for _ in 0..expected.len() {
+                        visited.push(pos.addr);
+                        step(&mem, v, &mut pos, &serial).unwrap();
+                    }
+                    assert_eq!(visited, expected, "{order} vCPU {v}, pass {pass}");
+                    assert_eq!(pos, start, "{order} vCPU {v} is back at its first page");
+                    assert_eq!(crate::oracle::pass_of(&mem, v).unwrap(), pass);
+                    let last = lines.lock().unwrap().last().cloned();
+                    assert_eq!(last, Some(format!("vcpu{v} pass {pass}")));
+                }
+                // Half a pass further, the oracle agrees on how far it got.
+                for _ in 0..expected.len() / 2 {
+                    step(&mem, v, &mut pos, &serial).unwrap();
+                }
+                assert_eq!(pos.addr, expected[expected.len() / 2]);
+                let r = crate::oracle::check(&mem, &w).unwrap();
+                assert_eq!(r.vcpus[v as usize].visited, expected.len() / 2);
+            }
+        }
+    }
+
+    #[test]
+    fn a_control_block_that_lost_its_share_stops_a_scattered_walk() {
+        let w = Workload::new(&VmConfig {
+            mem_bytes: 8 << 20,
+            working_set_bytes: 64 * PAGE_SIZE,
+            order: Order::Scattered,
+            ..VmConfig::default()
+        })
+        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        crate::guest::write_image(&mem, &w).unwrap();
+        let serial = Serial::new(1, Console::Discard);
+        let mut pos = SoftVcpu::new(0, &w).position();
+        // Pages beyond the segments: the next index is in no segment.
+        store(&mem, layout::control_block_addr(0) + cb::SHARE_PAGES, 1000).unwrap();
+        store(&mem, layout::control_block_addr(0) + cb::STRIDE, 200).unwrap();
+        let e = step(&mem, 0, &mut pos, &serial).unwrap_err();
+        assert!(e.contains("control block"), "{e}");
     }
 }

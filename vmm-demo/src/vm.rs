@@ -837,13 +837,14 @@ accessors!(VmHandle);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::Fill;
+    use crate::layout::{Fill, Order};
     use proptest::prelude::*;
 
     proptest! {
         #[test]
         fn machine_info_round_trips(mem in 1u64..1 << 40, regions in 0u32..100, vcpus in 0u32..100,
-                                    ws in any::<u64>(), zero in any::<bool>(), seed in any::<u64>(), kvm in any::<bool>()) {
+                                    ws in any::<u64>(), zero in any::<bool>(), seed in any::<u64>(), kvm in any::<bool>(),
+                                    scattered in any::<bool>()) {
             let m = MachineInfo {
                 guest: if kvm { GuestKind::Kvm } else { GuestKind::Software },
                 config: VmConfig {
@@ -853,6 +854,7 @@ mod tests {
                     working_set_bytes: ws,
                     fill: if zero { Fill::Zero } else { Fill::Random },
                     seed,
+                    order: if scattered { Order::Scattered } else { Order::Sequential },
                 },
             };
             prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()).unwrap(), m.clone());

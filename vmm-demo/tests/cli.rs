@@ -70,6 +70,16 @@ fn run_reports_a_verified_kvm_guest() {
 }
 
 #[test]
+fn run_reports_a_verified_scattered_walk() {
+    for kind in common::kinds("run_reports_a_verified_scattered_walk") {
+        let j = run_json(kind.as_str(), &["--order", "scattered"]);
+        check_report(&j, kind.as_str());
+        assert_eq!(j["order"], "scattered", "{j}");
+    }
+    assert_eq!(run_json("software", &[])["order"], "sequential");
+}
+
+#[test]
 fn run_prints_the_guest_console_and_a_summary() {
     let out = vmm_demo()
         .args([
@@ -104,6 +114,7 @@ fn help_and_bad_options() {
         "--mem",
         "--vcpus",
         "--working-set",
+        "--order",
         "--fill",
         "--guest",
         "--duration",
@@ -120,4 +131,14 @@ fn help_and_bad_options() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 vCPUs"));
     let out = vmm_demo().args(["run", "--mem", "lots"]).output().unwrap();
     assert!(!out.status.success());
+    let out = vmm_demo()
+        .args(["run", "--order", "random"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sequential") && err.contains("scattered"),
+        "{err}"
+    );
 }

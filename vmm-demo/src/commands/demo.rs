@@ -238,6 +238,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         vcpus: cfg.vcpus,
         working_set_bytes: cfg.working_set_bytes,
         fill: cfg.fill,
+        order: cfg.order,
         downtime_limit_ms: a.options.downtime_limit_ms,
         migration: None,
         verified: false,

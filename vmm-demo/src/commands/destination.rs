@@ -70,6 +70,7 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     let info = accepted.machine().clone();
     rep.guest = Some(info.guest);
     rep.mem_bytes = info.config.mem_bytes;
+    rep.order = Some(info.config.order);
     let console = super::console(a.quiet, a.json);
     let built = match prealloc {
         Some(ram) => Vm::new_incoming_on(&info.config, info.guest, console, ram),

@@ -139,6 +139,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
         vcpus: config.vcpus,
         working_set_bytes: config.working_set_bytes,
         fill: config.fill,
+        order: config.order,
         total_ms: secs * 1e3,
         pass_rate_per_s: passes.iter().map(|&p| p as f64 / secs).collect(),
         passes,
