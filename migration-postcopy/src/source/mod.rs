@@ -18,8 +18,8 @@
 //! `Running` verdict, once it holds every page, ends the migration.
 //!
 //! A broken connection after the commit is not the end: this side dials the destination
-//! again (the same address, or [`SourceOptions::reconnect_to`]'s new one) with backoff for
-//! up to [`SourceOptions::recovery_window`], sends the commit again, takes the
+//! again through the caller's `connect` (which may dial a new address an operator gave)
+//! with backoff for up to [`SourceOptions::recovery_window`], sends the commit again, takes the
 //! destination's received-pages bitmap for what is left to send, and goes on. Only when the
 //! window passes does it give up, with [`SourceError::DestinationLost`]: the guest is lost
 //! (resuming this side's stale copy would roll it back), and never reported as migrated.
