@@ -11,7 +11,7 @@
 //! a software vCPU looks at the clock itself. The sleep is proportional to the time the
 //! vCPU actually ran since its last sleep, so late or early kicks do not skew the ratio.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,10 @@ pub(crate) struct VcpuCounters {
     pub throttle_ns: AtomicU64,
     pub throttle_sleeps: AtomicU64,
     pub exits: AtomicU64,
+    /// The kernel thread id of the vCPU's thread once it runs (0 before): what
+    /// userfaultfd names a faulting thread by, so that post-copy blocktime can be told
+    /// per vCPU.
+    pub tid: AtomicU32,
 }
 
 /// One vCPU's counters, as reported.
@@ -84,6 +88,14 @@ impl VcpuCounters {
             throttle_sleeps: self.throttle_sleeps.load(Ordering::Relaxed),
             exits: self.exits.load(Ordering::Relaxed),
         }
+    }
+
+    /// Records the calling thread as the vCPU's.
+    pub(crate) fn record_thread(&self) {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tid
+            .store(u32::try_from(tid).unwrap_or(0), Ordering::Relaxed);
     }
 
     pub(crate) fn add_run(&self, d: Duration) {

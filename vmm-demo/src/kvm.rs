@@ -586,6 +586,7 @@ pub(crate) fn vcpu_thread(vcpu: Arc<KvmVcpu>, ctl: Arc<RunControl>, serial: Arc<
     // SAFETY: pthread_self has no preconditions.
     *vcpu.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(unsafe { libc::pthread_self() });
     let _registered = Registered(&vcpu.thread);
+    vcpu.counters.record_thread();
     let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
     let n = vcpu.index;
     if ctl.park_point() == Parked::Exit {

@@ -197,6 +197,7 @@ pub(crate) fn vcpu_thread(
 ) {
     let n = vcpu.index;
     let _ = vcpu.thread.set(std::thread::current());
+    vcpu.counters.record_thread();
     if ctl.park_point() == Parked::Exit {
         return;
     }

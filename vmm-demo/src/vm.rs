@@ -657,6 +657,14 @@ impl Inner {
             Machine::Software(v) => v.iter().map(|v| v.counters.snapshot()).collect(),
         }
     }
+
+    fn vcpu_thread_ids(&self) -> Vec<u32> {
+        let tid = |c: &crate::control::VcpuCounters| c.tid.load(Ordering::Relaxed);
+        match &self.machine {
+            Machine::Kvm(k) => k.vcpus.iter().map(|v| tid(&v.counters)).collect(),
+            Machine::Software(v) => v.iter().map(|v| tid(&v.counters)).collect(),
+        }
+    }
 }
 
 /// Accessors shared by [`Vm`] and [`VmHandle`].
@@ -748,6 +756,12 @@ macro_rules! accessors {
             /// Each vCPU's run, throttle and exit counters.
             pub fn vcpu_stats(&self) -> Vec<VcpuStats> {
                 self.inner.vcpu_stats()
+            }
+
+            /// The kernel thread id of each vCPU's thread (0 for one that has not
+            /// started), as userfaultfd names faulting threads.
+            pub fn vcpu_thread_ids(&self) -> Vec<u32> {
+                self.inner.vcpu_thread_ids()
             }
 
             /// Console lines the guest completed, and those the console dropped.
