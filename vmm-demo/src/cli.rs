@@ -47,6 +47,14 @@ pub enum ValueError {
         /// The input.
         input: String,
     },
+    /// Not a `--postcopy-after` value.
+    #[error(
+        "{input:?} is not a switch to post-copy: auto, a number of passes (3), a duration (10s) or command"
+    )]
+    PostcopyAfter {
+        /// The input.
+        input: String,
+    },
     /// Not the name of a migration phase.
     #[error(
         "{input:?} is not a migration phase (setup, bulk-copy, iterating, stop-and-copy, awaiting-verdict, ...)"
@@ -131,6 +139,83 @@ pub fn parse_duration(s: &str) -> Result<Duration, ValueError> {
 pub fn parse_ms(s: &str) -> Result<u64, ValueError> {
     let d = parse_duration(s)?;
     u64::try_from(d.as_millis()).map_err(|_| ValueError::DurationTooLong { input: s.into() })
+}
+
+/// When a hybrid migration switches from pre-copy to post-copy (`--postcopy-after`). The
+/// control socket's `migrate-start-postcopy` switches at any time during the pre-copy of a
+/// hybrid, whichever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostcopyAfter {
+    /// When pre-copy will not converge (its passes stop making headway, or a limit such as
+    /// `--max-iterations` is reached): `auto`.
+    Auto,
+    /// After this many passes over dirty pages: a number.
+    Passes(u32),
+    /// After iterating this long: a duration with a unit (`10s`, `500ms`).
+    Time(Duration),
+    /// Only on the control socket's `migrate-start-postcopy`: `command`.
+    Command,
+}
+
+impl std::str::FromStr for PostcopyAfter {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        let t = s.trim();
+        let bad = || ValueError::PostcopyAfter { input: s.into() };
+        match t {
+            "auto" => Ok(PostcopyAfter::Auto),
+            "command" => Ok(PostcopyAfter::Command),
+            _ if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+                t.parse().map(PostcopyAfter::Passes).map_err(|_| bad())
+            }
+            // A duration needs its unit: a bare number is a count of passes.
+            _ if t.ends_with('s') || t.ends_with('m') => parse_duration(t)
+                .map(PostcopyAfter::Time)
+                .map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for PostcopyAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostcopyAfter::Auto => f.write_str("auto"),
+            PostcopyAfter::Command => f.write_str("command"),
+            PostcopyAfter::Passes(n) => write!(f, "{n}"),
+            PostcopyAfter::Time(d) => write!(f, "{}ms", d.as_millis()),
+        }
+    }
+}
+
+impl Serialize for PostcopyAfter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PostcopyAfter::Passes(n) => s.serialize_u32(*n),
+            other => s.collect_str(other),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PostcopyAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Passes(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Passes(n) => Ok(PostcopyAfter::Passes(n)),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses a `--postcopy-after` value (see [`PostcopyAfter`]).
+pub fn parse_postcopy_after(s: &str) -> Result<PostcopyAfter, ValueError> {
+    s.parse()
 }
 
 /// Every phase, for parsing a phase from its name.
@@ -292,6 +377,9 @@ pub struct RunArgs {
     pub cache: Option<CacheMode>,
 }
 
+/// The default recovery window of a post-copy migration: 5 minutes.
+pub const DEFAULT_RECOVERY_WINDOW_MS: u64 = 5 * 60 * 1000;
+
 /// How to migrate: the options a QEMU user would expect, with the same defaults. Also the
 /// arguments of the control socket's `migrate` (as JSON, every field optional).
 #[derive(Debug, Clone, Args, Serialize, Deserialize, PartialEq)]
@@ -323,8 +411,23 @@ pub struct MigrateOptions {
     pub unsafe_storage: bool,
     /// No oracle check at switchover: the source sends no RAM hash and the destination
     /// checks the guest only after it ran (keeps both checks out of the guest's pause).
+    /// Post-copy never has that check: the destination lacks pages when the guest moves.
     #[arg(long)]
     pub no_hash_check: bool,
+    /// Pure post-copy: the guest moves to the destination at once and its pages follow,
+    /// on fault and pushed in the background.
+    #[arg(long, conflicts_with = "postcopy_after")]
+    pub postcopy: bool,
+    /// Hybrid: pre-copy first, then post-copy: `auto` (when pre-copy will not converge;
+    /// what the option means without a value), after PASSES passes over dirty pages, after
+    /// DURATION iterating (`10s`), or `command` (only on the control socket's
+    /// `migrate-start-postcopy`, which switches at any time in every case).
+    #[arg(long, num_args = 0..=1, default_missing_value = "auto", value_parser = parse_postcopy_after)]
+    pub postcopy_after: Option<PostcopyAfter>,
+    /// Once post-copy has committed, how long the source tries to reach the destination
+    /// again after a broken connection before it gives the guest up (e.g. 5m, 2s).
+    #[arg(long = "recovery-window", value_parser = parse_ms, default_value = "5m")]
+    pub recovery_window_ms: u64,
     /// Diagnostics: cancel the migration as soon as it enters this phase (setup,
     /// bulk-copy, iterating, stop-and-copy, awaiting-verdict).
     #[arg(long, hide = true, value_parser = parse_phase)]
@@ -348,6 +451,9 @@ impl Default for MigrateOptions {
             max_time_ms: None,
             unsafe_storage: false,
             no_hash_check: false,
+            postcopy: false,
+            postcopy_after: None,
+            recovery_window_ms: DEFAULT_RECOVERY_WINDOW_MS,
             cancel_at: None,
             refuse_resume: false,
         }
@@ -386,6 +492,11 @@ pub struct DestinationArgs {
     /// Give up when no migration byte arrives for this long.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub idle_timeout: Duration,
+    /// Once a post-copy has committed (the guest runs here), how long to wait for the
+    /// source to come back after a broken connection before pausing the guest for good;
+    /// also how long to wait for its urgent channel at the switch.
+    #[arg(long, value_parser = parse_duration, default_value = "5m")]
+    pub recovery_window: Duration,
     /// How received pages go into guest RAM not touched yet: write, prefault or
     /// userfaultfd (falls back to prefault where userfaultfd is not available).
     #[arg(long, default_value_t = Placement::Prefault)]

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::protocol::{
-    Done, ErrorReply, Event, MigrateRequest, Reply, Request, ServerLine, StatusReply,
+    Done, ErrorReply, Event, MigrateRequest, RecoverRequest, Reply, Request, ServerLine,
+    StatusReply,
 };
 use crate::report::MigrationReport;
 
@@ -196,6 +197,21 @@ impl ControlClient {
     pub fn cancel(&mut self) -> Result<(), ClientError> {
         self.call::<Done>(&Request::MigrateCancel, &mut |_| {})
             .map(|_| ())
+    }
+
+    /// `migrate-start-postcopy`: switch the running hybrid to post-copy.
+    pub fn start_postcopy(&mut self) -> Result<(), ClientError> {
+        self.call::<Done>(&Request::MigrateStartPostcopy, &mut |_| {})
+            .map(|_| ())
+    }
+
+    /// `migrate-recover`: the running post-copy dials `uri` from now on.
+    pub fn recover(&mut self, uri: &str) -> Result<(), ClientError> {
+        self.call::<Done>(
+            &Request::MigrateRecover(RecoverRequest { uri: uri.into() }),
+            &mut |_| {},
+        )
+        .map(|_| ())
     }
 
     /// `quit`.

@@ -129,6 +129,9 @@ pub enum Error {
         /// Why that is not a report.
         source: serde_json::Error,
     },
+    /// The migration options contradict each other.
+    #[error("migration options")]
+    Options(#[source] crate::migration::source::MigrateError),
     /// A report could not be written as JSON.
     #[error("encoding the report")]
     Json(#[source] serde_json::Error),

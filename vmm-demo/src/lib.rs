@@ -6,10 +6,11 @@
 //!   (the two kinds of vCPU), [`control`] (pause, resume, throttle), [`serial`], [`state`]
 //!   (device-state blobs), [`layout`] and [`guest`] (what is where in guest RAM, and the
 //!   guest program), [`oracle`] (does RAM hold what the workload can have written?);
-//! - migration: [`migration`] (the pre-copy engine wired to the VM: [`migration::source`]
-//!   and [`migration::destination`]);
+//! - migration: [`migration`] (the pre-copy and post-copy engines wired to the VM:
+//!   [`migration::source`] and [`migration::destination`]);
 //! - the program: [`cli`] (arguments), [`commands`] (one module per command), [`protocol`]
-//!   and [`client`] (the control socket), [`report`] (what the commands print), [`error`].
+//!   and [`client`] (the control socket), [`report`] (what the commands print), [`error`],
+//!   [`exit`] (exit statuses).
 #![deny(missing_docs)]
 
 pub mod cli;
@@ -17,6 +18,7 @@ pub mod client;
 pub mod commands;
 pub mod control;
 pub mod error;
+pub mod exit;
 pub mod guest;
 pub mod kvm;
 pub mod layout;

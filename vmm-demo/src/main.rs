@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vmm_demo::cli::{DemoArgs, DestinationArgs, MigrateArgs, RunArgs};
-use vmm_demo::commands;
 use vmm_demo::error::{Error, chain};
 use vmm_demo::protocol::RunState;
+use vmm_demo::{commands, exit};
 
 /// A demo VMM on KVM whose guest is its own oracle.
 ///
@@ -27,15 +27,18 @@ enum Command {
     /// Run a guest for a duration or a number of passes (or, with --control, until it is
     /// migrated away), then pause it, run the oracle and print a summary. Exits with 0
     /// when verified, 2 when not (the oracle failed, or a failed migration left the guest
-    /// paused).
+    /// paused), 3 when a post-copy lost the guest with its destination.
     Run(RunArgs),
-    /// Wait for one incoming migration, check the guest before running it (oracle and RAM
-    /// hash against the source's), run it for a while, check again and report. Exits with
-    /// 0 when verified, 1 otherwise.
+    /// Wait for one incoming migration (pre-copy, post-copy or hybrid), check the guest
+    /// (before running it for a pre-copy: oracle and RAM hash against the source's; once
+    /// every page arrived for a post-copy: the oracle), run it for a while, check again
+    /// and report. Exits with 0 when verified, 4 when a post-copy lost its source after
+    /// the commit (the guest ran here and is paused, incomplete), 1 otherwise.
     Destination(DestinationArgs),
     /// Ask a running `vmm-demo run --control unix:PATH` to migrate its guest to a
-    /// destination. Exits with 0 when the destination runs the guest, 1 otherwise (the
-    /// guest then runs on the source, unless the error says it was left paused).
+    /// destination. Exits with 0 when the destination runs the guest, 3 when the guest is
+    /// lost (the destination was lost after a post-copy committed), 1 otherwise (the guest
+    /// then runs on the source, unless the error says it was left paused).
     Migrate(MigrateArgs),
     /// Start a source and a destination as two processes on this host, migrate the guest
     /// from one to the other, verify it and print a summary.
@@ -87,8 +90,10 @@ fn main() -> ExitCode {
                 }
                 if report.verified {
                     ExitCode::SUCCESS
+                } else if matches!(report.status, RunState::Lost { .. }) {
+                    ExitCode::from(exit::GUEST_LOST)
                 } else {
-                    ExitCode::from(2)
+                    ExitCode::from(exit::NOT_VERIFIED)
                 }
             }
             Err(e) => {
@@ -106,11 +111,12 @@ fn main() -> ExitCode {
             if let Some(e) = &report.error {
                 eprintln!("vmm-demo destination: {e}");
             }
-            if report.verified {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            if report.paused_after_commit {
+                eprintln!(
+                    "vmm-demo destination: the guest ran here after the post-copy commit and is now PAUSED, incomplete: the pages it lacks were only on the source"
+                );
             }
+            ExitCode::from(commands::destination::exit_status(&report))
         }
         Command::Migrate(args) => match commands::migrate::migrate(&args) {
             Ok(report) => {
@@ -134,16 +140,25 @@ fn main() -> ExitCode {
                     );
                 }
                 fail("migrate", &e);
-                if let Error::Control(c) = &e {
-                    if let Some(RunState::Paused { reason }) =
-                        c.reply().and_then(|r| r.status.as_ref())
-                    {
+                let status = match &e {
+                    Error::Control(c) => c.reply().and_then(|r| r.status.as_ref()),
+                    _ => None,
+                };
+                match status {
+                    Some(RunState::Paused { reason }) => {
                         eprintln!(
                             "vmm-demo migrate: the guest is PAUSED on the source, not running: {reason}"
                         );
+                        ExitCode::FAILURE
                     }
+                    Some(RunState::Lost { reason }) => {
+                        eprintln!(
+                            "vmm-demo migrate: the guest is LOST, and did NOT migrate: {reason}"
+                        );
+                        ExitCode::from(exit::GUEST_LOST)
+                    }
+                    _ => ExitCode::FAILURE,
                 }
-                ExitCode::FAILURE
             }
         },
         Command::Demo(args) => match commands::demo::demo(&args) {
@@ -155,11 +170,7 @@ fn main() -> ExitCode {
                 } else {
                     println!("{report}");
                 }
-                if report.verified {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                }
+                ExitCode::from(commands::demo::exit_status(&report))
             }
             Err(e) => {
                 if args.json {

@@ -11,12 +11,16 @@
 //! |---------|--------|
 //! | `{"execute":"query-status"}` | `{"return":`[`StatusReply`]`}`: `{"status":"running","guest":"kvm","passes":[..],"paused":false}` |
 //! | `{"execute":"migrate","arguments":{"to":"tcp:HOST:PORT", ...options}}` | [`Event`]s, then `{"return":`[`MigrationReport`](crate::report::MigrationReport)`}` or an error whose `status` says where the guest is |
-//! | `{"execute":"migrate-cancel"}` | `{"return":{}}`; the running `migrate` then fails with "cancelled" |
+//! | `{"execute":"migrate-cancel"}` | `{"return":{}}`; the running `migrate` then fails with "cancelled"; refused (`wrong-state`) once a post-copy has committed, with why |
+//! | `{"execute":"migrate-start-postcopy"}` | `{"return":{}}`; the running hybrid switches to post-copy at its next decision (QEMU's `migrate_start_postcopy`); refused (`wrong-state`) without a migration that allows post-copy, or once it switched |
+//! | `{"execute":"migrate-recover","arguments":{"uri":"tcp:HOST:PORT"}}` | `{"return":{}}`; the running post-copy (or hybrid) dials this address from now on: for the urgent channel at the switch and to recover from a broken connection |
 //! | `{"execute":"quit"}` | `{"return":{}}`; `run` pauses the guest, checks it and prints its report |
 //!
 //! `status` is `running`, `migrating`, `migrated` (the destination runs the guest, this VM
-//! stays paused) or `paused` with a `reason` (a failed migration could not resume the
-//! guest here). The migrate options are the fields of [`MigrateOptions`], all optional;
+//! stays paused), `paused` with a `reason` (a failed migration could not resume the
+//! guest here) or `lost` with a `reason` (the destination was lost after a post-copy
+//! committed: the guest ran there, this VM's copy is stale and is never resumed). While
+//! migrating, `query-status` also says the migration's `phase`. The migrate options are the fields of [`MigrateOptions`], all optional;
 //! an unknown one is refused. Events: `{"event":"phase","phase":"bulk-copy"}`,
 //! `{"event":"progress",...}`, `{"event":"iteration",...}`,
 //! `{"event":"throttle","percent":20}`.
@@ -46,15 +50,26 @@ pub enum Request {
     QueryStatus,
     /// Migrate the guest.
     Migrate(MigrateRequest),
-    /// Cancel the running migration.
+    /// Cancel the running migration (refused once a post-copy committed).
     MigrateCancel,
+    /// Switch the running hybrid migration to post-copy now.
+    MigrateStartPostcopy,
+    /// Dial this address from now on, to recover the running post-copy.
+    MigrateRecover(RecoverRequest),
     /// Stop: pause the guest, check it, report.
     Quit,
 }
 
 impl Request {
     /// The names of the commands, as `execute` spells them.
-    pub const COMMANDS: [&'static str; 4] = ["query-status", "migrate", "migrate-cancel", "quit"];
+    pub const COMMANDS: [&'static str; 6] = [
+        "query-status",
+        "migrate",
+        "migrate-cancel",
+        "migrate-start-postcopy",
+        "migrate-recover",
+        "quit",
+    ];
 
     /// This request's command name.
     pub fn command(&self) -> &'static str {
@@ -62,9 +77,19 @@ impl Request {
             Request::QueryStatus => Self::COMMANDS[0],
             Request::Migrate(_) => Self::COMMANDS[1],
             Request::MigrateCancel => Self::COMMANDS[2],
-            Request::Quit => Self::COMMANDS[3],
+            Request::MigrateStartPostcopy => Self::COMMANDS[3],
+            Request::MigrateRecover(_) => Self::COMMANDS[4],
+            Request::Quit => Self::COMMANDS[5],
         }
     }
+}
+
+/// The arguments of `migrate-recover`: the destination's new address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
 }
 
 impl<'de> Deserialize<'de> for Request {
@@ -96,6 +121,15 @@ impl<'de> Deserialize<'de> for Request {
         match raw.execute.as_str() {
             "query-status" => plain(Request::QueryStatus),
             "migrate-cancel" => plain(Request::MigrateCancel),
+            "migrate-start-postcopy" => plain(Request::MigrateStartPostcopy),
+            "migrate-recover" => {
+                let a = raw
+                    .arguments
+                    .ok_or_else(|| D::Error::missing_field("arguments"))?;
+                RecoverRequest::deserialize(a)
+                    .map(Request::MigrateRecover)
+                    .map_err(D::Error::custom)
+            }
             "quit" => plain(Request::Quit),
             "migrate" => {
                 let a = raw
@@ -165,6 +199,13 @@ pub enum RunState {
         /// Why.
         reason: String,
     },
+    /// The guest is lost: a post-copy committed (the guest ran on the destination from
+    /// then on) and the destination was lost. This VM's copy is stale; resuming it would
+    /// roll the guest back, so it stays paused.
+    Lost {
+        /// Why.
+        reason: String,
+    },
 }
 
 impl std::fmt::Display for RunState {
@@ -174,6 +215,7 @@ impl std::fmt::Display for RunState {
             RunState::Migrating => f.write_str("migrating"),
             RunState::Migrated => f.write_str("migrated"),
             RunState::Paused { reason } => write!(f, "paused ({reason})"),
+            RunState::Lost { reason } => write!(f, "lost ({reason})"),
         }
     }
 }
@@ -188,8 +230,16 @@ pub struct StatusReply {
     pub guest: GuestKind,
     /// Each vCPU's pass counter.
     pub passes: Vec<u64>,
-    /// Every vCPU is parked right now (also briefly during a migration's stop-and-copy).
+    /// Every vCPU is parked right now (also briefly during a migration's stop-and-copy,
+    /// and for good once a post-copy committed).
     pub paused: bool,
+    /// The running migration's phase (`bulk-copy`, `postcopy`, `postcopy-paused`, ...).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::names::phase_opt"
+    )]
+    pub phase: Option<Phase>,
 }
 
 /// The answer to a command that returns nothing: `{}`.
@@ -208,7 +258,8 @@ pub enum ErrorClass {
     UnknownCommand,
     /// The command's arguments are missing, of the wrong type or unknown.
     InvalidArguments,
-    /// The VM is not in a state where the command can run (a second `migrate`).
+    /// The VM or its migration is not in a state where the command can run (a second
+    /// `migrate`, a cancel after a post-copy committed).
     WrongState,
     /// The migration failed; `status` says where the guest is.
     MigrationFailed,
@@ -482,6 +533,7 @@ mod tests {
             guest: GuestKind::Software,
             passes: vec![3, 4],
             paused: true,
+            phase: None,
         };
         let line =
             serde_json::to_string(&ServerLine::Reply(Reply::Return(status.clone()))).unwrap();
@@ -497,6 +549,7 @@ mod tests {
             guest: GuestKind::Kvm,
             passes: vec![],
             paused: false,
+            phase: None,
         })
         .unwrap();
         assert_eq!(

@@ -66,19 +66,282 @@ pub struct PassReport {
     pub throttle_pct: u8,
 }
 
-/// Which migration a report is about.
+/// How a migration moved the guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MigrationMode {
-    /// Iterative pre-copy.
+    /// Iterative pre-copy alone (also a hybrid that converged before any switch).
     Precopy,
+    /// Pure post-copy: the guest moved first, every page followed.
+    Postcopy,
+    /// Pre-copy, then a switch to post-copy for the pages still missing.
+    Hybrid,
+}
+
+impl MigrationMode {
+    /// `"precopy"`, `"postcopy"` or `"hybrid"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// Whether the guest moved by post-copy (pure or hybrid).
+    pub fn is_postcopy(self) -> bool {
+        self != MigrationMode::Precopy
+    }
+}
+
+impl fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationMode::Precopy => "pre-copy",
+            MigrationMode::Postcopy => "post-copy",
+            MigrationMode::Hybrid => "hybrid (pre-copy, then post-copy)",
+        })
+    }
+}
+
+/// One recovery of a post-copy from a broken connection.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct RecoveryReport {
+    /// From the break to page service again, ms.
+    pub ms: f64,
+    /// Connection attempts it took (the destination counts the ones that reached it).
+    pub attempts: u32,
+}
+
+impl From<&migration_postcopy::stats::Recovery> for RecoveryReport {
+    fn from(r: &migration_postcopy::stats::Recovery) -> Self {
+        RecoveryReport {
+            ms: ms(r.duration),
+            attempts: r.attempts,
+        }
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn us(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The source's side of a post-copy (the post-copy half of a hybrid, or a pure one).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourcePostcopyReport {
+    /// Why pre-copy handed over (a hybrid: `a switch on command`, the limit reached...);
+    /// none for a pure post-copy.
+    pub switch_reason: Option<String>,
+    /// From the source's pause to its commit written, ms: the guest runs on the
+    /// destination as soon as it reads the commit.
+    pub downtime_ms: f64,
+    /// From the commit to the destination's final verdict (every page there), ms.
+    pub postcopy_ms: f64,
+    /// Pages pushed in the background.
+    pub pages_pushed: u64,
+    /// Pages sent in answer to the destination's requests.
+    pub pages_requested: u64,
+    /// Page requests served.
+    pub requests: u64,
+    /// Bytes written during post-copy, both connections.
+    pub bytes: u64,
+    /// Pages the discard list named (dirtied since pre-copy sent them).
+    pub discarded: u64,
+    /// Recoveries from broken connections.
+    pub recoveries: Vec<RecoveryReport>,
+}
+
+impl From<&migration_postcopy::source::SourceReport> for SourcePostcopyReport {
+    fn from(r: &migration_postcopy::source::SourceReport) -> Self {
+        SourcePostcopyReport {
+            switch_reason: (!r.switch_reason.is_empty()).then(|| r.switch_reason.clone()),
+            downtime_ms: ms(r.downtime),
+            postcopy_ms: ms(r.postcopy_time),
+            pages_pushed: r.pages_pushed,
+            pages_requested: r.pages_requested,
+            requests: r.requests,
+            bytes: r.bytes,
+            discarded: r.discarded,
+            recoveries: r.recoveries.iter().map(RecoveryReport::from).collect(),
+        }
+    }
+}
+
+/// Pages that reached a post-copy destination, by where they came from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PagesByOriginReport {
+    /// Received during pre-copy and kept (not discarded).
+    pub precopied: u64,
+    /// Pushed by the source in the background during post-copy.
+    pub pushed: u64,
+    /// Sent in answer to a page request: the pages that came by fault.
+    pub requested: u64,
+}
+
+/// One bucket of a latency histogram: samples in `[from_ns, 2 * from_ns)` (the first
+/// bucket from 0).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LatencyBucket {
+    /// Lower bound, ns.
+    pub from_ns: u64,
+    /// Samples.
+    pub count: u64,
+}
+
+/// Post-copy fault latency, from the fault read to its page placed: a log2 histogram and
+/// its percentiles (each the upper bound of the bucket it falls in, capped by the
+/// maximum).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencyReport {
+    /// Faults timed.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: f64,
+    /// 99th percentile, µs.
+    pub p99_us: f64,
+    /// Largest, µs.
+    pub max_us: f64,
+    /// Mean, µs.
+    pub mean_us: f64,
+    /// The non-empty buckets, in order.
+    pub buckets: Vec<LatencyBucket>,
+}
+
+impl From<&migration_postcopy::stats::LatencyHistogram> for LatencyReport {
+    fn from(h: &migration_postcopy::stats::LatencyHistogram) -> Self {
+        LatencyReport {
+            count: h.count(),
+            p50_us: us(h.quantile(0.5)),
+            p99_us: us(h.quantile(0.99)),
+            max_us: us(h.max()),
+            mean_us: us(h.mean()),
+            buckets: h
+                .buckets()
+                .map(|(from_ns, count)| LatencyBucket { from_ns, count })
+                .collect(),
+        }
+    }
+}
+
+/// Time a thread that was not a vCPU spent waiting for post-copy pages.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct ThreadBlocktime {
+    /// Kernel thread id (0: the kernel did not say which thread faulted).
+    pub tid: u32,
+    /// Time blocked, ms.
+    pub ms: f64,
+}
+
+/// Post-copy blocktime: how long faulting threads waited for their pages.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BlocktimeReport {
+    /// Summed over all threads, ms.
+    pub total_ms: f64,
+    /// Time during which at least one thread waited, ms.
+    pub any_ms: f64,
+    /// Each vCPU's, by vCPU index, ms.
+    pub vcpus_ms: Vec<f64>,
+    /// Threads that are not vCPUs (the VMM's own accesses to guest RAM), or whose id
+    /// the kernel did not give.
+    pub other_threads: Vec<ThreadBlocktime>,
+}
+
+impl BlocktimeReport {
+    /// Splits `by_thread` into the vCPUs (`vcpu_tids[i]` is vCPU `i`'s thread) and the
+    /// other threads.
+    pub fn new(
+        by_thread: &[(u32, std::time::Duration)],
+        any: std::time::Duration,
+        vcpu_tids: &[u32],
+    ) -> BlocktimeReport {
+        let mut r = BlocktimeReport {
+            total_ms: by_thread.iter().map(|(_, d)| ms(*d)).sum(),
+            any_ms: ms(any),
+            vcpus_ms: vec![0.0; vcpu_tids.len()],
+            other_threads: Vec::new(),
+        };
+        for &(tid, d) in by_thread {
+            match vcpu_tids.iter().position(|&t| t != 0 && t == tid) {
+                Some(i) => r.vcpus_ms[i] += ms(d),
+                None => r.other_threads.push(ThreadBlocktime { tid, ms: ms(d) }),
+            }
+        }
+        r
+    }
+}
+
+/// The destination's side of a post-copy: what its fault path measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PostcopyReport {
+    /// Faults read from userfaultfd (vCPUs, KVM on their behalf, the VMM).
+    pub faults: u64,
+    /// Page requests sent to the source.
+    pub requests: u64,
+    /// Faults on pages already requested or in flight, which sent no second request.
+    pub duplicate_requests_avoided: u64,
+    /// Faults on pages that were present by the time the fault was read.
+    pub faults_already_served: u64,
+    /// Pages by where they came from (`requested`: by fault).
+    pub pages: PagesByOriginReport,
+    /// Pages that arrived twice (a push racing a request) and were placed once.
+    pub duplicate_pages: u64,
+    /// Fault latency.
+    pub fault_latency: LatencyReport,
+    /// Blocktime, per vCPU.
+    pub blocktime: BlocktimeReport,
+    /// From the switch record to the guest running here, ms.
+    pub switchover_ms: f64,
+    /// From the commit to every page present, ms.
+    pub postcopy_ms: f64,
+    /// Recoveries from broken connections.
+    pub recoveries: Vec<RecoveryReport>,
+    /// The oracle over RAM once every page was there, with the guest paused for it, ms
+    /// (the demo's check, not the engine's).
+    pub check_ms: f64,
+}
+
+impl PostcopyReport {
+    /// The report of `stats`, whose faulting threads are named by kernel thread id; vCPU
+    /// `i` ran on thread `vcpu_tids[i]`.
+    pub fn new(
+        stats: &migration_postcopy::stats::PostcopyStats,
+        switchover: std::time::Duration,
+        vcpu_tids: &[u32],
+    ) -> PostcopyReport {
+        PostcopyReport {
+            faults: stats.faults,
+            requests: stats.requests,
+            duplicate_requests_avoided: stats.duplicate_requests_avoided,
+            faults_already_served: stats.faults_already_served,
+            pages: PagesByOriginReport {
+                precopied: stats.pages.precopied,
+                pushed: stats.pages.pushed,
+                requested: stats.pages.requested,
+            },
+            duplicate_pages: stats.duplicate_pages,
+            fault_latency: LatencyReport::from(&stats.fault_latency),
+            blocktime: BlocktimeReport::new(
+                &stats.blocktime_by_thread,
+                stats.blocked_any,
+                vcpu_tids,
+            ),
+            switchover_ms: ms(switchover),
+            postcopy_ms: ms(stats.postcopy_time),
+            recoveries: stats.recoveries.iter().map(RecoveryReport::from).collect(),
+            check_ms: 0.0,
+        }
+    }
 }
 
 /// What the source reports about a completed migration (the `return` of the control
 /// socket's `migrate`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MigrationReport {
-    /// `"precopy"`.
+    /// How the guest moved: `"precopy"`, `"postcopy"` or `"hybrid"`.
     pub mode: MigrationMode,
     /// Which vCPUs ran the guest.
     pub guest: GuestKind,
@@ -116,20 +379,45 @@ pub struct MigrationReport {
     pub device_state_bytes: u64,
     /// The storage-policy verdict, when the VM has disks.
     pub storage: Option<String>,
+    /// The post-copy's figures, when the guest moved by post-copy (`bytes_on_wire`
+    /// counts its bytes too; `pages`, `iterations` and `passes` are pre-copy's alone).
+    #[serde(default)]
+    pub postcopy: Option<SourcePostcopyReport>,
 }
 
 impl fmt::Display for MigrationReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "migrated to {}: {:.0} ms, {} bytes on the wire, {} passes; guest paused {:.1} ms until the verdict, oracle checks included (source hash {:.1} ms)",
-            self.to,
-            self.total_ms,
-            self.bytes_on_wire,
-            self.iterations,
-            self.paused_with_checks_ms,
-            self.source_hash_ms
-        )
+        match &self.postcopy {
+            None => write!(
+                f,
+                "migrated to {}: {:.0} ms, {} bytes on the wire, {} passes; guest paused {:.1} ms until the verdict, oracle checks included (source hash {:.1} ms)",
+                self.to,
+                self.total_ms,
+                self.bytes_on_wire,
+                self.iterations,
+                self.paused_with_checks_ms,
+                self.source_hash_ms
+            ),
+            Some(p) => write!(
+                f,
+                "migrated to {} by {}: {:.0} ms, {} bytes on the wire, {} pre-copy passes{}; guest paused {:.1} ms until the commit; post-copy {:.0} ms: {} pages pushed, {} requested in {} requests, {} recoveries",
+                self.to,
+                self.mode,
+                self.total_ms,
+                self.bytes_on_wire,
+                self.iterations,
+                p.switch_reason
+                    .as_deref()
+                    .map(|r| format!(" (switched: {r})"))
+                    .unwrap_or_default(),
+                self.paused_with_checks_ms,
+                p.postcopy_ms,
+                p.pages_pushed,
+                p.pages_requested,
+                p.requests,
+                p.recoveries.len()
+            ),
+        }
     }
 }
 
@@ -276,6 +564,16 @@ pub struct DestinationReport {
     pub verified: bool,
     /// What went wrong, with its causes.
     pub error: Option<String>,
+    /// How the guest came, once it did: `precopy`, `postcopy` (pure) or `hybrid`.
+    #[serde(default)]
+    pub migration_mode: Option<MigrationMode>,
+    /// What the post-copy fault path measured, when the guest came by post-copy.
+    #[serde(default)]
+    pub postcopy: Option<PostcopyReport>,
+    /// A post-copy failed after its commit (the source did not come back in time): the
+    /// guest ran here and is paused, with pages missing that only the source had.
+    #[serde(default)]
+    pub paused_after_commit: bool,
 }
 
 impl DestinationReport {
@@ -299,14 +597,31 @@ impl DestinationReport {
             console_lines: 0,
             verified: false,
             error: None,
+            migration_mode: None,
+            postcopy: None,
+            paused_after_commit: false,
         }
     }
 }
 
 impl fmt::Display for DestinationReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.error {
-            None => write!(
+        match (&self.error, &self.postcopy) {
+            (None, Some(p)) => write!(
+                f,
+                "destination: {} guest verified after {} ({} pages by fault, {} pushed, {} pre-copied; fault latency p50 {:.0} us, p99 {:.0} us; blocktime {:.1} ms) and after running: passes {:?} -> {:?}",
+                self.guest.map_or("?", GuestKind::as_str),
+                self.migration_mode.unwrap_or(MigrationMode::Postcopy),
+                p.pages.requested,
+                p.pages.pushed,
+                p.pages.precopied,
+                p.fault_latency.p50_us,
+                p.fault_latency.p99_us,
+                p.blocktime.total_ms,
+                self.passes_at_switchover,
+                self.passes_at_end
+            ),
+            (None, None) => write!(
                 f,
                 "destination: {} guest verified at switchover (oracle{}, {:.1} ms) and after running: passes {:?} -> {:?}",
                 self.guest.map_or("?", GuestKind::as_str),
@@ -319,8 +634,12 @@ impl fmt::Display for DestinationReport {
                 self.passes_at_switchover,
                 self.passes_at_end
             ),
-            Some(e) if self.ran_guest => write!(f, "destination: NOT verified: {e}"),
-            Some(e) => write!(
+            (Some(e), _) if self.paused_after_commit => write!(
+                f,
+                "destination: the guest is PAUSED here, incomplete (it ran here after the post-copy commit): {e}"
+            ),
+            (Some(e), _) if self.ran_guest => write!(f, "destination: NOT verified: {e}"),
+            (Some(e), _) => write!(
                 f,
                 "destination: migration refused, the guest was not run here: {e}"
             ),
@@ -431,10 +750,57 @@ pub struct ConsoleSummary {
     pub last_pass: Option<u64>,
 }
 
+/// The headline figures of a demo's post-copy, from both sides' reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DemoPostcopy {
+    /// Why pre-copy handed over (a hybrid); none for a pure post-copy.
+    pub switch_reason: Option<String>,
+    /// From the commit to every page at the destination, ms (the source's timing).
+    pub postcopy_ms: f64,
+    /// Faults the destination read.
+    pub faults: u64,
+    /// Page requests it sent.
+    pub requests: u64,
+    /// Pages by origin at the destination (`requested`: by fault).
+    pub pages: PagesByOriginReport,
+    /// Fault latency p50, µs.
+    pub fault_p50_us: f64,
+    /// Fault latency p99, µs.
+    pub fault_p99_us: f64,
+    /// Largest fault latency, µs.
+    pub fault_max_us: f64,
+    /// vCPU blocktime summed over all faulting threads, ms.
+    pub blocktime_total_ms: f64,
+    /// Each vCPU's blocktime, ms.
+    pub blocktime_vcpus_ms: Vec<f64>,
+    /// Recoveries from broken connections, as the source timed them.
+    pub recoveries: Vec<RecoveryReport>,
+}
+
+impl DemoPostcopy {
+    /// The figures of `source`'s post-copy and `destination`'s fault path.
+    pub fn new(source: &SourcePostcopyReport, destination: &PostcopyReport) -> DemoPostcopy {
+        DemoPostcopy {
+            switch_reason: source.switch_reason.clone(),
+            postcopy_ms: source.postcopy_ms,
+            faults: destination.faults,
+            requests: destination.requests,
+            pages: destination.pages,
+            fault_p50_us: destination.fault_latency.p50_us,
+            fault_p99_us: destination.fault_latency.p99_us,
+            fault_max_us: destination.fault_latency.max_us,
+            blocktime_total_ms: destination.blocktime.total_ms,
+            blocktime_vcpus_ms: destination.blocktime.vcpus_ms.clone(),
+            recoveries: source.recoveries.clone(),
+        }
+    }
+}
+
 /// What `vmm-demo demo` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DemoReport {
-    /// `"precopy"`.
+    /// How the guest moved (`"precopy"`, `"postcopy"`, `"hybrid"`); what was asked for
+    /// when the migration failed.
     pub mode: MigrationMode,
     /// Which vCPUs ran the guest, once known.
     pub guest: Option<GuestKind>,
@@ -472,13 +838,17 @@ pub struct DemoReport {
     pub destination: Option<DestinationReport>,
     /// What the guest printed on the destination.
     pub destination_console: ConsoleSummary,
+    /// The post-copy's headline figures, when the guest moved by post-copy.
+    #[serde(default)]
+    pub postcopy: Option<DemoPostcopy>,
 }
 
 impl fmt::Display for DemoReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pre-copy migration of a {} guest, {} MiB RAM, {} walk, over {}",
+            "{} migration of a {} guest, {} MiB RAM, {} walk, over {}",
+            self.mode,
             self.guest.map_or("?", GuestKind::as_str),
             self.mem_bytes >> 20,
             self.order,
@@ -495,6 +865,17 @@ impl fmt::Display for DemoReport {
                         f,
                         "the guest is PAUSED on the source, not running: {reason}"
                     ),
+                    RunState::Lost { reason } => write!(f, "the guest is LOST: {reason}"),
+                    _ if self
+                        .destination
+                        .as_ref()
+                        .is_some_and(|d| d.paused_after_commit) =>
+                    {
+                        write!(
+                            f,
+                            "the guest is PAUSED on the destination, incomplete: the source was lost after the post-copy commit"
+                        )
+                    }
                     _ => write!(
                         f,
                         "the guest stayed on the source; source verified: {}",
@@ -530,7 +911,43 @@ impl fmt::Display for DemoReport {
             m.iterations,
             m.max_throttle_pct
         )?;
+        if let Some(p) = &self.postcopy {
+            writeln!(
+                f,
+                "post-copy {:.0} ms{}: {} faults, {} requests; pages {} by fault, {} pushed, {} pre-copied; fault latency p50 {:.0} us, p99 {:.0} us, max {:.0} us; blocktime {:.1} ms (per vCPU {:?}); {} recoveries",
+                p.postcopy_ms,
+                p.switch_reason
+                    .as_deref()
+                    .map(|r| format!(" (switched: {r})"))
+                    .unwrap_or_default(),
+                p.faults,
+                p.requests,
+                p.pages.requested,
+                p.pages.pushed,
+                p.pages.precopied,
+                p.fault_p50_us,
+                p.fault_p99_us,
+                p.fault_max_us,
+                p.blocktime_total_ms,
+                p.blocktime_vcpus_ms
+                    .iter()
+                    .map(|m| format!("{m:.1}"))
+                    .collect::<Vec<_>>(),
+                p.recoveries.len()
+            )?;
+        }
         let d = self.destination.as_ref();
+        if self.postcopy.is_some() {
+            return write!(
+                f,
+                "verified: {} (oracle once every page was there, {:.1} ms, and after running on: passes {:?} -> {:?})",
+                self.verified,
+                d.and_then(|d| d.postcopy.as_ref())
+                    .map_or(0.0, |p| p.check_ms),
+                d.map(|d| &d.passes_at_switchover[..]).unwrap_or_default(),
+                d.map(|d| &d.passes_at_end[..]).unwrap_or_default()
+            );
+        }
         write!(
             f,
             "verified: {} (oracle{} at switchover, guest ran on: passes {:?} -> {:?})",
@@ -574,6 +991,7 @@ mod tests {
             max_throttle_pct: 0,
             device_state_bytes: 9000,
             storage: None,
+            postcopy: None,
         }
     }
 
@@ -603,6 +1021,7 @@ mod tests {
             source: None,
             destination: None,
             destination_console: ConsoleSummary::default(),
+            postcopy: None,
         };
         let text = report.to_string();
         let second = text.lines().nth(1).unwrap();
@@ -643,6 +1062,7 @@ mod tests {
             source: None,
             destination: Some(DestinationReport::new(Placement::Write)),
             destination_console: ConsoleSummary::default(),
+            postcopy: None,
         };
         let j = serde_json::to_string(&report).unwrap();
         let back: DemoReport = serde_json::from_str(&j).unwrap();

@@ -13,8 +13,10 @@ use super::progress::Progress;
 use crate::cli::{DemoArgs, TransportKind};
 use crate::client::ControlClient;
 use crate::error::{Error, chain};
+use crate::migration::source::MigrationControl;
 use crate::protocol::MigrateRequest;
-use crate::report::{ConsoleSummary, DemoMigration, DemoReport, MigrationMode};
+use crate::protocol::RunState;
+use crate::report::{ConsoleSummary, DemoMigration, DemoPostcopy, DemoReport};
 
 /// Kills and reaps a child process on drop, by its PID.
 struct ChildGuard(Child);
@@ -82,9 +84,35 @@ fn spawn(cmd: &mut Command, what: &'static str) -> Result<ChildGuard, Error> {
         .map_err(|source| Error::Child { what, source })
 }
 
+/// The exit status of a demo that reported `r` ([`crate::exit`]): a lost guest and a guest
+/// paused on the destination after a post-copy commit have their own.
+pub fn exit_status(r: &DemoReport) -> u8 {
+    if r.verified {
+        crate::exit::OK
+    } else if r
+        .source
+        .as_ref()
+        .is_some_and(|s| matches!(s.status, RunState::Lost { .. }))
+    {
+        crate::exit::GUEST_LOST
+    } else if r
+        .destination
+        .as_ref()
+        .is_some_and(|d| d.paused_after_commit)
+    {
+        crate::exit::PAUSED_INCOMPLETE
+    } else {
+        crate::exit::FAILED
+    }
+}
+
 /// Runs `vmm-demo demo`. A migration that failed is in the report; an error is returned
 /// only when the demo could not get that far (a process that would not start).
 pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
+    // Options that contradict each other are refused before any process starts.
+    let requested = MigrationControl::new("tcp:127.0.0.1:1", &a.options)
+        .map_err(Error::Options)?
+        .mode();
     let exe = std::env::current_exe().map_err(|source| Error::Child {
         what: "finding this program to start its processes",
         source,
@@ -109,7 +137,9 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     let mut cmd = Command::new(&exe);
     cmd.args(["destination", "--listen", &listen, "--json", "--run-for"])
         .arg(format!("{}ms", a.run_after.as_millis()))
-        .args(["--placement", a.placement.as_str()]);
+        .args(["--placement", a.placement.as_str()])
+        .arg("--recovery-window")
+        .arg(format!("{}ms", a.options.recovery_window_ms));
     if a.dst_prealloc {
         cmd.arg("--prealloc")
             .arg(a.vm.mem.to_string())
@@ -231,7 +261,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         .collect();
     let cfg = a.vm.config();
     let mut out = DemoReport {
-        mode: MigrationMode::Precopy,
+        mode: requested,
         guest: None,
         transport: a.transport,
         mem_bytes: cfg.mem_bytes,
@@ -252,6 +282,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
             first_pass: console.first().copied(),
             last_pass: console.last().copied(),
         },
+        postcopy: None,
     };
     // A missing report is a problem of its own only after a completed migration: after a
     // failed one, a destination that was never connected is killed before it reports.
@@ -269,12 +300,23 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     match mig {
         Ok(m) => {
             out.guest = Some(m.guest);
+            out.mode = m.mode;
             let check_ms = out.destination.as_ref().map_or(0.0, |d| d.verify_ms);
             out.migration = Some(DemoMigration::new(&m, check_ms));
+            let dst_post = out.destination.as_ref().and_then(|d| d.postcopy.as_ref());
+            if let (Some(s), Some(d)) = (&m.postcopy, dst_post) {
+                out.postcopy = Some(DemoPostcopy::new(s, d));
+            }
             let dst_ok = out.destination.as_ref().is_some_and(|d| {
                 // Without the switchover check (--no-hash-check) the destination's oracle
-                // after running is what remains.
-                d.verified && (a.options.no_hash_check || d.hash_checked)
+                // after running is what remains; a post-copy is checked once every page
+                // arrived instead, and must have come as one.
+                d.verified
+                    && if m.mode.is_postcopy() {
+                        d.postcopy.is_some()
+                    } else {
+                        a.options.no_hash_check || d.hash_checked
+                    }
             });
             let src_ok = out.source.as_ref().is_some_and(|s| s.migrated);
             out.verified = dst_ok && src_ok;

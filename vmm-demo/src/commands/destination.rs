@@ -1,7 +1,8 @@
-//! `vmm-demo destination`: wait for one incoming migration, check the guest before running
-//! it, run it for a while, check again and report.
+//! `vmm-demo destination`: wait for one incoming migration (pre-copy, post-copy or
+//! hybrid), check the guest (before running it for a pre-copy, once every page has
+//! arrived for a post-copy), run it for a while, check again and report.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use migration_core::transport::{Address, Listener};
 use migration_core::vm::VmControl;
@@ -10,7 +11,7 @@ use migration_precopy::Placement;
 use crate::cli::DestinationArgs;
 use crate::error::{Error, chain};
 use crate::migration::destination::{self, ReceiveOptions};
-use crate::report::DestinationReport;
+use crate::report::{DestinationReport, PostcopyReport};
 use crate::vm::{PreallocatedRam, Vm};
 
 /// The line on standard error that says where the destination listens (the demo and the
@@ -21,10 +22,24 @@ pub const LISTENING: &str = "vmm-demo destination: listening on ";
 pub fn destination(a: &DestinationArgs) -> DestinationReport {
     let mut rep = DestinationReport::new(a.placement);
     if let Err(e) = receive_and_run(a, &mut rep) {
+        if let Error::Receive(r) = &e {
+            rep.paused_after_commit = r.paused_after_commit();
+        }
         rep.error = Some(chain(&e));
         rep.verified = false;
     }
     rep
+}
+
+/// The exit status of a `destination` that reported `rep` ([`crate::exit`]).
+pub fn exit_status(rep: &DestinationReport) -> u8 {
+    if rep.verified {
+        crate::exit::OK
+    } else if rep.paused_after_commit {
+        crate::exit::PAUSED_INCOMPLETE
+    } else {
+        crate::exit::FAILED
+    }
 }
 
 fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(), Error> {
@@ -50,23 +65,23 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
         .local_address()
         .map_err(listen_err("reading the address of"))?;
     eprintln!("{LISTENING}{local}");
+    // The listener stays open: a post-copy source's urgent channel and its connections
+    // after a break come through it.
     let stream = listener
         .accept()
         .map_err(listen_err("accepting a migration on"))?;
-    drop(listener);
-    let accepted = destination::accept(
-        stream,
-        &ReceiveOptions {
-            idle_timeout: a.idle_timeout,
-            // Preallocated RAM has every page in place already: nothing to fault in or
-            // place (UFFDIO_COPY would fail on each page and fall back to a copy).
-            placement: if prealloc.is_some() {
-                Placement::Write
-            } else {
-                a.placement
-            },
+    let opts = ReceiveOptions {
+        idle_timeout: a.idle_timeout,
+        // Preallocated RAM has every page in place already: nothing to fault in or
+        // place (UFFDIO_COPY would fail on each page and fall back to a copy).
+        placement: if prealloc.is_some() {
+            Placement::Write
+        } else {
+            a.placement
         },
-    )?;
+        recovery_window: a.recovery_window,
+    };
+    let accepted = destination::accept(stream, &opts)?;
     let info = accepted.machine().clone();
     rep.guest = Some(info.guest);
     rep.mem_bytes = info.config.mem_bytes;
@@ -83,9 +98,16 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
         }
         Err(e) => return Err(accepted.refuse(e).into()),
     };
-    let got = accepted.receive(&vm)?;
+    let got = accepted.receive(&vm, &listener, &opts);
+    // A post-copy runs the guest at its commit: if it failed after that, the guest ran.
+    if let Err(e) = &got {
+        rep.ran_guest = e.paused_after_commit();
+    }
+    let got = got?;
+    drop(listener);
     rep.ran_guest = true;
-    rep.hash_checked = got.oracle.is_some();
+    rep.migration_mode = Some(got.mode);
+    rep.hash_checked = got.oracle.as_ref().is_some_and(|b| b.ram_hash.is_some());
     rep.passes_at_switchover = match &got.oracle {
         Some(b) => b.passes.clone(),
         None => vm.passes(),
@@ -95,6 +117,26 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     rep.placement = got.placement;
     rep.switchover_ms = got.switchover.as_secs_f64() * 1e3;
     rep.verify_ms = got.check_time.as_secs_f64() * 1e3;
+    if let Some(p) = &got.postcopy {
+        let mut pr = PostcopyReport::new(&p.postcopy, p.switchover, &vm.vcpu_thread_ids());
+        // Every page is here: pause the guest and check all of RAM, as after running.
+        let t = Instant::now();
+        vm.handle().pause().map_err(|source| Error::Vm {
+            action: "pausing",
+            source,
+        })?;
+        let checked = vm.check();
+        pr.check_ms = t.elapsed().as_secs_f64() * 1e3;
+        rep.postcopy = Some(pr);
+        checked.map_err(|source| Error::Oracle {
+            when: "once every post-copy page arrived",
+            source,
+        })?;
+        vm.handle().resume().map_err(|source| Error::Vm {
+            action: "resuming",
+            source,
+        })?;
+    }
     let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
     let ran = match a.passes {
         Some(n) => vm

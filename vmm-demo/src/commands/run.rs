@@ -69,8 +69,9 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
-            // Only quit or the deadline end it: the guest will not make passes.
-            RunState::Paused { .. } => {
+            // Only quit or the deadline end it: the guest will not make passes (a lost
+            // guest's stale copy is never resumed).
+            RunState::Paused { .. } | RunState::Lost { .. } => {
                 if control.quit_requested() || until.is_some_and(|u| Instant::now() >= u) {
                     break;
                 }
@@ -106,8 +107,10 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
     })?;
     let elapsed = start.elapsed();
     let status = control.state();
-    if let RunState::Paused { reason } = &status {
-        error = Some(format!("the guest was left paused: {reason}"));
+    match &status {
+        RunState::Paused { reason } => error = Some(format!("the guest was left paused: {reason}")),
+        RunState::Lost { reason } => error = Some(format!("the guest is lost: {reason}")),
+        _ => {}
     }
     let failures = vm.failures();
     if !failures.is_empty() {

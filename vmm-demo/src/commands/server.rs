@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::error::{Error, chain};
 use crate::migration::DiskArg;
-use crate::migration::source::{self, CancelToken};
+use crate::migration::source::{self, ControlRefused, MigrationControl};
 use crate::protocol::{
     Done, ErrorClass, ErrorReply, Event, MAX_REQUEST_LINE, MigrateRequest, Reply, Request,
     RunState, ServerLine, StatusReply, classify_bad_request,
@@ -28,7 +28,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct ControlState {
     state: Mutex<RunState>,
     quit: AtomicBool,
-    cancel: Mutex<Option<CancelToken>>,
+    migration: Mutex<Option<Arc<MigrationControl>>>,
     last_migration: Mutex<Option<MigrationReport>>,
 }
 
@@ -38,7 +38,7 @@ impl ControlState {
         Arc::new(ControlState {
             state: Mutex::new(RunState::Running),
             quit: AtomicBool::new(false),
-            cancel: Mutex::new(None),
+            migration: Mutex::new(None),
             last_migration: Mutex::new(None),
         })
     }
@@ -167,6 +167,7 @@ fn handle_conn(s: UnixStream, vm: &VmHandle, disks: &[DiskArg], state: &ControlS
                     guest: vm.kind(),
                     passes: vm.passes(),
                     paused: vm.is_paused(),
+                    phase: lock(&state.migration).as_ref().map(|m| m.phase()),
                 }),
             ),
             Ok(Request::Quit) => {
@@ -174,10 +175,16 @@ fn handle_conn(s: UnixStream, vm: &VmHandle, disks: &[DiskArg], state: &ControlS
                 reply(&mut w, Ok(Done {}))
             }
             Ok(Request::MigrateCancel) => {
-                if let Some(c) = lock(&state.cancel).as_ref() {
-                    c.cancel();
-                }
-                reply(&mut w, Ok(Done {}))
+                let r = on_migration(state, |m| m.cancel(), true);
+                reply(&mut w, r)
+            }
+            Ok(Request::MigrateStartPostcopy) => {
+                let r = on_migration(state, |m| m.start_postcopy(), false);
+                reply(&mut w, r)
+            }
+            Ok(Request::MigrateRecover(r)) => {
+                let r = on_migration(state, |m| m.recover_at(&r.uri), false);
+                reply(&mut w, r)
             }
             Ok(Request::Migrate(m)) => {
                 let r = migrate(&mut w, vm, disks, state, m);
@@ -190,6 +197,26 @@ fn handle_conn(s: UnixStream, vm: &VmHandle, disks: &[DiskArg], state: &ControlS
     }
 }
 
+/// Runs `f` on the running migration; without one, `Done` if `idle_ok` (a cancel with
+/// nothing to cancel), a `wrong-state` error otherwise.
+fn on_migration(
+    state: &ControlState,
+    f: impl FnOnce(&MigrationControl) -> Result<(), ControlRefused>,
+    idle_ok: bool,
+) -> Result<Done, ErrorReply> {
+    let m = lock(&state.migration).clone();
+    match m {
+        Some(m) => f(&m)
+            .map(|()| Done {})
+            .map_err(|e| ErrorReply::new(ErrorClass::WrongState, e.to_string())),
+        None if idle_ok => Ok(Done {}),
+        None => Err(ErrorReply::new(
+            ErrorClass::WrongState,
+            format!("no migration is running: the VM is {}", state.state()),
+        )),
+    }
+}
+
 fn migrate(
     w: &mut UnixStream,
     vm: &VmHandle,
@@ -197,6 +224,14 @@ fn migrate(
     state: &ControlState,
     m: MigrateRequest,
 ) -> Result<MigrationReport, ErrorReply> {
+    // A destination or options that do not parse fail the migration before it starts:
+    // the guest runs on.
+    let ctl = MigrationControl::new(&m.to, &m.options).map_err(|e| ErrorReply {
+        class: ErrorClass::MigrationFailed,
+        desc: chain(&e),
+        status: Some(state.state()),
+    })?;
+    let ctl = Arc::new(ctl);
     {
         let mut st = lock(&state.state);
         if *st != RunState::Running || state.quit_requested() {
@@ -207,16 +242,15 @@ fn migrate(
         }
         *st = RunState::Migrating;
     }
-    let cancel = CancelToken::new();
-    *lock(&state.cancel) = Some(cancel.clone());
+    *lock(&state.migration) = Some(ctl.clone());
     let mut events_ok = true;
-    let r = source::migrate_vm(vm, disks, &m.to, &m.options, &cancel, &mut |e: &Event| {
+    let r = source::migrate_vm(vm, disks, &ctl, &m.options, &mut |e: &Event| {
         // A client that went away stops getting events; the migration goes on.
         if events_ok {
             events_ok = send(w, &ServerLine::<MigrationReport>::Event(e.clone()));
         }
     });
-    *lock(&state.cancel) = None;
+    *lock(&state.migration) = None;
     let mut st = lock(&state.state);
     match r {
         Ok(rep) => {
@@ -225,12 +259,16 @@ fn migrate(
             Ok(rep)
         }
         Err(e) => {
-            *st = match e.guest_left_paused() {
-                Some(reason) => {
+            *st = match (e.guest_lost(), e.guest_left_paused()) {
+                (Some(reason), _) => {
+                    tracing::error!(%reason, "the guest is lost");
+                    RunState::Lost { reason }
+                }
+                (None, Some(reason)) => {
                     tracing::error!(%reason, "the guest is left paused");
                     RunState::Paused { reason }
                 }
-                None => RunState::Running,
+                (None, None) => RunState::Running,
             };
             Err(ErrorReply {
                 class: ErrorClass::MigrationFailed,

@@ -1,19 +1,25 @@
-//! The destination side: accept one pre-copy migration into a new [`Vm`], check it at the
-//! switchover, and run it. The only module that uses `migration_precopy::Incoming`.
+//! The destination side: accept one migration (pre-copy, pure post-copy or hybrid) into a
+//! new [`Vm`], check it, and run it. The only module that uses `migration_precopy::Incoming`
+//! and `migration_postcopy::destination`.
+//!
+//! The listener the first connection came on stays open for the whole migration: a
+//! post-copy source opens its urgent channel through it at the switch, and dials it again
+//! to recover from a broken connection.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use migration_core::geometry::GuestRam;
 use migration_core::stream::DeviceState;
-use migration_core::transport::Stream;
+use migration_core::transport::{Listener, Stream};
 use migration_core::vm::{VmControl, VmError, VmOp};
+use migration_postcopy::destination as postcopy;
 use migration_precopy::{DestinationError, DestinationOptions, Incoming, Placement, VerifyError};
 
 use super::{MAX_ORACLE_BLOB, ORACLE_ID, ORACLE_VERSION, OracleBlob};
 use crate::error::chain;
 use crate::oracle::OracleError;
-use crate::report::PagesReport;
+use crate::report::{MigrationMode, PagesReport};
 use crate::vm::{MachineError, MachineInfo, Vm};
 
 /// Why the destination's checks at the switchover refused the guest.
@@ -63,6 +69,26 @@ pub enum ReceiveError {
     /// The engine failed receiving.
     #[error("receiving the migration")]
     Engine(#[source] DestinationError),
+    /// The post-copy engine failed: before its commit the guest was not run here; after
+    /// it ([`paused_after_commit`](Self::paused_after_commit)) the guest ran here and is
+    /// paused, with pages missing.
+    #[error("receiving the migration by post-copy")]
+    Postcopy(#[source] postcopy::DestinationError),
+    /// The pages that came as zero during a hybrid's pre-copy could not be populated
+    /// before the switch (before the commit: the guest was not run here).
+    #[error("populating the pages that came as zero before the switch to post-copy")]
+    Populate(#[source] std::io::Error),
+    /// The pre-copy engine ended in a way this build does not know.
+    #[error("the migration ended with an outcome this build does not know: {0}")]
+    UnknownOutcome(String),
+}
+
+impl ReceiveError {
+    /// Whether the guest ran here and is now paused, incomplete: a post-copy failed after
+    /// its commit (the source did not come back, or a page could not be placed).
+    pub fn paused_after_commit(&self) -> bool {
+        matches!(self, ReceiveError::Postcopy(e) if e.committed())
+    }
 }
 
 /// How to receive.
@@ -72,6 +98,9 @@ pub struct ReceiveOptions {
     pub idle_timeout: Duration,
     /// How pages go into guest RAM not touched yet.
     pub placement: Placement,
+    /// After a post-copy's commit, how long to wait for the source to come back after a
+    /// broken connection (and for its urgent channel at the switch).
+    pub recovery_window: Duration,
 }
 
 /// A migration whose configuration was read: the source's machine is known.
@@ -89,7 +118,7 @@ impl std::fmt::Debug for Accepted {
 }
 
 /// What a completed incoming migration saw.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Received {
     /// Bytes received.
     pub bytes_received: u64,
@@ -101,8 +130,13 @@ pub struct Received {
     pub switchover: Duration,
     /// The switchover checks (oracle and hash), inside the guest's pause.
     pub check_time: Duration,
-    /// The source's oracle blob, when it sent one (and so the RAM hash was checked).
+    /// The source's oracle blob, when it sent one (with a hash: the RAM hash was
+    /// checked).
     pub oracle: Option<OracleBlob>,
+    /// How the guest came.
+    pub mode: MigrationMode,
+    /// The post-copy engine's report, when the guest came by post-copy.
+    pub postcopy: Option<postcopy::DestinationReport>,
 }
 
 /// Reads the header and configuration of the migration on `stream`.
@@ -112,6 +146,7 @@ pub fn accept(stream: Stream, o: &ReceiveOptions) -> Result<Accepted, ReceiveErr
         &DestinationOptions {
             idle_timeout: Some(o.idle_timeout),
             placement: o.placement,
+            postcopy: true,
             ..DestinationOptions::default()
         },
     )
@@ -142,8 +177,16 @@ impl Accepted {
     }
 
     /// Receives RAM and device state into `vm` (built from [`machine`](Self::machine),
-    /// fresh), checks it before the verdict and, on the source's commit, runs it.
-    pub fn receive(self, vm: &Vm) -> Result<Received, ReceiveError> {
+    /// fresh) and runs it: a pre-copy is checked before the verdict and runs on the
+    /// source's commit; a post-copy (pure or after pre-copy) runs on the commit too, and
+    /// this returns once every page has arrived. `listener` is the one the migration came
+    /// on: the post-copy source's further connections arrive there.
+    pub fn receive(
+        self,
+        vm: &Vm,
+        listener: &Listener,
+        o: &ReceiveOptions,
+    ) -> Result<Received, ReceiveError> {
         let mem = vm.memory().clone();
         let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());
         let oracle = Mutex::new(None);
@@ -158,23 +201,110 @@ impl Accepted {
         };
         let r = self
             .incoming
-            .receive(&ram, &mut dvm, &mut verify, &mut |_| {});
-        match r {
-            Ok(stats) => Ok(Received {
-                bytes_received: stats.bytes_received,
-                pages: stats.pages.into(),
-                placement: stats.placement,
-                switchover: stats.switchover,
-                check_time: stats.verify_time,
-                oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
-            }),
-            Err(DestinationError::Verify(e)) => Err(match e.downcast::<SwitchoverError>() {
-                Ok(s) => ReceiveError::Switchover(*s),
-                Err(e) => ReceiveError::Engine(DestinationError::Verify(e)),
-            }),
-            Err(e) => Err(ReceiveError::Engine(e)),
+            .receive_or_switch(&ram, &mut dvm, &mut verify, &mut |_| {});
+        let switch = match r {
+            Ok(migration_precopy::Received::Completed(stats)) => {
+                return Ok(Received {
+                    bytes_received: stats.bytes_received,
+                    pages: stats.pages.into(),
+                    placement: stats.placement,
+                    switchover: stats.switchover,
+                    check_time: stats.verify_time,
+                    oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
+                    mode: MigrationMode::Precopy,
+                    postcopy: None,
+                });
+            }
+            Ok(migration_precopy::Received::Postcopy(switch)) => switch,
+            Ok(other) => return Err(ReceiveError::UnknownOutcome(format!("{other:?}"))),
+            Err(DestinationError::Verify(e)) => {
+                return Err(match e.downcast::<SwitchoverError>() {
+                    Ok(s) => ReceiveError::Switchover(*s),
+                    Err(e) => ReceiveError::Engine(DestinationError::Verify(e)),
+                });
+            }
+            Err(e) => return Err(ReceiveError::Engine(e)),
+        };
+        // A pure post-copy switches right after the configuration, before any page.
+        let pre = &switch.stream.stats;
+        let mode = if pre.pages.total() == 0 && pre.iterations.is_empty() {
+            MigrationMode::Postcopy
+        } else {
+            MigrationMode::Hybrid
+        };
+        let placement = pre.placement;
+        tracing::info!(%mode, "the source switched to post-copy");
+        let mut switch = switch;
+        if mode == MigrationMode::Hybrid {
+            hold_zero_pages(&ram, &mut switch.received).map_err(ReceiveError::Populate)?;
         }
+        let opts = postcopy::DestinationOptions {
+            recovery_window: o.recovery_window,
+            ..postcopy::DestinationOptions::default()
+        };
+        let mut accept = |t: Duration| listener.accept_timeout(t);
+        let report = postcopy::receive(*switch, &mut accept, &ram, &mut dvm, &opts)
+            .map_err(ReceiveError::Postcopy)?;
+        Ok(Received {
+            bytes_received: report.precopy.bytes_received,
+            pages: report.precopy.pages.into(),
+            placement,
+            switchover: report.switchover,
+            check_time: Duration::ZERO,
+            oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
+            mode,
+            postcopy: Some(report),
+        })
     }
+}
+
+/// Works around a gap between the two engines (see the crate's CHANGELOG): the pre-copy
+/// destination counts as received only the pages it wrote, and a zero page for a page it
+/// never wrote needs no write, so a page that came as zero is missing from
+/// [`PostcopySwitch::received`](migration_precopy::PostcopySwitch::received); the
+/// post-copy destination then waits for it, but the source, which sent it, never sends it
+/// again, and the post-copy never completes. The bulk pass sends every page before any
+/// switch (pre-copy decides only at the end of a pass), so at a hybrid's switch every page
+/// not written here came as zero and its copy here (never touched, or prefaulted) is zero
+/// too: it is populated, so that userfaultfd does not see it missing, and counted as
+/// received. The discard list still drops and fetches afresh whatever was dirtied since.
+/// Not for a pure post-copy, which sends nothing before the switch.
+fn hold_zero_pages(
+    ram: &GuestRam<'_, vm_memory::GuestMemoryMmap>,
+    received: &mut migration_core::bitmap::DirtyBitmap,
+) -> std::io::Result<()> {
+    let pages = ram.layout().page_count();
+    let ps = ram.layout().page_size() as usize;
+    let mut pos = 0;
+    let mut held = 0;
+    while pos < pages {
+        let start = received.next_clear(pos);
+        if start >= pages {
+            break;
+        }
+        let end = received.next_set(start).unwrap_or(pages).min(pages);
+        for (_, piece) in ram.layout().split_at_regions(start..end) {
+            let host = ram
+                .host_address(piece.start)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            // SAFETY: `piece` lies within one region, whose mapping starts page
+            // `piece.start` at `host` and holds `piece.len()` pages from there; populating
+            // writes nothing into the (zero) pages.
+            let rc =
+                unsafe { libc::madvise(host.cast(), piece.len() * ps, libc::MADV_POPULATE_WRITE) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        held += end - start;
+        received.set_range(start..end);
+        pos = end;
+    }
+    tracing::debug!(
+        pages = held,
+        "pages that came as zero during pre-copy held as received"
+    );
+    Ok(())
 }
 
 /// The destination VM as the engine drives it: every blob but the oracle's goes to the VM;
@@ -228,7 +358,7 @@ impl VmControl for DestinationVm<'_> {
 /// The destination's checks before it runs the guest: the oracle on RAM, and, when the
 /// source sent its oracle blob, the RAM hash and pass counters against the source's.
 fn check_switchover(vm: &Vm, source: Option<&OracleBlob>) -> Result<(), SwitchoverError> {
-    let Some(b) = source else {
+    let Some((b, expected)) = source.and_then(|b| b.ram_hash.map(|h| (b, h))) else {
         // The source asked for no switchover check (--no-hash-check): the oracle runs
         // after the guest ran here instead.
         tracing::info!("no oracle blob from the source: no check at switchover");
@@ -237,11 +367,8 @@ fn check_switchover(vm: &Vm, source: Option<&OracleBlob>) -> Result<(), Switchov
     let report = vm.check().map_err(SwitchoverError::Oracle)?;
     tracing::debug!(?report, "oracle at switchover");
     let found = vm.ram_hash().map_err(SwitchoverError::Hash)?;
-    if found != b.ram_hash {
-        return Err(SwitchoverError::HashMismatch {
-            found,
-            expected: b.ram_hash,
-        });
+    if found != expected {
+        return Err(SwitchoverError::HashMismatch { found, expected });
     }
     let passes = vm.passes();
     if passes != b.passes {

@@ -1,15 +1,20 @@
-//! Live migration of the demo VM: the pre-copy engine wired to [`Vm`](crate::Vm), with the
-//! oracle at switchover and the storage-policy check.
+//! Live migration of the demo VM: the pre-copy and post-copy engines wired to
+//! [`Vm`](crate::Vm), with the oracle at switchover and the storage-policy check.
 //!
-//! The engine's API is used in two places only: [`source`] (what `run --control` does on
-//! `migrate`) and [`destination`] (what `vmm-demo destination` does).
+//! The engines' APIs are used in two places only: [`source`] (what `run --control` does
+//! on `migrate`) and [`destination`] (what `vmm-demo destination` does).
 //!
-//! The source adds one device-state blob of its own, `oracle` (version 1): the hash of all
-//! guest RAM and the pass counters, taken while the guest is paused for the switchover.
-//! The destination loads every other blob into its VM, then, before it tells the source it
-//! runs the guest, checks its RAM with the oracle (every page holds pass N or N+1) and
-//! compares its own RAM hash with the source's. A mismatch is a `Failed` verdict: the
-//! source resumes and the destination never runs the guest.
+//! The source adds one device-state blob of its own, `oracle` (version 1): the pass
+//! counters and, for a pre-copy, the hash of all guest RAM, taken while the guest is
+//! paused for the switchover. The destination loads every other blob into its VM, then,
+//! before it tells the source it runs the guest, checks its RAM with the oracle (every page
+//! holds pass N or N+1) and compares its own RAM hash with the source's. A mismatch is a
+//! `Failed` verdict: the source resumes and the destination never runs the guest.
+//!
+//! A post-copy cannot be checked at the switch (the destination lacks pages then), so its
+//! oracle blob carries no hash (hashing RAM would only lengthen the pause): the
+//! destination checks the guest once every page has arrived, pausing it for the oracle,
+//! and again after running it on.
 
 pub mod destination;
 pub mod source;
@@ -28,8 +33,10 @@ pub const MAX_ORACLE_BLOB: usize = 64 << 10;
 /// The oracle blob: the source's RAM hash and pass counters at switchover (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct OracleBlob {
-    /// XXH3 of all guest RAM, paused.
-    pub ram_hash: u64,
+    /// XXH3 of all guest RAM, paused; none at a switch to post-copy, where the
+    /// destination cannot compare it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_hash: Option<u64>,
     /// Each vCPU's pass counter.
     pub passes: Vec<u64>,
 }

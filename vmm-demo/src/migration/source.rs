@@ -1,7 +1,16 @@
-//! The source side: migrate a running [`VmHandle`] with the pre-copy engine. The only
-//! module that calls `migration_precopy::migrate`.
+//! The source side: migrate a running [`VmHandle`] by pre-copy, post-copy or a hybrid of
+//! the two. The only module that calls `migration_precopy::migrate` and
+//! `migration_postcopy::source::migrate`.
+//!
+//! A [`MigrationControl`] is what the control socket holds of a running migration: it
+//! cancels it (refused once a post-copy committed: the guest then runs on the destination,
+//! and this side holds pages it lacks), switches a hybrid to post-copy on command, and
+//! changes the address the source dials for the post-copy's urgent channel and to recover
+//! from a broken connection.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -9,23 +18,28 @@ use migration_core::dirty::{
     DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, TrackerError, UffdWpConfig, UffdWpTracker,
 };
 use migration_core::geometry::GuestRam;
-use migration_core::stats::{MigrationStats, ProgressEvent};
+use migration_core::stats::{MigrationStats, Phase, ProgressEvent};
 use migration_core::stream::DeviceState;
-use migration_core::transport::{self, Address, AddressError};
+use migration_core::transport::{self, Address, AddressError, Stream};
 use migration_core::vm::{VmControl, VmError, VmOp};
+use migration_postcopy::source::{self as postcopy, Mode, Outcome, Switch};
 use migration_precopy::{LimitPolicy, SourceError, SourceOptions, SourceOutcome};
 
 use super::{DiskArg, ORACLE_ID, ORACLE_VERSION, OracleBlob, StorageError, check_storage};
-use crate::cli::MigrateOptions;
+use crate::cli::{MigrateOptions, PostcopyAfter};
 use crate::error::chain;
 use crate::protocol::Event;
-use crate::report::{MigrationMode, MigrationReport, PassReport};
+use crate::report::{MigrationMode, MigrationReport, PassReport, SourcePostcopyReport};
 use crate::vm::{GuestKind, VmHandle};
 
 pub use migration_precopy::CancelToken;
 
+/// How long the source waits for the destination's readiness at a switch to post-copy
+/// before it resumes the guest here.
+pub const POSTCOPY_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why a migration did not complete. Unless [`guest_left_paused`](Self::guest_left_paused)
-/// says otherwise, the guest runs on the source again.
+/// or [`guest_lost`](Self::guest_lost) says otherwise, the guest runs on the source again.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MigrateError {
@@ -35,6 +49,9 @@ pub enum MigrateError {
     /// The destination address does not parse.
     #[error("destination")]
     Address(#[source] AddressError),
+    /// The options contradict each other.
+    #[error("{0}")]
+    Options(String),
     /// The KVM guest has no VM fd to track dirty pages with.
     #[error("a KVM guest without a VM fd: no dirty log")]
     NoVmFd,
@@ -49,7 +66,7 @@ pub enum MigrateError {
         /// Why.
         source: io::Error,
     },
-    /// The engine failed (and resumed the guest, unless it says otherwise).
+    /// The pre-copy engine failed (and resumed the guest, unless it says otherwise).
     #[error("migrating to {to}")]
     Engine {
         /// Where to.
@@ -57,35 +74,277 @@ pub enum MigrateError {
         /// What the engine says.
         source: Box<SourceError>,
     },
+    /// The post-copy engine ended in a way this build does not know (its outcome is
+    /// non-exhaustive): where the guest is cannot be said.
+    #[error("the post-copy engine ended with an outcome this build does not know: {0}")]
+    UnknownOutcome(String),
+    /// The post-copy engine failed: before its commit the guest runs here again (unless
+    /// resuming it failed); after it, the guest is lost.
+    #[error("migrating to {to} by post-copy")]
+    Postcopy {
+        /// Where to (the address first dialled).
+        to: Address,
+        /// What the engine says.
+        source: Box<postcopy::SourceError>,
+    },
 }
 
 impl MigrateError {
     /// Why the guest is paused on the source after this failure, when it is: the
-    /// migration failed and resuming the guest failed too. `None`: the guest runs here.
+    /// migration failed and resuming the guest failed too. `None`: the guest runs here,
+    /// or is lost ([`guest_lost`](Self::guest_lost)).
     pub fn guest_left_paused(&self) -> Option<String> {
+        let precopy = |e: &SourceError| match e {
+            SourceError::ResumeFailed { error, resume } => Some(format!(
+                "the migration failed ({}) and resuming the guest failed: {}",
+                chain(&**error),
+                chain(resume)
+            )),
+            _ => None,
+        };
         match self {
-            MigrateError::Engine { source, .. } => match &**source {
-                SourceError::ResumeFailed { error, resume } => Some(format!(
-                    "the migration failed ({}) and resuming the guest failed: {}",
-                    chain(&**error),
+            MigrateError::Engine { source, .. } => precopy(source),
+            MigrateError::Postcopy { source, .. } => match &**source {
+                postcopy::SourceError::Precopy(e) => precopy(e),
+                postcopy::SourceError::Switch {
+                    why,
+                    resume: Some(resume),
+                } => Some(format!(
+                    "the switch to post-copy failed ({why}) and resuming the guest failed: {}",
                     chain(resume)
+                )),
+                // The engine does not say whether the guest was resumed after the VMM
+                // refused an operation: do not claim it runs.
+                postcopy::SourceError::Vm(e) => Some(format!(
+                    "the VMM refused an operation of the switch to post-copy: {}",
+                    chain(e)
                 )),
                 _ => None,
             },
+            MigrateError::UnknownOutcome(o) => Some(format!(
+                "the migration ended with an outcome this build does not know ({o}): the guest is not resumed"
+            )),
+            _ => None,
+        }
+    }
+
+    /// Why the guest is lost, when it is: a post-copy committed and the destination could
+    /// not be reached again. This side's copy is stale and must not be resumed.
+    pub fn guest_lost(&self) -> Option<String> {
+        match self {
+            MigrateError::Postcopy { source, .. } if source.guest_lost() => Some(format!(
+                "{}; resuming the source's copy would roll the guest back to the switch, so it stays paused",
+                chain(&**source)
+            )),
             _ => None,
         }
     }
 }
 
-/// The source VM as the engine drives it: the VM's own state plus the oracle blob.
-struct SourceVm {
+/// Why the control socket's request on a running migration is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlRefused {
+    /// Cancel after the post-copy commit.
+    #[error(
+        "cannot cancel: the post-copy has committed, so the guest runs on the destination and only this side has the pages it still lacks; cancelling now would lose the guest"
+    )]
+    Committed,
+    /// A switch asked of a migration that does not allow post-copy.
+    #[error(
+        "this migration is pre-copy only: migrate with --postcopy-after (hybrid) to allow a switch to post-copy"
+    )]
+    NoPostcopy,
+    /// A switch asked of a migration that is in post-copy already.
+    #[error("the migration is in post-copy already")]
+    AlreadyPostcopy,
+    /// A recovery address for a migration that never recovers.
+    #[error("this migration is pre-copy only: it has no post-copy to recover")]
+    NoRecovery,
+    /// The recovery address does not parse.
+    #[error("{uri:?} is not an address (tcp:HOST:PORT or unix:PATH)")]
+    Address {
+        /// What was given.
+        uri: String,
+        /// Why it does not parse.
+        source: AddressError,
+    },
+}
+
+/// What the control socket holds of a running migration (see the [module docs](self)).
+#[derive(Debug)]
+pub struct MigrationControl {
+    cancel: CancelToken,
+    mode: MigrationMode,
+    state: Mutex<ControlState>,
+    /// Where the source dials from now on.
+    address: Mutex<Address>,
+    /// The post-copy engine dialled its urgent channel: the switch is under way (it opens
+    /// the channel before it pauses the guest), so the device state saved next is the
+    /// switch's.
+    switching: AtomicBool,
+}
+
+#[derive(Debug)]
+struct ControlState {
+    phase: Phase,
+    committed: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl MigrationControl {
+    /// The control of a migration to `to` with options `o`, checked: a pure post-copy
+    /// takes none of pre-copy's options, and cannot also be a hybrid.
+    pub fn new(to: &str, o: &MigrateOptions) -> Result<MigrationControl, MigrateError> {
+        let to: Address = to.parse().map_err(MigrateError::Address)?;
+        let mode = requested_mode(o)?;
+        Ok(MigrationControl {
+            cancel: CancelToken::new(),
+            mode,
+            state: Mutex::new(ControlState {
+                phase: Phase::Setup,
+                committed: false,
+            }),
+            address: Mutex::new(to),
+            switching: AtomicBool::new(false),
+        })
+    }
+
+    /// How the migration was asked to move the guest.
+    pub fn mode(&self) -> MigrationMode {
+        self.mode
+    }
+
+    /// The phase the migration is in.
+    pub fn phase(&self) -> Phase {
+        lock(&self.state).phase
+    }
+
+    /// Whether a post-copy committed: the guest runs on the destination.
+    pub fn committed(&self) -> bool {
+        lock(&self.state).committed
+    }
+
+    /// The address the source dials now.
+    pub fn address(&self) -> Address {
+        lock(&self.address).clone()
+    }
+
+    /// Cancels the migration: before a post-copy's commit the guest resumes here; after
+    /// it, refused. A cancel that arrives while the commit is being written is too late:
+    /// the engine no longer looks at it, and the migration goes on.
+    pub fn cancel(&self) -> Result<(), ControlRefused> {
+        let st = lock(&self.state);
+        if st.committed {
+            return Err(ControlRefused::Committed);
+        }
+        self.cancel.cancel();
+        Ok(())
+    }
+
+    /// Switches a hybrid to post-copy at pre-copy's next decision (QEMU's
+    /// `migrate_start_postcopy`).
+    pub fn start_postcopy(&self) -> Result<(), ControlRefused> {
+        match self.mode {
+            MigrationMode::Precopy => return Err(ControlRefused::NoPostcopy),
+            MigrationMode::Postcopy => return Err(ControlRefused::AlreadyPostcopy),
+            MigrationMode::Hybrid => {}
+        }
+        let st = lock(&self.state);
+        if st.committed || self.switching.load(Ordering::SeqCst) {
+            return Err(ControlRefused::AlreadyPostcopy);
+        }
+        self.cancel.request_handover();
+        Ok(())
+    }
+
+    /// Dials `uri` from now on: for the post-copy's urgent channel, and for every attempt
+    /// to recover from a broken connection (the one under way included, from its next
+    /// try).
+    pub fn recover_at(&self, uri: &str) -> Result<(), ControlRefused> {
+        if self.mode == MigrationMode::Precopy {
+            return Err(ControlRefused::NoRecovery);
+        }
+        let a: Address = uri.parse().map_err(|source| ControlRefused::Address {
+            uri: uri.into(),
+            source,
+        })?;
+        tracing::info!(address = %a, "post-copy: dialling a new address from now on");
+        *lock(&self.address) = a;
+        Ok(())
+    }
+
+    fn on_event(&self, e: &ProgressEvent) {
+        if let ProgressEvent::Phase(p) = e {
+            let mut st = lock(&self.state);
+            st.phase = *p;
+            if *p == Phase::Postcopy {
+                st.committed = true;
+            }
+        }
+    }
+
+    /// Opens a new connection to the current address, for the post-copy engine.
+    fn dial(&self) -> io::Result<Stream> {
+        self.switching.store(true, Ordering::SeqCst);
+        transport::connect(&self.address())
+    }
+}
+
+/// The mode `o` asks for, or why the options contradict each other.
+fn requested_mode(o: &MigrateOptions) -> Result<MigrationMode, MigrateError> {
+    if !o.postcopy {
+        return Ok(match o.postcopy_after {
+            Some(_) => MigrationMode::Hybrid,
+            None => MigrationMode::Precopy,
+        });
+    }
+    let mut not = Vec::new();
+    if o.postcopy_after.is_some() {
+        not.push("postcopy_after (a hybrid)");
+    }
+    if o.bandwidth.is_some() {
+        not.push("bandwidth");
+    }
+    if o.zstd.is_some() {
+        not.push("zstd");
+    }
+    if o.delta_cache.is_some() {
+        not.push("delta_cache");
+    }
+    if o.auto_converge {
+        not.push("auto_converge");
+    }
+    if o.max_iterations.is_some() {
+        not.push("max_iterations");
+    }
+    if o.max_time_ms.is_some() {
+        not.push("max_time");
+    }
+    if not.is_empty() {
+        return Ok(MigrationMode::Postcopy);
+    }
+    Err(MigrateError::Options(format!(
+        "a pure post-copy (postcopy) has no pre-copy for {} to apply to (use --postcopy-after for a hybrid)",
+        not.join(", ")
+    )))
+}
+
+/// The source VM as the engines drive it: the VM's own state plus the oracle blob.
+struct SourceVm<'a> {
     vm: VmHandle,
     send_hash: bool,
     hash_time: Duration,
     refuse_resume: bool,
+    control: &'a MigrationControl,
+    /// Bytes of device state saved last.
+    state_bytes: u64,
 }
 
-impl VmControl for SourceVm {
+impl VmControl for SourceVm<'_> {
     fn pause(&mut self) -> Result<(), VmError> {
         self.vm.pause()
     }
@@ -103,13 +362,21 @@ impl VmControl for SourceVm {
     }
     fn save_device_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
         let mut states = self.vm.save_device_state()?;
-        if self.send_hash {
-            let t = Instant::now();
-            let ram_hash = self
-                .vm
-                .ram_hash()
-                .map_err(|e| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID))?;
-            self.hash_time = t.elapsed();
+        // At a switch to post-copy the destination cannot compare a hash (it lacks pages):
+        // the blob carries the pass counters alone, and the pause does not hash RAM.
+        let postcopy = self.control.switching.load(Ordering::SeqCst);
+        if self.send_hash || postcopy {
+            let ram_hash = if postcopy {
+                None
+            } else {
+                let t = Instant::now();
+                let h = self
+                    .vm
+                    .ram_hash()
+                    .map_err(|e| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID))?;
+                self.hash_time = t.elapsed();
+                Some(h)
+            };
             let blob = OracleBlob {
                 ram_hash,
                 passes: self.vm.passes(),
@@ -118,6 +385,7 @@ impl VmControl for SourceVm {
                 .map_err(|e| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID))?;
             states.push(DeviceState::new(ORACLE_ID, ORACLE_VERSION, data));
         }
+        self.state_bytes = states.iter().map(|s| s.data.len() as u64).sum();
         Ok(states)
     }
     fn load_device_state(&mut self, _: &[DeviceState]) -> Result<(), VmError> {
@@ -156,6 +424,10 @@ fn tracker_for(vm: &VmHandle) -> Result<Box<dyn DirtyTracker>, MigrateError> {
     })
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 fn report(
     vm: &VmHandle,
     to: &Address,
@@ -163,7 +435,6 @@ fn report(
     o: &MigrateOptions,
     s: &MigrationStats,
 ) -> MigrationReport {
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     MigrationReport {
         mode: MigrationMode::Precopy,
         guest: vm.kind(),
@@ -196,31 +467,13 @@ fn report(
         max_throttle_pct: s.max_throttle_pct,
         device_state_bytes: s.device_state_bytes,
         storage: None,
+        postcopy: None,
     }
 }
 
-/// Migrates the running VM `vm` to `to`, passing the engine's events to `events`. On
-/// success the VM is left paused (the destination runs the guest); on failure it runs here
-/// again, unless [`MigrateError::guest_left_paused`] says otherwise.
-pub fn migrate_vm(
-    vm: &VmHandle,
-    disks: &[DiskArg],
-    to: &str,
-    o: &MigrateOptions,
-    cancel: &CancelToken,
-    events: &mut dyn FnMut(&Event),
-) -> Result<MigrationReport, MigrateError> {
-    let to: Address = to.parse().map_err(MigrateError::Address)?;
-    let storage = check_storage(disks, o.unsafe_storage)?;
-    let tracker = tracker_for(vm)?;
-    let tracker_name = tracker.name().to_string();
-    let stream = transport::connect_retry(&to, Duration::from_secs(10)).map_err(|source| {
-        MigrateError::Connect {
-            to: to.clone(),
-            source,
-        }
-    })?;
-    let opts = SourceOptions {
+/// The pre-copy engine's options from the demo's.
+fn precopy_options(vm: &VmHandle, o: &MigrateOptions, vm_id: [u8; 16]) -> SourceOptions {
+    SourceOptions {
         downtime_limit: Duration::from_millis(o.downtime_limit_ms),
         max_bandwidth: o.bandwidth,
         zstd_level: o.zstd,
@@ -231,43 +484,151 @@ pub fn migrate_vm(
         max_iterations: o.max_iterations,
         max_time: o.max_time_ms.map(Duration::from_millis),
         limit_policy: LimitPolicy::Fail,
-        vm_id: *uuid::Uuid::new_v4().as_bytes(),
+        vm_id,
         vmm_blob: Bytes::from(vm.machine_info().to_bytes()),
         ..SourceOptions::default()
-    };
+    }
+}
+
+/// Migrates the running VM `vm` as `ctl` says (made from the same options `o`), passing
+/// the engines' events to `events`. On success the VM is left paused (the destination runs
+/// the guest); on failure it runs here again, unless [`MigrateError::guest_left_paused`]
+/// or [`MigrateError::guest_lost`] says otherwise.
+pub fn migrate_vm(
+    vm: &VmHandle,
+    disks: &[DiskArg],
+    ctl: &MigrationControl,
+    o: &MigrateOptions,
+    events: &mut dyn FnMut(&Event),
+) -> Result<MigrationReport, MigrateError> {
+    let to = ctl.address();
+    let storage = check_storage(disks, o.unsafe_storage)?;
+    let tracker = tracker_for(vm)?;
+    let tracker_name = tracker.name().to_string();
+    let stream = transport::connect_retry(&to, Duration::from_secs(10)).map_err(|source| {
+        MigrateError::Connect {
+            to: to.clone(),
+            source,
+        }
+    })?;
+    let vm_id = *uuid::Uuid::new_v4().as_bytes();
+    let mut pre = precopy_options(vm, o, vm_id);
     let mut src = SourceVm {
         vm: vm.clone(),
         send_hash: !o.no_hash_check,
         hash_time: Duration::ZERO,
         refuse_resume: o.refuse_resume,
+        control: ctl,
+        state_bytes: 0,
     };
     let mem = vm.memory().clone();
     let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());
-    let c = cancel.clone();
-    let r = migration_precopy::migrate(&ram, &mut src, tracker, stream, &opts, cancel, &mut |e| {
+    let mut progress = |e: &ProgressEvent| {
+        ctl.on_event(e);
         events(&Event::from(e));
         if let ProgressEvent::Phase(p) = e {
             if Some(*p) == o.cancel_at {
-                c.cancel();
+                if let Err(e) = ctl.cancel() {
+                    tracing::warn!(%e, "cancel_at {p}");
+                }
             }
         }
-    });
-    match r {
-        Ok(SourceOutcome::Completed(stats)) => {
-            let mut rep = report(vm, &to, &tracker_name, o, &stats);
-            rep.storage = storage;
-            rep.source_hash_ms = src.hash_time.as_secs_f64() * 1e3;
-            Ok(rep)
-        }
-        // Not asked for (LimitPolicy::Fail), but handled as the failure it would be.
-        Ok(SourceOutcome::LimitReached(h)) => {
-            let _ = h.channel.get_ref().shutdown(std::net::Shutdown::Both);
-            Err(MigrateError::Engine {
+    };
+    let finish = |mut rep: MigrationReport, src: &SourceVm<'_>| {
+        rep.storage = storage.clone();
+        rep.source_hash_ms = ms(src.hash_time);
+        rep
+    };
+    if ctl.mode() == MigrationMode::Precopy {
+        let r = migration_precopy::migrate(
+            &ram,
+            &mut src,
+            tracker,
+            stream,
+            &pre,
+            &ctl.cancel,
+            &mut progress,
+        );
+        return match r {
+            Ok(SourceOutcome::Completed(stats)) => {
+                let rep = report(vm, &to, &tracker_name, o, &stats);
+                Ok(finish(rep, &src))
+            }
+            // Not asked for (LimitPolicy::Fail), but handled as the failure it would be.
+            Ok(SourceOutcome::LimitReached(h)) => {
+                let _ = h.channel.get_ref().shutdown(std::net::Shutdown::Both);
+                Err(MigrateError::Engine {
+                    to,
+                    source: Box::new(SourceError::NotConverged(h.not_converged)),
+                })
+            }
+            Err(e) => Err(MigrateError::Engine {
                 to,
-                source: Box::new(SourceError::NotConverged(h.not_converged)),
-            })
+                source: Box::new(e),
+            }),
+        };
+    }
+    let mode = match o.postcopy_after {
+        None => Mode::Pure,
+        Some(after) => {
+            pre.limit_policy = LimitPolicy::HandOver;
+            Mode::Hybrid {
+                precopy: Box::new(pre),
+                switch: match after {
+                    PostcopyAfter::Auto => Switch::Auto,
+                    PostcopyAfter::Passes(n) => Switch::AfterPasses(n),
+                    PostcopyAfter::Time(d) => Switch::AfterTime(d),
+                    PostcopyAfter::Command => Switch::OnCommand,
+                },
+            }
         }
-        Err(e) => Err(MigrateError::Engine {
+    };
+    let opts = postcopy::SourceOptions {
+        mode,
+        vm_id,
+        vmm_blob: Bytes::from(vm.machine_info().to_bytes()),
+        recovery_window: Duration::from_millis(o.recovery_window_ms),
+        ready_timeout: Some(POSTCOPY_READY_TIMEOUT),
+        ..postcopy::SourceOptions::default()
+    };
+    let mut connect = || ctl.dial();
+    let r = postcopy::migrate(
+        &ram,
+        &mut src,
+        tracker,
+        stream,
+        &mut connect,
+        &opts,
+        &ctl.cancel,
+        &mut progress,
+    );
+    match r {
+        Ok(Outcome::Precopy(stats)) => {
+            let rep = report(vm, &to, &tracker_name, o, &stats);
+            Ok(finish(rep, &src))
+        }
+        Ok(Outcome::Postcopy(p)) => {
+            let mut rep = report(vm, &to, &tracker_name, o, &p.precopy);
+            rep.mode = ctl.mode();
+            rep.total_ms = ms(p.total_time);
+            rep.paused_with_checks_ms = ms(p.downtime);
+            // Pre-copy's total is only set when it ends its own stream; handed over, its
+            // passes' bytes are what it sent.
+            let pre_bytes = p
+                .precopy
+                .bytes_on_wire
+                .max(p.precopy.iterations.iter().map(|i| i.bytes_on_wire).sum());
+            rep.bytes_on_wire = pre_bytes + p.bytes;
+            rep.device_state_bytes = src.state_bytes;
+            rep.postcopy = Some(SourcePostcopyReport::from(&p));
+            Ok(finish(rep, &src))
+        }
+        Ok(other) => Err(MigrateError::UnknownOutcome(format!("{other:?}"))),
+        Err(postcopy::SourceError::Precopy(e)) => Err(MigrateError::Engine {
+            to,
+            source: Box::new(e),
+        }),
+        Err(e) => Err(MigrateError::Postcopy {
             to,
             source: Box::new(e),
         }),
@@ -288,8 +649,9 @@ mod tests {
             }),
         };
         assert_eq!(cancelled.guest_left_paused(), None);
+        assert_eq!(cancelled.guest_lost(), None);
         let stuck = MigrateError::Engine {
-            to,
+            to: to.clone(),
             source: Box::new(SourceError::ResumeFailed {
                 error: Box::new(SourceError::Cancelled {
                     phase: migration_core::stats::Phase::StopAndCopy,
@@ -302,5 +664,96 @@ mod tests {
             why.contains("cancelled during stop-and-copy") && why.contains("vCPU gone"),
             "{why}"
         );
+        let switch = MigrateError::Postcopy {
+            to: to.clone(),
+            source: Box::new(postcopy::SourceError::Switch {
+                why: "the destination failed".into(),
+                resume: Some(VmError::new(VmOp::Resume, "vCPU gone")),
+            }),
+        };
+        let why = switch.guest_left_paused().unwrap();
+        assert!(why.contains("the destination failed") && why.contains("vCPU gone"));
+        assert_eq!(switch.guest_lost(), None);
+    }
+
+    #[test]
+    fn a_destination_lost_after_the_commit_is_a_lost_guest_never_a_running_one() {
+        let to: Address = "tcp:127.0.0.1:1".parse().unwrap();
+        let lost = MigrateError::Postcopy {
+            to,
+            source: Box::new(postcopy::SourceError::DestinationLost {
+                why: "main stream: broken pipe".into(),
+                window: Duration::from_secs(2),
+                missing: 17,
+            }),
+        };
+        assert_eq!(lost.guest_left_paused(), None);
+        let why = lost.guest_lost().unwrap();
+        assert!(
+            why.contains("guest is lost") && why.contains("roll the guest back"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn options_say_the_mode_and_a_pure_postcopy_refuses_precopy_options() {
+        let o = MigrateOptions::default();
+        assert_eq!(requested_mode(&o).unwrap(), MigrationMode::Precopy);
+        let hybrid = MigrateOptions {
+            postcopy_after: Some(PostcopyAfter::Auto),
+            bandwidth: Some(1 << 20),
+            ..MigrateOptions::default()
+        };
+        assert_eq!(requested_mode(&hybrid).unwrap(), MigrationMode::Hybrid);
+        let pure = MigrateOptions {
+            postcopy: true,
+            ..MigrateOptions::default()
+        };
+        assert_eq!(requested_mode(&pure).unwrap(), MigrationMode::Postcopy);
+        let both = MigrateOptions {
+            postcopy: true,
+            postcopy_after: Some(PostcopyAfter::Passes(2)),
+            zstd: Some(1),
+            ..MigrateOptions::default()
+        };
+        let e = requested_mode(&both).unwrap_err().to_string();
+        assert!(e.contains("postcopy_after") && e.contains("zstd"), "{e}");
+    }
+
+    #[test]
+    fn cancel_is_refused_once_committed_and_a_switch_needs_a_hybrid() {
+        let pre = MigrationControl::new("tcp:127.0.0.1:1", &MigrateOptions::default()).unwrap();
+        assert!(matches!(
+            pre.start_postcopy(),
+            Err(ControlRefused::NoPostcopy)
+        ));
+        assert!(matches!(
+            pre.recover_at("tcp:127.0.0.1:2"),
+            Err(ControlRefused::NoRecovery)
+        ));
+        let o = MigrateOptions {
+            postcopy_after: Some(PostcopyAfter::Command),
+            ..MigrateOptions::default()
+        };
+        let c = MigrationControl::new("tcp:127.0.0.1:1", &o).unwrap();
+        c.start_postcopy().unwrap();
+        assert!(c.cancel.handover_requested());
+        assert!(matches!(
+            c.recover_at("nowhere"),
+            Err(ControlRefused::Address { .. })
+        ));
+        c.recover_at("tcp:127.0.0.1:2").unwrap();
+        assert_eq!(c.address().to_string(), "tcp:127.0.0.1:2");
+        c.on_event(&ProgressEvent::Phase(Phase::Postcopy));
+        assert!(c.committed());
+        assert_eq!(c.phase(), Phase::Postcopy);
+        assert!(matches!(c.cancel(), Err(ControlRefused::Committed)));
+        assert!(!c.cancel.is_cancelled());
+        assert!(matches!(
+            c.start_postcopy(),
+            Err(ControlRefused::AlreadyPostcopy)
+        ));
+        let e = ControlRefused::Committed.to_string();
+        assert!(e.contains("lose the guest"), "{e}");
     }
 }
