@@ -4,123 +4,20 @@
 //! conditions with deadlines, and kills its children by PID when it ends, pass or fail.
 //! KVM tests print one line and skip where `/dev/kvm` cannot be used.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 use vmm_demo::cli::{MigrateOptions, parse_phase};
-use vmm_demo::protocol::{ErrorClass, Event, MigrateRequest, RunState, StatusReply};
-use vmm_demo::report::{DemoReport, DestinationReport, MigrationReport, RunReport};
-use vmm_demo::{ClientError, ControlClient, GuestKind, Order, PAGE_SIZE};
+use vmm_demo::protocol::{ErrorClass, Event, RunState};
+use vmm_demo::report::{DemoReport, MigrationReport, RunReport};
+use vmm_demo::{GuestKind, Order, PAGE_SIZE};
 
-/// The `vmm-demo` binary of this build profile, built once per test run.
-fn bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/<test> -> target/<profile>/vmm-demo
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut c = Command::new(cargo);
-        c.args(["build", "-q", "-p", "vmm-demo", "--bin", "vmm-demo"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if release {
-            c.arg("--release");
-        }
-        let st = c.status().expect("running cargo build for vmm-demo");
-        assert!(st.success(), "building vmm-demo failed");
-        let p = profile_dir.join("vmm-demo");
-        assert!(p.exists(), "{} missing after the build", p.display());
-        p
-    })
-}
+mod common;
 
-fn kvm_or_skip(test: &str) -> bool {
-    if vmm_demo::kvm_available() {
-        true
-    } else {
-        eprintln!("{test}: skipped, /dev/kvm is missing or not usable");
-        false
-    }
-}
-
-/// A child process killed (by PID) and reaped when dropped.
-struct Proc {
-    child: Child,
-    name: &'static str,
-}
-
-impl Proc {
-    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {timeout:?}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-fn reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = r.read_to_string(&mut s);
-        s
-    })
-}
-
-/// Runs `vmm-demo demo --json`: its report, typed, and as the JSON scripts read.
-fn demo_json(args: &[&str]) -> (DemoReport, Value) {
-    let out = Command::new(bin())
-        .arg("demo")
-        .args(args)
-        .arg("--json")
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("running vmm-demo demo");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("demo printed no JSON ({e}): {text}"));
-    let r: DemoReport = serde_json::from_value(v.clone())
-        .unwrap_or_else(|e| panic!("demo printed no report ({e}): {v:#}"));
-    assert_eq!(
-        out.status.success(),
-        r.verified,
-        "exit {:?} for {r:#?}",
-        out.status
-    );
-    (r, v)
-}
-
-fn demo(args: &[&str]) -> DemoReport {
-    demo_json(args).0
-}
+use common::{Destination, Source, bin, demo, demo_json, kvm_or_skip};
 
 /// Checks a completed demo: verified, and the guest kept printing passes on the
 /// destination after the switchover; the downtime is the engine's, the oracle checks
@@ -451,165 +348,6 @@ fn an_unsafe_disk_setup_is_refused_unless_overridden() {
     assert!(!v.destination.as_ref().is_some_and(|d| d.ran_guest));
 }
 
-/// A source (`run --control`) for the tests that drive the control socket themselves.
-struct Source {
-    proc: Proc,
-    out: Option<std::thread::JoinHandle<String>>,
-    ctl: ControlClient,
-    _dir: tempfile::TempDir,
-}
-
-impl Source {
-    fn start(extra: &[&str]) -> Source {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("control.sock");
-        let mut child = Command::new(bin())
-            .args([
-                "run",
-                "--mem",
-                "32M",
-                "--working-set",
-                "1M",
-                "--json",
-                "--quiet",
-                "--control",
-            ])
-            .arg(format!("unix:{}", sock.display()))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let out = reader(child.stdout.take().unwrap());
-        let proc = Proc {
-            child,
-            name: "source",
-        };
-        let ctl = ControlClient::connect(&sock, Duration::from_secs(30)).unwrap();
-        let mut s = Source {
-            proc,
-            out: Some(out),
-            ctl,
-            _dir: dir,
-        };
-        s.wait_passes_beyond(0);
-        s
-    }
-
-    fn status(&mut self) -> StatusReply {
-        self.ctl.query_status().unwrap()
-    }
-
-    /// Waits until vCPU 0 has done more than `n` passes and the VM runs; returns its count.
-    fn wait_passes_beyond(&mut self, n: u64) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let st = self.status();
-            let p = st.passes[0];
-            if p > n && st.state == RunState::Running && !st.paused {
-                return p;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the source guest does not run: {st:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn migrate(
-        &mut self,
-        to: &str,
-        options: MigrateOptions,
-        on_event: &mut dyn FnMut(&Event),
-    ) -> Result<MigrationReport, ClientError> {
-        self.ctl.migrate(
-            MigrateRequest {
-                to: to.to_string(),
-                options,
-            },
-            on_event,
-        )
-    }
-
-    /// Asks the source to stop and returns its run report (oracle on the source).
-    fn quit(mut self) -> RunReport {
-        self.ctl.quit().unwrap();
-        let st = self.proc.wait(Duration::from_secs(60));
-        let out = self.out.take().unwrap().join().unwrap();
-        let r: RunReport = serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("run printed no report ({e}): {out}"));
-        assert_eq!(st.code(), Some(if r.verified { 0 } else { 2 }), "{r:#?}");
-        r
-    }
-}
-
-/// A destination process listening on a kernel-chosen TCP port.
-struct Destination {
-    proc: Proc,
-    addr: String,
-    out: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Destination {
-    fn start() -> Destination {
-        let mut child = Command::new(bin())
-            .args([
-                "destination",
-                "--listen",
-                "tcp:127.0.0.1:0",
-                "--json",
-                "--quiet",
-                "--run-for",
-                "300ms",
-                "--idle-timeout",
-                "30s",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let out = reader(child.stdout.take().unwrap());
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        let addr = loop {
-            line.clear();
-            assert!(
-                err.read_line(&mut line).unwrap() > 0,
-                "the destination exited before listening"
-            );
-            if let Some(a) = line
-                .trim()
-                .strip_prefix("vmm-demo destination: listening on ")
-            {
-                break a.to_string();
-            }
-        };
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            let _ = err.read_to_string(&mut sink);
-        });
-        Destination {
-            proc: Proc {
-                child,
-                name: "destination",
-            },
-            addr,
-            out: Some(out),
-        }
-    }
-
-    /// Waits for the destination to exit and returns its report.
-    fn report(mut self) -> (std::process::ExitStatus, DestinationReport) {
-        let st = self.proc.wait(Duration::from_secs(60));
-        let out = self.out.take().unwrap().join().unwrap();
-        let r = serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("destination printed no report ({e}): {out}"));
-        (st, r)
-    }
-}
 
 #[test]
 fn destination_killed_mid_migration_leaves_the_guest_running_on_the_source() {
@@ -794,7 +532,7 @@ fn a_corrupted_byte_is_refused_naming_the_record_and_the_source_resumes() {
 fn migrate_command_moves_a_running_guest() {
     let src = Source::start(&[]);
     let dst = Destination::start();
-    let sock = src._dir.path().join("control.sock");
+    let sock = src.socket();
     let out = Command::new(bin())
         .args(["migrate", "--control"])
         .arg(format!("unix:{}", sock.display()))
@@ -849,7 +587,7 @@ fn migrate_command_draws_progress_on_a_terminal() {
     let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
     let src = Source::start(&[]);
     let dst = Destination::start();
-    let sock = src._dir.path().join("control.sock");
+    let sock = src.socket();
     let mut child = Command::new(bin())
         .args(["migrate", "--control"])
         .arg(format!("unix:{}", sock.display()))

@@ -1,0 +1,354 @@
+//! What the end-to-end tests share: the `vmm-demo` binary, child processes killed by PID
+//! when dropped, the demo, a source (`run --control`) and a destination process, and a
+//! TCP proxy that can cut, hold or redirect the connections through it ([`proxy`]).
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmm_demo::cli::MigrateOptions;
+use vmm_demo::protocol::{Event, MigrateRequest, RunState, StatusReply};
+use vmm_demo::report::{DemoReport, DestinationReport, MigrationReport, RunReport};
+use vmm_demo::{ClientError, ControlClient, GuestKind};
+
+/// The `vmm-demo` binary of this build profile, built once per test run.
+pub fn bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test> -> target/<profile>/vmm-demo
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new(cargo);
+        c.args(["build", "-q", "-p", "vmm-demo", "--bin", "vmm-demo"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            c.arg("--release");
+        }
+        let st = c.status().expect("running cargo build for vmm-demo");
+        assert!(st.success(), "building vmm-demo failed");
+        let p = profile_dir.join("vmm-demo");
+        assert!(p.exists(), "{} missing after the build", p.display());
+        p
+    })
+}
+
+/// True if KVM tests can run; otherwise says why `test` skips.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if vmm_demo::kvm_available() {
+        true
+    } else {
+        eprintln!("{test}: skipped, /dev/kvm is missing or not usable");
+        false
+    }
+}
+
+/// The KVM guest where `/dev/kvm` can be used; the software guest otherwise, saying so.
+pub fn guest_for(test: &str) -> GuestKind {
+    if vmm_demo::kvm_available() {
+        GuestKind::Kvm
+    } else {
+        eprintln!("{test}: /dev/kvm is missing or not usable, migrating the software guest");
+        GuestKind::Software
+    }
+}
+
+/// The VM options of a guest of `kind`: the software one paced like the KVM guest under
+/// nested virtualisation, so that both dirty pages at comparable rates.
+pub fn guest_args(kind: GuestKind) -> Vec<String> {
+    let mut v = vec!["--guest".to_string(), kind.as_str().to_string()];
+    if kind == GuestKind::Software {
+        v.extend(["--software-page-ns".to_string(), "5000".to_string()]);
+    }
+    v
+}
+
+/// A child process killed (by PID) and reaped when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: &'static str,
+}
+
+impl Proc {
+    /// Waits for the process to exit; fails the test after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process by its PID (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads all of `r` on a thread.
+pub fn reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
+
+/// Runs `vmm-demo demo --json`: its report, typed, and as the JSON scripts read, and its
+/// exit status (checked against the report's `verified`).
+pub fn demo_run(args: &[&str]) -> (DemoReport, Value, ExitStatus) {
+    let out = Command::new(bin())
+        .arg("demo")
+        .args(args)
+        .arg("--json")
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running vmm-demo demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("demo printed no JSON ({e}): {text}"));
+    let r: DemoReport = serde_json::from_value(v.clone())
+        .unwrap_or_else(|e| panic!("demo printed no report ({e}): {v:#}"));
+    assert_eq!(
+        out.status.success(),
+        r.verified,
+        "exit {:?} for {r:#?}",
+        out.status
+    );
+    (r, v, out.status)
+}
+
+/// [`demo_run`] without the exit status.
+pub fn demo_json(args: &[&str]) -> (DemoReport, Value) {
+    let (r, v, _) = demo_run(args);
+    (r, v)
+}
+
+/// [`demo_run`]'s typed report alone.
+pub fn demo(args: &[&str]) -> DemoReport {
+    demo_run(args).0
+}
+
+/// A source (`run --control`) for the tests that drive the control socket themselves.
+pub struct Source {
+    pub proc: Proc,
+    pub out: Option<std::thread::JoinHandle<String>>,
+    pub ctl: ControlClient,
+    pub dir: tempfile::TempDir,
+}
+
+impl Source {
+    /// A 32 MiB guest with a 1 MiB working set (the software guest where KVM is missing,
+    /// as `--guest auto` picks), with `extra` options.
+    pub fn start(extra: &[&str]) -> Source {
+        let mut args = vec!["--mem", "32M", "--working-set", "1M"];
+        args.extend_from_slice(extra);
+        Self::start_with(&args)
+    }
+
+    /// A source with exactly the VM options `vm` (and `run`'s other options).
+    pub fn start_with(vm: &[&str]) -> Source {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("control.sock");
+        let mut child = Command::new(bin())
+            .args(["run", "--json", "--quiet", "--control"])
+            .arg(format!("unix:{}", sock.display()))
+            .args(vm)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = reader(child.stdout.take().unwrap());
+        let proc = Proc {
+            child,
+            name: "source",
+        };
+        let ctl = ControlClient::connect(&sock, Duration::from_secs(30)).unwrap();
+        let mut s = Source {
+            proc,
+            out: Some(out),
+            ctl,
+            dir,
+        };
+        s.wait_passes_beyond(0);
+        s
+    }
+
+    /// The control socket's path.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// A second connection to the control socket (the first is busy during `migrate`).
+    pub fn second_client(&self) -> ControlClient {
+        ControlClient::connect(&self.socket(), Duration::from_secs(10)).unwrap()
+    }
+
+    pub fn status(&mut self) -> StatusReply {
+        self.ctl.query_status().unwrap()
+    }
+
+    /// Waits until vCPU 0 has done more than `n` passes and the VM runs; returns its count.
+    pub fn wait_passes_beyond(&mut self, n: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let st = self.status();
+            let p = st.passes[0];
+            if p > n && st.state == RunState::Running && !st.paused {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the source guest does not run: {st:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn migrate(
+        &mut self,
+        to: &str,
+        options: MigrateOptions,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<MigrationReport, ClientError> {
+        self.ctl.migrate(
+            MigrateRequest {
+                to: to.to_string(),
+                options,
+            },
+            on_event,
+        )
+    }
+
+    /// Asks the source to stop and returns its run report (oracle on the source) and its
+    /// exit status, checked against the report: 0 verified, 3 lost, 2 otherwise.
+    pub fn quit_status(mut self) -> (RunReport, ExitStatus) {
+        self.ctl.quit().unwrap();
+        let st = self.proc.wait(Duration::from_secs(60));
+        let out = self.out.take().unwrap().join().unwrap();
+        let r: RunReport = serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("run printed no report ({e}): {out}"));
+        let expected = if r.verified {
+            0
+        } else if matches!(r.status, RunState::Lost { .. }) {
+            3
+        } else {
+            2
+        };
+        assert_eq!(st.code(), Some(expected), "{r:#?}");
+        (r, st)
+    }
+
+    /// [`quit_status`](Self::quit_status)'s report alone.
+    pub fn quit(self) -> RunReport {
+        self.quit_status().0
+    }
+}
+
+/// A destination process listening on a kernel-chosen TCP port.
+pub struct Destination {
+    pub proc: Proc,
+    pub addr: String,
+    pub out: Option<std::thread::JoinHandle<String>>,
+    pub err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Destination {
+    /// A destination that runs the guest 300 ms after the migration.
+    pub fn start() -> Destination {
+        Self::start_with(&[])
+    }
+
+    /// A destination with `extra` options.
+    pub fn start_with(extra: &[&str]) -> Destination {
+        let mut child = Command::new(bin())
+            .args([
+                "destination",
+                "--listen",
+                "tcp:127.0.0.1:0",
+                "--json",
+                "--quiet",
+                "--run-for",
+                "300ms",
+                "--idle-timeout",
+                "30s",
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = reader(child.stdout.take().unwrap());
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "the destination exited before listening"
+            );
+            if let Some(a) = line
+                .trim()
+                .strip_prefix("vmm-demo destination: listening on ")
+            {
+                break a.to_string();
+            }
+        };
+        Destination {
+            proc: Proc {
+                child,
+                name: "destination",
+            },
+            addr,
+            out: Some(out),
+            err: Some(reader(err)),
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Waits for the destination to exit and returns its exit status and report.
+    pub fn report(mut self) -> (ExitStatus, DestinationReport) {
+        let st = self.proc.wait(Duration::from_secs(60));
+        let out = self.out.take().unwrap().join().unwrap();
+        let err = self.err.take().unwrap().join().unwrap();
+        // Shown with the test's output when it fails.
+        for l in err.lines().filter(|l| !l.starts_with("vcpu")) {
+            eprintln!("destination: {l}");
+        }
+        let r = serde_json::from_str(out.trim()).unwrap_or_else(|e| {
+            panic!("destination printed no report ({e}): {out}; standard error: {err}")
+        });
+        (st, r)
+    }
+}
