@@ -161,7 +161,7 @@ where
         mut conn,
         input,
         stream,
-        mut received,
+        received,
         ..
     } = *Box::new(switch);
     let vm_id = stream.header.vm_uuid;
@@ -200,11 +200,7 @@ where
         Ok(u) => u,
         Err(e) => return Err(refuse(&mut conn, e)),
     };
-    // Every page not received (and not discarded) is to be fetched: prefaulted zeros of
-    // the pre-copy placement included.
-    for r in &stream.discard {
-        received.clear_range(r.start as usize..(r.end as usize).min(pages));
-    }
+    let received = book::present_at_switch(received, &stream.discard);
     let setup = (|| {
         let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
         for (_, run) in ram.layout().split_at_regions(0..pages) {
