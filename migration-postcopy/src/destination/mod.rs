@@ -287,7 +287,27 @@ where
         .stats(Instant::now());
     report.postcopy = stats;
     match result {
-        Ok(()) => Ok(report),
+        Ok(()) => {
+            // Every page is present: RAM is ordinary memory again (every thread that
+            // shared it is joined), then the source hears it.
+            match Arc::try_unwrap(shared) {
+                Ok(s) => {
+                    if let Err(e) = s.faulting.finish() {
+                        tracing::warn!(%e, "unregistering guest RAM from userfaultfd");
+                    }
+                }
+                // Cannot happen: every thread that shared it was joined. Dropping the last
+                // reference unregisters it anyway.
+                Err(_) => tracing::warn!("guest RAM still shared at the end of post-copy"),
+            }
+            let mut out = BytesMut::new();
+            ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+            if let Err(e) = conns.main.write_all(&out) {
+                tracing::debug!(%e, "the final verdict");
+            }
+            let _ = conns.main.shutdown(Shutdown::Write);
+            Ok(report)
+        }
         Err(e) => {
             let e = match e {
                 DestinationError::SourceLost {
@@ -727,15 +747,6 @@ fn serve<C: Connection>(
     })();
     shared.stop.store(true, Ordering::SeqCst);
     let _ = fault_thread.join();
-    if result.is_ok() {
-        // Every page is present: RAM is ordinary memory again, then the source hears it.
-        let mut out = BytesMut::new();
-        ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
-        if let Err(e) = conns.main.write_all(&out) {
-            tracing::debug!(%e, "the final verdict");
-        }
-        let _ = conns.main.shutdown(Shutdown::Write);
-    }
     result
 }
 
