@@ -32,9 +32,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use migration_core::bitmap::DirtyBitmap;
 use migration_core::fault::{Fault, FaultingRam};
 use migration_core::geometry::GuestRam;
 use migration_core::page::PageDecoder;
+use migration_core::pagemap::populated_pages;
 use migration_core::stream::{
     Ack, DecoderOptions, DeviceState, Direction, Frame, HeaderFlags, PageBatch, PageData, Record,
     ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
@@ -203,16 +205,30 @@ where
     let received = book::present_at_switch(received, &stream.discard);
     let setup = (|| {
         let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
-        for (_, run) in ram.layout().split_at_regions(0..pages) {
-            let mut pos = run.start;
-            while pos < run.end {
-                let s = match (pos..run.end).find(|&p| !received.test(p)) {
-                    Some(s) => s,
-                    None => break,
-                };
-                let e = received.next_set(s).map_or(run.end, |e| e.min(run.end));
-                faulting.discard(s..e).map_err(DestinationError::Register)?;
-                pos = e;
+        let layout = ram.layout();
+        // Pages to fetch must fault: drop whatever they hold (a discarded old copy,
+        // prefaulted zeros, nothing at all: dropping nothing is cheap).
+        let mut fetch = DirtyBitmap::new_full(pages);
+        fetch.subtract(&received);
+        for run in fetch.iter_runs() {
+            for (_, piece) in layout.split_at_regions(run) {
+                faulting
+                    .discard(piece)
+                    .map_err(DestinationError::Register)?;
+            }
+        }
+        // Pages known to be zero that hold no page (pre-copy never wrote them: fresh RAM
+        // reads as zero) would fault for ever: map the zero page into them. Where the
+        // kernel says which pages hold something, only into those that do not.
+        let mut zero = received.clone();
+        if let Ok(held) = populated_pages(ram.memory(), layout) {
+            zero.subtract(&held);
+        }
+        for run in zero.iter_runs() {
+            for (_, piece) in layout.split_at_regions(run) {
+                faulting
+                    .place_zero(piece)
+                    .map_err(DestinationError::Register)?;
             }
         }
         vm.load_device_state(&states)?;
