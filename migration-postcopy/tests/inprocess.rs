@@ -371,10 +371,20 @@ fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_f
 
 #[test]
 fn a_connection_cut_after_the_commit_is_recovered_and_nothing_is_lost() {
-    if !uffd_or_skip("a_connection_cut_after_the_commit_is_recovered") {
+    cut_and_recover("cut", 1);
+}
+
+#[test]
+fn a_second_cut_during_recovery_is_recovered_too() {
+    cut_and_recover("cut2", 2);
+}
+
+/// Cuts every connection `cuts` times, each right after the source (re)starts post-copy.
+fn cut_and_recover(name: &str, cuts: usize) {
+    if !uffd_or_skip(name) {
         return;
     }
-    let (addr, listener, _dir) = socket("cut");
+    let (addr, listener, _dir) = socket(name);
     let dest = destination(
         listener,
         DestinationOptions {
@@ -403,8 +413,8 @@ fn a_connection_cut_after_the_commit_is_recovered_and_nothing_is_lost() {
         batch_pages: 16,
         ..SourceOptions::default()
     };
-    let cut_once = Arc::new(AtomicBool::new(false));
-    let (m3, cut) = (made.clone(), cut_once.clone());
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (m3, cut) = (made.clone(), done.clone());
     let r = source::migrate(
         &ram,
         &mut vm,
@@ -418,9 +428,9 @@ fn a_connection_cut_after_the_commit_is_recovered_and_nothing_is_lost() {
                 == migration_core::stats::ProgressEvent::Phase(
                     migration_core::stats::Phase::Postcopy,
                 )
-                && !cut.swap(true, Ordering::SeqCst)
+                && cut.fetch_add(1, Ordering::SeqCst) < cuts
             {
-                // Right after the commit: break both connections off.
+                // Right after the commit (or a recovery): break every connection off.
                 for c in m3.lock().unwrap().iter() {
                     let _ = c.shutdown(std::net::Shutdown::Both);
                 }
@@ -433,8 +443,8 @@ fn a_connection_cut_after_the_commit_is_recovered_and_nothing_is_lost() {
         other => panic!("{other:?}; destination: {:?}", d.report),
     };
     let dr = d.report.expect("the destination completed");
-    assert_eq!(report.recoveries.len(), 1, "{report:?}");
-    assert_eq!(dr.postcopy.recoveries.len(), 1, "{:?}", dr.postcopy);
+    assert_eq!(report.recoveries.len(), cuts, "{report:?}");
+    assert_eq!(dr.postcopy.recoveries.len(), cuts, "{:?}", dr.postcopy);
     ram_equal(&mem, &d.mem);
     let _ = Instant::now();
 }
