@@ -153,6 +153,12 @@ impl FaultingRam {
         self.page_size
     }
 
+    /// The pages of the RAM region that holds `page` (a run passed to
+    /// [`place_run`](Self::place_run) stays within one).
+    pub fn region_of(&self, page: usize) -> Option<Range<usize>> {
+        self.mapping(page).ok().map(|m| m.pages.clone())
+    }
+
     fn mapping(&self, page: usize) -> io::Result<&Mapping> {
         let i = self.mappings.partition_point(|m| m.pages.end <= page);
         match self.mappings.get(i) {
@@ -249,6 +255,74 @@ impl FaultingRam {
         Err(io::Error::other(format!(
             "UFFDIO_COPY of page {page} kept stopping early"
         )))
+    }
+
+    /// Places `data`, a whole number of pages, into the pages from `first` on (one run
+    /// within one region) where they are missing, waking whoever faulted on them; one
+    /// `UFFDIO_COPY` for the run unless some of its pages are present already. Returns the
+    /// pages that were present (left as they were).
+    pub fn place_run(&self, first: usize, data: &[u8]) -> io::Result<Vec<usize>> {
+        let n = data.len() / self.page_size;
+        if n * self.page_size != data.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "placing {} bytes: not whole {}-byte pages",
+                    data.len(),
+                    self.page_size
+                ),
+            ));
+        }
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let m = self.mapping(first)?;
+        if first + n > m.pages.end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pages {first}..{} cross the end of a RAM region", first + n),
+            ));
+        }
+        let base = self.host(first)?.cast::<u8>();
+        let mut present = Vec::new();
+        let mut done = 0;
+        let mut stalls = 0;
+        while done < data.len() {
+            // SAFETY: `base + done..base + len` lies in one registered mapping (checked
+            // above) and `data[done..]` is readable for as long; the kernel copies into
+            // missing pages only and stops at a present one.
+            let r = unsafe {
+                self.uffd.copy(
+                    data[done..].as_ptr().cast(),
+                    base.add(done).cast(),
+                    data.len() - done,
+                    true,
+                )
+            };
+            match r {
+                Ok(k) | Err(userfaultfd::Error::PartiallyCopied(k)) if k > 0 => {
+                    done += k;
+                    stalls = 0;
+                }
+                Err(userfaultfd::Error::CopyFailed(errno)) if errno as i32 == libc::EEXIST => {
+                    let page = first + done / self.page_size;
+                    self.wake(page..page + 1)?;
+                    present.push(page);
+                    done += self.page_size;
+                }
+                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                    stalls += 1;
+                    if stalls > 64 {
+                        return Err(io::Error::other(format!(
+                            "UFFDIO_COPY of pages {first}..{} kept stopping early",
+                            first + n
+                        )));
+                    }
+                }
+                Err(e) => return Err(uffd_io(e)),
+            }
+        }
+        Ok(present)
     }
 
     /// Places zero pages into the missing pages of `pages` (a run within one region),
@@ -444,6 +518,27 @@ mod tests {
         let mut back = vec![0u8; 4096];
         g.read_page(18, &mut back).unwrap();
         assert_eq!(back, page);
+    }
+
+    #[test]
+    fn a_run_is_placed_around_pages_present_already() {
+        let mem = ram();
+        let Some((f, g)) = faulting(&mem) else { return };
+        assert_eq!(f.place(2, &vec![0xeeu8; 4096]).unwrap(), Placed::Placed);
+        assert_eq!(f.place(5, &vec![0xeeu8; 4096]).unwrap(), Placed::Placed);
+        let data: Vec<u8> = (0..8 * 4096).map(|i| (i / 4096) as u8 + 1).collect();
+        assert_eq!(f.place_run(0, &data).unwrap(), vec![2, 5]);
+        let mut back = vec![0u8; 4096];
+        for p in 0..8 {
+            g.read_page(p, &mut back).unwrap();
+            let want = if p == 2 || p == 5 { 0xee } else { p as u8 + 1 };
+            assert!(back.iter().all(|&b| b == want), "page {p}");
+        }
+        assert!(
+            f.place_run(14, &data[..3 * 4096]).is_err(),
+            "across a region end"
+        );
+        assert!(f.place_run(0, &data[..100]).is_err(), "not whole pages");
     }
 
     #[test]

@@ -3,13 +3,18 @@
 
 use std::time::Duration;
 
-/// Buckets of [`LatencyHistogram`]: bucket `i` holds latencies in `[2^i, 2^(i+1))`
-/// nanoseconds (bucket 0 also holds 0), so 40 buckets reach past 18 minutes.
-pub const LATENCY_BUCKETS: usize = 40;
+/// Linear sub-buckets per power of two in [`LatencyHistogram`].
+const SUB: u64 = 8;
+/// `log2(SUB)`.
+const SUB_BITS: u32 = 3;
+/// Buckets of [`LatencyHistogram`]: one per nanosecond below 8 ns, then 8 per power of two
+/// up to 2^64 ns.
+pub const LATENCY_BUCKETS: usize = (SUB + (64 - SUB_BITS as u64) * SUB) as usize;
 
-/// Latencies in log2 buckets of nanoseconds, with exact count, sum and maximum. Constant
-/// size, no allocation per sample; percentiles are read off the buckets (the upper bound
-/// of the bucket the percentile falls in, but never above the maximum seen).
+/// Latencies in log2 buckets of nanoseconds, each power of two split into 8 linear
+/// sub-buckets (so a bucket is at most 12.5 % wide), with exact count, sum and maximum.
+/// Constant size, no allocation per sample; percentiles are read off the buckets (the
+/// upper bound of the bucket the percentile falls in, but never above the maximum seen).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LatencyHistogram {
     buckets: [u64; LATENCY_BUCKETS],
@@ -33,8 +38,7 @@ impl LatencyHistogram {
     /// Adds one latency.
     pub fn record(&mut self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        let b = (63 - ns.max(1).leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
-        self.buckets[b] += 1;
+        self.buckets[bucket_of(ns)] += 1;
         self.count += 1;
         self.sum_ns += u128::from(ns);
         self.max_ns = self.max_ns.max(ns);
@@ -81,11 +85,7 @@ impl LatencyHistogram {
         for (i, &n) in self.buckets.iter().enumerate() {
             seen += n;
             if seen >= rank {
-                let upper = if i + 1 >= 64 {
-                    u64::MAX
-                } else {
-                    (1u64 << (i + 1)) - 1
-                };
+                let (_, upper) = bounds_of(i);
                 return Duration::from_nanos(upper.min(self.max_ns));
             }
         }
@@ -98,8 +98,31 @@ impl LatencyHistogram {
             .iter()
             .enumerate()
             .filter(|(_, n)| **n > 0)
-            .map(|(i, n)| (if i == 0 { 0 } else { 1u64 << i }, *n))
+            .map(|(i, n)| (bounds_of(i).0, *n))
     }
+}
+
+/// The bucket of a latency of `ns` nanoseconds.
+fn bucket_of(ns: u64) -> usize {
+    if ns < SUB {
+        return ns as usize;
+    }
+    let e = 63 - ns.leading_zeros(); // at least SUB_BITS
+    let sub = (ns >> (e - SUB_BITS)) & (SUB - 1);
+    (SUB + u64::from(e - SUB_BITS) * SUB + sub) as usize
+}
+
+/// The smallest and largest latency (ns) bucket `i` holds.
+fn bounds_of(i: usize) -> (u64, u64) {
+    let i = i as u64;
+    if i < SUB {
+        return (i, i);
+    }
+    let e = (i - SUB) / SUB + u64::from(SUB_BITS);
+    let sub = (i - SUB) % SUB;
+    let shift = e - u64::from(SUB_BITS);
+    let lower = (SUB + sub) << shift;
+    (lower, lower.saturating_add((1u64 << shift) - 1))
 }
 
 /// Where a page that reached the destination came from.
@@ -183,8 +206,11 @@ mod tests {
         assert_eq!(h.count(), 5);
         assert_eq!(h.max(), Duration::from_micros(1000));
         assert_eq!(h.mean(), Duration::from_micros(220));
-        // 30 µs is in [16384, 32768) ns.
-        assert_eq!(h.quantile(0.5), Duration::from_nanos(32767));
+        // 30 µs is in [28672, 30720) ns: the seventh eighth of [2^14, 2^15).
+        assert_eq!(h.quantile(0.5), Duration::from_nanos(30719));
+        assert_eq!(bounds_of(bucket_of(30_000)), (28_672, 30_719));
+        assert_eq!(bounds_of(bucket_of(5)), (5, 5));
+        assert_eq!(bucket_of(u64::MAX), LATENCY_BUCKETS - 1);
         assert_eq!(h.quantile(0.99), Duration::from_micros(1000));
         assert_eq!(h.buckets().map(|(_, n)| n).sum::<u64>(), 5);
         let mut g = LatencyHistogram::default();
@@ -195,8 +221,9 @@ mod tests {
     }
 
     proptest! {
-        /// A quantile is within a factor of two of the exact one (above it, from the
-        /// bucket's upper bound) and ordered with the others.
+        /// A quantile is within a bucket (12.5 %) of the exact one, above it (the bucket's
+        /// upper bound), and ordered with the others; every latency falls in the bucket
+        /// whose bounds hold it.
         #[test]
         fn quantiles_are_within_a_bucket_of_the_truth(mut xs in proptest::collection::vec(1u64..1 << 40, 1..200), q in 0.01f64..1.0) {
             let mut h = LatencyHistogram::default();
@@ -207,7 +234,11 @@ mod tests {
             let rank = ((q * xs.len() as f64).ceil() as usize).max(1);
             let exact = xs[rank - 1];
             let got = h.quantile(q).as_nanos() as u64;
-            prop_assert!(got >= exact && got <= exact.saturating_mul(2), "{got} vs {exact}");
+            prop_assert!(got >= exact && got <= exact + exact / 8 + 1, "{got} vs {exact}");
+            for &x in &xs {
+                let (lo, hi) = bounds_of(bucket_of(x));
+                prop_assert!(lo <= x && x <= hi);
+            }
             prop_assert!(h.quantile(0.5) <= h.quantile(0.99));
             prop_assert!(h.quantile(1.0) == h.max());
         }

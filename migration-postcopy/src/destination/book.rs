@@ -17,6 +17,20 @@ use migration_core::fault::Fault;
 
 use crate::stats::{Origin, PostcopyStats, Recovery};
 
+/// The pages the destination holds at the switch: those pre-copy wrote (`received`) less
+/// the discard list (they changed on the source since they were sent). Every other page
+/// is fetched, whatever the pre-copy placement left in it (prefaulted zeros).
+pub fn present_at_switch(received: DirtyBitmap, discard: &[std::ops::Range<u64>]) -> DirtyBitmap {
+    let mut present = received;
+    let pages = present.len();
+    for r in discard {
+        let end = usize::try_from(r.end).unwrap_or(usize::MAX).min(pages);
+        let start = usize::try_from(r.start).unwrap_or(usize::MAX).min(end);
+        present.clear_range(start..end);
+    }
+    present
+}
+
 /// A page waited for.
 #[derive(Debug)]
 struct Wait {
@@ -245,6 +259,22 @@ mod tests {
 
     fn at(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn discarded_pages_are_fetched_again_and_a_discard_past_the_end_is_ignored() {
+        let mut received = DirtyBitmap::new(16);
+        received.set_range(0..12);
+        let present = present_at_switch(received, &[2..4, 9..10, 14..100, u64::MAX - 1..u64::MAX]);
+        assert_eq!(
+            present.iter_runs().collect::<Vec<_>>(),
+            vec![0..2, 4..9, 10..12]
+        );
+        let t0 = Instant::now();
+        let mut b = PageBook::new(present, t0);
+        let (mut req, mut wake) = (Vec::new(), Vec::new());
+        b.on_faults(&[fault(3, 1), fault(5, 1)], t0, &mut req, &mut wake);
+        assert_eq!((req, wake), (vec![3], vec![5]));
     }
 
     #[test]

@@ -32,9 +32,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use migration_core::fault::{Fault, FaultingRam, Placed};
+use migration_core::bitmap::DirtyBitmap;
+use migration_core::fault::{Fault, FaultingRam};
 use migration_core::geometry::GuestRam;
 use migration_core::page::PageDecoder;
+use migration_core::pagemap::populated_pages;
 use migration_core::stream::{
     Ack, DecoderOptions, DeviceState, Direction, Frame, HeaderFlags, PageBatch, PageData, Record,
     ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
@@ -161,7 +163,7 @@ where
         mut conn,
         input,
         stream,
-        mut received,
+        received,
         ..
     } = *Box::new(switch);
     let vm_id = stream.header.vm_uuid;
@@ -200,23 +202,33 @@ where
         Ok(u) => u,
         Err(e) => return Err(refuse(&mut conn, e)),
     };
-    // Every page not received (and not discarded) is to be fetched: prefaulted zeros of
-    // the pre-copy placement included.
-    for r in &stream.discard {
-        received.clear_range(r.start as usize..(r.end as usize).min(pages));
-    }
+    let received = book::present_at_switch(received, &stream.discard);
     let setup = (|| {
         let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
-        for (_, run) in ram.layout().split_at_regions(0..pages) {
-            let mut pos = run.start;
-            while pos < run.end {
-                let s = match (pos..run.end).find(|&p| !received.test(p)) {
-                    Some(s) => s,
-                    None => break,
-                };
-                let e = received.next_set(s).map_or(run.end, |e| e.min(run.end));
-                faulting.discard(s..e).map_err(DestinationError::Register)?;
-                pos = e;
+        let layout = ram.layout();
+        // Pages to fetch must fault: drop whatever they hold (a discarded old copy,
+        // prefaulted zeros, nothing at all: dropping nothing is cheap).
+        let mut fetch = DirtyBitmap::new_full(pages);
+        fetch.subtract(&received);
+        for run in fetch.iter_runs() {
+            for (_, piece) in layout.split_at_regions(run) {
+                faulting
+                    .discard(piece)
+                    .map_err(DestinationError::Register)?;
+            }
+        }
+        // Pages known to be zero that hold no page (pre-copy never wrote them: fresh RAM
+        // reads as zero) would fault for ever: map the zero page into them. Where the
+        // kernel says which pages hold something, only into those that do not.
+        let mut zero = received.clone();
+        if let Ok(held) = populated_pages(ram.memory(), layout) {
+            zero.subtract(&held);
+        }
+        for run in zero.iter_runs() {
+            for (_, piece) in layout.split_at_regions(run) {
+                faulting
+                    .place_zero(piece)
+                    .map_err(DestinationError::Register)?;
             }
         }
         vm.load_device_state(&states)?;
@@ -291,7 +303,27 @@ where
         .stats(Instant::now());
     report.postcopy = stats;
     match result {
-        Ok(()) => Ok(report),
+        Ok(()) => {
+            // Every page is present: RAM is ordinary memory again (every thread that
+            // shared it is joined), then the source hears it.
+            match Arc::try_unwrap(shared) {
+                Ok(s) => {
+                    if let Err(e) = s.faulting.finish() {
+                        tracing::warn!(%e, "unregistering guest RAM from userfaultfd");
+                    }
+                }
+                // Cannot happen: every thread that shared it was joined. Dropping the last
+                // reference unregisters it anyway.
+                Err(_) => tracing::warn!("guest RAM still shared at the end of post-copy"),
+            }
+            let mut out = BytesMut::new();
+            ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+            if let Err(e) = conns.main.write_all(&out) {
+                tracing::debug!(%e, "the final verdict");
+            }
+            let _ = conns.main.shutdown(Shutdown::Write);
+            Ok(report)
+        }
         Err(e) => {
             let e = match e {
                 DestinationError::SourceLost {
@@ -548,87 +580,99 @@ struct Shared<C> {
 }
 
 impl<C: Connection> Shared<C> {
-    /// Places the pages of `batch` that are still missing.
+    /// Places the pages of `batch` that are still missing: runs of consecutive pages in
+    /// one `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`) each, the book updated once per run.
     fn place(
         &self,
         batch: &PageBatch,
         origin: Origin,
         decoder: &mut PageDecoder,
-        scratch: &mut [u8],
+        staging: &mut Vec<u8>,
     ) -> Result<(), DestinationError> {
+        let ps = self.faulting.page_size();
+        let pages = &batch.pages;
+        let missing: Vec<bool> = {
+            let b = self.lock();
+            pages
+                .iter()
+                .map(|p| b.is_missing(p.index as usize))
+                .collect()
+        };
         let mut i = 0;
-        while i < batch.pages.len() {
-            let p = &batch.pages[i];
-            let page = p.index as usize;
+        while i < pages.len() {
+            if !missing[i] {
+                self.lock().duplicate();
+                i += 1;
+                continue;
+            }
+            let first = pages[i].index as usize;
+            let zero = matches!(pages[i].data, PageData::Zero);
+            let region_end = self.faulting.region_of(first).map_or(first + 1, |r| r.end);
+            // The run: missing pages of the same kind (zero or not), consecutive, in one
+            // region.
+            let mut j = i + 1;
+            while j < pages.len()
+                && missing[j]
+                && matches!(pages[j].data, PageData::Zero) == zero
+                && pages[j].index == pages[j - 1].index + 1
+                && (pages[j].index as usize) < region_end
+            {
+                j += 1;
+            }
+            let run = first..first + (j - i);
             let fail = |source| DestinationError::Placement {
-                page: p.index,
+                page: first as u64,
                 source,
             };
-            // Zero pages in a row go in one UFFDIO_ZEROPAGE.
-            if matches!(p.data, PageData::Zero) {
-                let mut j = i + 1;
-                while j < batch.pages.len()
-                    && matches!(batch.pages[j].data, PageData::Zero)
-                    && batch.pages[j].index == batch.pages[j - 1].index + 1
-                {
-                    j += 1;
+            let present = if zero {
+                self.place_zero_run(run.clone()).map_err(fail)?
+            } else {
+                staging.clear();
+                for p in &pages[i..j] {
+                    match &p.data {
+                        PageData::Raw(d) => staging.extend_from_slice(d),
+                        PageData::Zstd(_) => {
+                            let at = staging.len();
+                            staging.resize(at + ps, 0);
+                            decoder
+                                .apply(p.data.as_encoded(), &mut staging[at..])
+                                .map_err(|e| fail(io::Error::other(e.to_string())))?;
+                        }
+                        PageData::Delta(_) => {
+                            return Err(DestinationError::Protocol(format!(
+                                "a delta for page {}, which this side does not hold",
+                                p.index
+                            )));
+                        }
+                        PageData::Zero => unreachable!("a run of one kind"),
+                    }
                 }
-                let run = page..page + (j - i);
-                self.place_zero_run(run, origin).map_err(fail)?;
-                i = j;
-                continue;
-            }
-            i += 1;
-            if !self.lock().is_missing(page) {
-                self.lock().duplicate();
-                continue;
-            }
-            let data: &[u8] = match &p.data {
-                PageData::Raw(d) => d,
-                PageData::Zstd(_) => {
-                    decoder
-                        .apply(p.data.as_encoded(), scratch)
-                        .map_err(|e| fail(io::Error::other(e.to_string())))?;
-                    scratch
-                }
-                PageData::Delta(_) => {
-                    return Err(DestinationError::Protocol(format!(
-                        "a delta for page {page}, which this side does not hold"
-                    )));
-                }
-                PageData::Zero => unreachable!("handled above"),
+                self.faulting.place_run(first, staging).map_err(fail)?
             };
-            match self.faulting.place(page, data).map_err(fail)? {
-                Placed::Placed => self.placed(page, origin),
-                Placed::AlreadyPresent => self.lock().duplicate(),
-            }
+            self.placed_run(run, &present, origin);
+            i = j;
         }
         Ok(())
     }
 
-    fn place_zero_run(&self, run: Range<usize>, origin: Origin) -> io::Result<()> {
-        let missing: Vec<usize> = {
-            let b = self.lock();
-            run.clone().filter(|&p| b.is_missing(p)).collect()
-        };
-        if missing.is_empty() {
-            return Ok(());
-        }
-        // Within one region, as the source splits its batches there... or page by page.
-        if self.faulting.place_zero(run.clone()).is_err() {
-            for &p in &missing {
-                self.faulting.place_zero(p..p + 1)?;
-            }
-        }
-        for p in missing {
-            self.placed(p, origin);
-        }
-        Ok(())
+    /// Places zero pages into `run` (missing when looked at); returns the pages that were
+    /// present after all.
+    fn place_zero_run(&self, run: Range<usize>) -> io::Result<Vec<usize>> {
+        self.faulting.place_zero(run)?;
+        Ok(Vec::new())
     }
 
-    fn placed(&self, page: usize, origin: Origin) {
+    /// Marks the pages of `run` placed (`present`: those that were there already).
+    fn placed_run(&self, run: Range<usize>, present: &[usize], origin: Origin) {
+        let now = Instant::now();
         let mut b = self.lock();
-        b.placed(page, origin, Instant::now());
+        for p in run {
+            if present.contains(&p) {
+                b.duplicate();
+            } else {
+                b.placed(p, origin, now);
+            }
+        }
         if b.is_complete() {
             self.complete.notify_all();
         }
@@ -719,15 +763,6 @@ fn serve<C: Connection>(
     })();
     shared.stop.store(true, Ordering::SeqCst);
     let _ = fault_thread.join();
-    if result.is_ok() {
-        // Every page is present: RAM is ordinary memory again, then the source hears it.
-        let mut out = BytesMut::new();
-        ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
-        if let Err(e) = conns.main.write_all(&out) {
-            tracing::debug!(%e, "the final verdict");
-        }
-        let _ = conns.main.shutdown(Shutdown::Write);
-    }
     result
 }
 
@@ -782,7 +817,7 @@ fn run_connections<C: Connection>(
         std::thread::Builder::new()
             .name("postcopy-urgent".into())
             .spawn(move || {
-                let r = receive_pages(&s, &mut reader, Origin::Requested);
+                let r = receive_pages(&s, &mut || reader.next(), Origin::Requested);
                 if r.is_err() && !closing.load(Ordering::SeqCst) {
                     // Break the main stream off too, so that this side acts on it now.
                     let _ = main_ctl.shutdown(Shutdown::Both);
@@ -791,7 +826,42 @@ fn run_connections<C: Connection>(
             })
             .map_err(DestinationError::Connection)?
     };
-    let broken = match receive_pages(shared, &mut conns.main_reader, Origin::Pushed) {
+    // The background push: one thread reads and decodes while this one places, so that
+    // reading the socket and allocating pages overlap.
+    let main_ctl = conns
+        .main
+        .try_clone()
+        .map_err(DestinationError::Connection)?;
+    let pushed = std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Record, DestinationError>>(4);
+        let reader = &mut conns.main_reader;
+        s.spawn(move || {
+            loop {
+                let r = reader.next();
+                let more = matches!(r, Ok(Record::PageBatch(_) | Record::PostcopyCommit));
+                if tx.send(r).is_err() || !more {
+                    return;
+                }
+            }
+        });
+        let r = receive_pages(
+            shared,
+            &mut || {
+                rx.recv().unwrap_or_else(|_| {
+                    Err(DestinationError::Connection(io::Error::other(
+                        "the main stream's reader stopped",
+                    )))
+                })
+            },
+            Origin::Pushed,
+        );
+        if r.is_err() {
+            // The reader may be waiting for bytes: end that.
+            let _ = main_ctl.shutdown(Shutdown::Both);
+        }
+        r
+    });
+    let broken = match pushed {
         // The push is over: wait for the pages still in flight on the urgent channel.
         Ok(()) => {
             let mut b = shared.lock();
@@ -847,14 +917,14 @@ fn run_connections<C: Connection>(
 /// Places the pages of one stream until its `Complete` (`Ok`) or a failure.
 fn receive_pages<C: Connection>(
     shared: &Shared<C>,
-    reader: &mut Reader<C>,
+    next: &mut dyn FnMut() -> Result<Record, DestinationError>,
     origin: Origin,
 ) -> Result<(), DestinationError> {
     let mut decoder = PageDecoder::new().map_err(|e| DestinationError::Protocol(e.to_string()))?;
-    let mut scratch = vec![0u8; shared.faulting.page_size()];
+    let mut staging = Vec::with_capacity(256 * shared.faulting.page_size());
     loop {
-        match reader.next()? {
-            Record::PageBatch(b) => shared.place(&b, origin, &mut decoder, &mut scratch)?,
+        match next()? {
+            Record::PageBatch(b) => shared.place(&b, origin, &mut decoder, &mut staging)?,
             Record::Complete => return Ok(()),
             // A commit again (after a resume) changes nothing.
             Record::PostcopyCommit => {}

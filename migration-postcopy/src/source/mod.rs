@@ -669,29 +669,61 @@ where
             }
             r
         });
-        // The background push.
-        let mut buf = BytesMut::with_capacity(opts.batch_pages * (ps + 16) + 64);
+        // The background push: this thread reads and encodes pages while a writer thread
+        // sends the previous batch.
         let push = (|| -> Result<(), String> {
-            loop {
-                if broken.load(Ordering::SeqCst) {
-                    return Err("the urgent channel broke".into());
-                }
-                if let Some(ReturnEvent::Closed(Some(e))) = returns.try_next() {
-                    return Err(format!("main return path: {e}"));
-                }
-                let run = plan
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .next_run(opts.batch_pages);
-                let Some(run) = run else { break };
-                buf.clear();
-                encode_pages(ram, run.clone(), populated.as_ref(), &mut buf)
-                    .map_err(|e| format!("reading guest RAM: {e}"))?;
-                conn.write_all(&buf)
-                    .map_err(|e| format!("pushing pages: {e}"))?;
-                report.pages_pushed += run.len() as u64;
-                report.bytes += buf.len() as u64;
+            let cap = opts.batch_pages * (ps + 16) + 64;
+            let (to_writer, batches) = std::sync::mpsc::sync_channel::<BytesMut>(2);
+            let (to_pusher, free) = std::sync::mpsc::channel::<BytesMut>();
+            for _ in 0..3 {
+                to_pusher
+                    .send(BytesMut::with_capacity(cap))
+                    .expect("receiver alive");
             }
+            let mut wconn = conn.try_clone().map_err(|e| e.to_string())?;
+            let writer = s.spawn(move || -> Result<(), String> {
+                for buf in batches {
+                    wconn
+                        .write_all(&buf)
+                        .map_err(|e| format!("pushing pages: {e}"))?;
+                    // The pusher may be gone already (it stopped on an error).
+                    let _ = to_pusher.send(buf);
+                }
+                Ok(())
+            });
+            let pushed = (|| -> Result<(), String> {
+                loop {
+                    if broken.load(Ordering::SeqCst) {
+                        return Err("the urgent channel broke".into());
+                    }
+                    if let Some(ReturnEvent::Closed(Some(e))) = returns.try_next() {
+                        return Err(format!("main return path: {e}"));
+                    }
+                    let run = plan
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .next_run(opts.batch_pages);
+                    let Some(run) = run else { return Ok(()) };
+                    let Ok(mut buf) = free.recv() else {
+                        // The writer stopped: its error says why.
+                        return Ok(());
+                    };
+                    buf.clear();
+                    encode_pages(ram, run.clone(), populated.as_ref(), &mut buf)
+                        .map_err(|e| format!("reading guest RAM: {e}"))?;
+                    report.pages_pushed += run.len() as u64;
+                    report.bytes += buf.len() as u64;
+                    if to_writer.send(buf).is_err() {
+                        return Ok(());
+                    }
+                }
+            })();
+            drop(to_writer);
+            let written = writer
+                .join()
+                .unwrap_or_else(|_| Err("the writer panicked".into()));
+            pushed?;
+            written?;
             let mut out = BytesMut::new();
             Record::Complete.encode(&mut out);
             conn.write_all(&out)

@@ -37,9 +37,10 @@ pub struct PostcopySwitch<C> {
     pub input: BytesMut,
     /// The stream's decoder and what came before the switch.
     pub stream: SwitchedStream,
-    /// Pages written into guest RAM so far (before the discard list is applied). Every
-    /// other page of guest RAM may hold anything the destination's own placement left
-    /// there (prefaulted zeros): a post-copy engine treats it as missing.
+    /// Pages whose content arrived (written into guest RAM, or zero pages, which fresh RAM
+    /// already reads as without being touched), before the discard list is applied.
+    /// Every other page may hold anything the destination's own placement left there
+    /// (prefaulted zeros): a post-copy engine treats it as missing.
     pub received: DirtyBitmap,
 }
 
@@ -230,7 +231,7 @@ impl<C: Connection> Incoming<C> {
                     // Placing pages is over here: the post-copy engine registers RAM for
                     // faults its own way.
                     w.finish().map_err(DestinationError::Placement)?;
-                    let received = w.into_written();
+                    let received = w.into_received();
                     let Incoming {
                         m,
                         conn,

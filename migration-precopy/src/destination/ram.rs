@@ -23,6 +23,8 @@ pub(crate) struct RamWriter<'r, 'm, M: GuestMemoryBackend> {
     /// Pages written so far: a zero page for a page never written needs no write, fresh
     /// guest RAM is zero already (and stays unallocated).
     written: DirtyBitmap,
+    /// Pages whose content arrived: written, or zero pages (which fresh RAM already is).
+    received: DirtyBitmap,
     decoder: PageDecoder,
     scratch: Vec<u8>,
     zero: Vec<u8>,
@@ -65,6 +67,7 @@ impl<'r, 'm, M: GuestMemoryBackend> RamWriter<'r, 'm, M> {
                 fresh,
                 prefault,
                 written: DirtyBitmap::new(ram.layout().page_count()),
+                received: DirtyBitmap::new(ram.layout().page_count()),
                 decoder,
                 scratch: vec![0; ps],
                 zero: vec![0; ps],
@@ -92,6 +95,7 @@ impl<'r, 'm, M: GuestMemoryBackend> RamWriter<'r, 'm, M> {
                 .ram
                 .host_address(idx)
                 .map_err(|_| err(PageWriteError::OutsideRam))?;
+            self.received.set(idx);
             match &p.data {
                 PageData::Zero => {
                     counts.zero += 1;
@@ -168,9 +172,9 @@ impl<'r, 'm, M: GuestMemoryBackend> RamWriter<'r, 'm, M> {
         self.prefault = None;
     }
 
-    /// The pages written so far.
-    pub(crate) fn into_written(self) -> DirtyBitmap {
-        self.written
+    /// The pages whose content arrived so far (written, or zero).
+    pub(crate) fn into_received(self) -> DirtyBitmap {
+        self.received
     }
 
     /// Everything arrived: RAM becomes ordinary memory again before anything reads it
