@@ -216,6 +216,11 @@ impl PageBook {
         again
     }
 
+    /// A recovery that happened before this book served pages (a break before the commit).
+    pub fn record_recovery(&mut self, r: Recovery) {
+        self.stats.recoveries.push(r);
+    }
+
     /// Whether requests go out now.
     pub fn is_connected(&self) -> bool {
         self.connected

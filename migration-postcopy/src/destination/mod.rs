@@ -46,7 +46,7 @@ use migration_core::vm::{VmControl, VmError};
 use migration_precopy::{DestinationStats, PostcopySwitch};
 use vm_memory::GuestMemoryBackend;
 
-use crate::stats::{Origin, PostcopyStats};
+use crate::stats::{Origin, PostcopyStats, Recovery};
 pub use book::PageBook;
 
 /// Settings of a post-copy destination.
@@ -260,6 +260,7 @@ where
         main_reader: main,
         urgent,
     };
+    let mut recovered_before_commit = None;
     match conns.main_reader.next() {
         Ok(Record::PostcopyCommit) => {}
         Ok(Record::Abort { reason }) => return Err(DestinationError::Aborted(reason)),
@@ -274,12 +275,19 @@ where
         }
         Err(DestinationError::Connection(e)) => {
             tracing::warn!(%e, "connection lost before the commit; waiting for the source");
+            let lost = Instant::now();
             // Before the commit the book is only what was received.
-            let book = PageBook::new(received.clone(), Instant::now());
+            let book = PageBook::new(received.clone(), lost);
             match reconnect(accept, vm_id, &book, opts.recovery_window) {
                 Ok(c) => conns = c,
                 Err(_) => return Err(DestinationError::Connection(e)),
             }
+            // The source may have committed before the break, and counts this as a
+            // recovery: so does this side, or the two reports disagree.
+            recovered_before_commit = Some(Recovery {
+                duration: lost.elapsed(),
+                attempts: 1,
+            });
         }
         Err(e) => return Err(e),
     }
@@ -288,7 +296,13 @@ where
     tracing::debug!(since_switch = ?report.switchover, "committed: the guest runs here");
 
     let shared = Arc::new(Shared {
-        book: Mutex::new(PageBook::new(received, Instant::now())),
+        book: Mutex::new({
+            let mut book = PageBook::new(received, Instant::now());
+            if let Some(r) = recovered_before_commit {
+                book.record_recovery(r);
+            }
+            book
+        }),
         complete: Condvar::new(),
         faulting,
         requests: Mutex::new(None),
@@ -514,7 +528,9 @@ fn accept_urgent<C: Connection>(
 }
 
 /// After a break: waits for the source's new main stream and urgent channel (in either
-/// order), and answers the main one with the received-pages bitmap.
+/// order), and answers the main one with the received-pages bitmap. A pair that breaks
+/// before the source's commit on it is dropped, and the next awaited, until the window
+/// passes.
 fn reconnect<C: Connection>(
     accept: &mut Accept<'_, C>,
     vm_id: [u8; 16],
@@ -522,6 +538,22 @@ fn reconnect<C: Connection>(
     window: Duration,
 ) -> Result<Conns<C>, DestinationError> {
     let deadline = Instant::now() + window;
+    loop {
+        match reconnect_once(accept, vm_id, book, deadline) {
+            Err(DestinationError::Connection(e)) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "a recovery attempt broke; waiting for the next");
+            }
+            r => return r,
+        }
+    }
+}
+
+fn reconnect_once<C: Connection>(
+    accept: &mut Accept<'_, C>,
+    vm_id: [u8; 16],
+    book: &PageBook,
+    deadline: Instant,
+) -> Result<Conns<C>, DestinationError> {
     let pages = book.present().len() as u64;
     let mut main: Option<(C, Reader<C>)> = None;
     let mut urgent: Option<(C, Reader<C>)> = None;

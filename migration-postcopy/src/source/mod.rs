@@ -148,7 +148,8 @@ pub enum SourceError {
     /// destination since), so resuming it would roll the guest back.
     #[error(
         "the destination was lost after the commit ({why}) and could not be reached again within \
-         {window:?}: the guest is lost; this side's copy is stale and must not be resumed"
+         {window:?}: the guest is lost; this side's copy is stale, and resuming it would roll the \
+         guest back to the commit"
     )]
     DestinationLost {
         /// What broke.
@@ -655,19 +656,29 @@ where
 {
     let ps = ram.layout().page_size() as usize;
     let broken = Arc::new(AtomicBool::new(false));
+    // Set before the push's end is written: from then on the destination may close the
+    // urgent channel under an answer it no longer needs (the page came by the push), and
+    // the main stream alone says how the post-copy ends (a verdict, or a break).
+    let push_ended = Arc::new(AtomicBool::new(false));
     let populated = populated_pages(ram.memory(), ram.layout()).ok();
     std::thread::scope(|s| {
         let urgent_ctl = urgent.conn.try_clone().map_err(|e| e.to_string())?;
         let main_ctl = conn.try_clone().map_err(|e| e.to_string())?;
         let b = broken.clone();
+        let ended = push_ended.clone();
         let server = s.spawn(move || {
-            let r = serve_requests(ram, plan, urgent);
-            if r.is_err() {
+            let mut served = Served::default();
+            let r = serve_requests(ram, plan, urgent, &mut served);
+            if let Err(e) = &r
+                && ended.load(Ordering::SeqCst)
+            {
+                tracing::debug!(%e, "the urgent channel ended after the push");
+            } else if r.is_err() {
                 b.store(true, Ordering::SeqCst);
                 // The push must notice at once.
                 let _ = main_ctl.shutdown(Shutdown::Both);
             }
-            r
+            served
         });
         // The background push: this thread reads and encodes pages while a writer thread
         // sends the previous batch.
@@ -724,6 +735,7 @@ where
                 .unwrap_or_else(|_| Err("the writer panicked".into()));
             pushed?;
             written?;
+            push_ended.store(true, Ordering::SeqCst);
             let mut out = BytesMut::new();
             Record::Complete.encode(&mut out);
             conn.write_all(&out)
@@ -746,11 +758,9 @@ where
                             why.map(|w| format!(": {w}")).unwrap_or_default()
                         ));
                     }
-                    _ => {
-                        if broken.load(Ordering::SeqCst) {
-                            return Err("the urgent channel broke".into());
-                        }
-                    }
+                    // A break of the urgent channel alone is the destination's to see:
+                    // it ends the main stream if it still lacks pages.
+                    _ => {}
                 }
             }
         })();
@@ -759,12 +769,11 @@ where
         if push.is_err() {
             let _ = conn.shutdown(Shutdown::Both);
         }
-        let served = server.join().unwrap_or(Ok(Served::default()));
-        if let Ok(s) = &served {
-            report.pages_requested += s.pages;
-            report.requests += s.requests;
-            report.bytes += s.bytes;
-        }
+        // What was served counts however the channel ended.
+        let served = server.join().unwrap_or_default();
+        report.pages_requested += served.pages;
+        report.requests += served.requests;
+        report.bytes += served.bytes;
         push
     })
 }
@@ -782,7 +791,8 @@ fn serve_requests<M: GuestMemoryBackend, C: Connection>(
     ram: &GuestRam<'_, M>,
     plan: &Mutex<PushPlan>,
     mut urgent: Urgent<C>,
-) -> Result<Served, String> {
+    served: &mut Served,
+) -> Result<(), String> {
     let pages = ram.layout().page_count() as u64;
     let mut dec = ReturnDecoder::new(DecoderOptions {
         page_count: Some(pages),
@@ -790,7 +800,6 @@ fn serve_requests<M: GuestMemoryBackend, C: Connection>(
     });
     let mut input = BytesMut::with_capacity(4096);
     let mut out = BytesMut::with_capacity(64 << 10);
-    let mut served = Served::default();
     let mut read = urgent.conn.try_clone().map_err(|e| e.to_string())?;
     loop {
         loop {
@@ -817,14 +826,14 @@ fn serve_requests<M: GuestMemoryBackend, C: Connection>(
             }
         }
         match read.read_into(&mut input, 4096) {
-            Ok(0) => return Ok(served),
+            Ok(0) => return Ok(()),
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return if served.requests > 0 || e.kind() != io::ErrorKind::NotConnected {
                     Err(format!("urgent channel: {e}"))
                 } else {
-                    Ok(served)
+                    Ok(())
                 };
             }
         }
