@@ -74,10 +74,6 @@ pub enum ReceiveError {
     /// paused, with pages missing.
     #[error("receiving the migration by post-copy")]
     Postcopy(#[source] postcopy::DestinationError),
-    /// The pages that came as zero during a hybrid's pre-copy could not be populated
-    /// before the switch (before the commit: the guest was not run here).
-    #[error("populating the pages that came as zero before the switch to post-copy")]
-    Populate(#[source] std::io::Error),
     /// The pre-copy engine ended in a way this build does not know.
     #[error("the migration ended with an outcome this build does not know: {0}")]
     UnknownOutcome(String),
@@ -234,10 +230,6 @@ impl Accepted {
         };
         let placement = pre.placement;
         tracing::info!(%mode, "the source switched to post-copy");
-        let mut switch = switch;
-        if mode == MigrationMode::Hybrid {
-            hold_zero_pages(&ram, &mut switch.received).map_err(ReceiveError::Populate)?;
-        }
         let opts = postcopy::DestinationOptions {
             recovery_window: o.recovery_window,
             ..postcopy::DestinationOptions::default()
@@ -256,55 +248,6 @@ impl Accepted {
             postcopy: Some(report),
         })
     }
-}
-
-/// Works around a gap between the two engines (see the crate's CHANGELOG): the pre-copy
-/// destination counts as received only the pages it wrote, and a zero page for a page it
-/// never wrote needs no write, so a page that came as zero is missing from
-/// [`PostcopySwitch::received`](migration_precopy::PostcopySwitch::received); the
-/// post-copy destination then waits for it, but the source, which sent it, never sends it
-/// again, and the post-copy never completes. The bulk pass sends every page before any
-/// switch (pre-copy decides only at the end of a pass), so at a hybrid's switch every page
-/// not written here came as zero and its copy here (never touched, or prefaulted) is zero
-/// too: it is populated, so that userfaultfd does not see it missing, and counted as
-/// received. The discard list still drops and fetches afresh whatever was dirtied since.
-/// Not for a pure post-copy, which sends nothing before the switch.
-fn hold_zero_pages(
-    ram: &GuestRam<'_, vm_memory::GuestMemoryMmap>,
-    received: &mut migration_core::bitmap::DirtyBitmap,
-) -> std::io::Result<()> {
-    let pages = ram.layout().page_count();
-    let ps = ram.layout().page_size() as usize;
-    let mut pos = 0;
-    let mut held = 0;
-    while pos < pages {
-        let start = received.next_clear(pos);
-        if start >= pages {
-            break;
-        }
-        let end = received.next_set(start).unwrap_or(pages).min(pages);
-        for (_, piece) in ram.layout().split_at_regions(start..end) {
-            let host = ram
-                .host_address(piece.start)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            // SAFETY: `piece` lies within one region, whose mapping starts page
-            // `piece.start` at `host` and holds `piece.len()` pages from there; populating
-            // writes nothing into the (zero) pages.
-            let rc =
-                unsafe { libc::madvise(host.cast(), piece.len() * ps, libc::MADV_POPULATE_WRITE) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        held += end - start;
-        received.set_range(start..end);
-        pos = end;
-    }
-    tracing::debug!(
-        pages = held,
-        "pages that came as zero during pre-copy held as received"
-    );
-    Ok(())
 }
 
 /// The destination VM as the engine drives it: every blob but the oracle's goes to the VM;

@@ -132,10 +132,10 @@ impl MigrateError {
     /// not be reached again. This side's copy is stale and must not be resumed.
     pub fn guest_lost(&self) -> Option<String> {
         match self {
-            MigrateError::Postcopy { source, .. } if source.guest_lost() => Some(format!(
-                "{}; resuming the source's copy would roll the guest back to the switch, so it stays paused",
-                chain(&**source)
-            )),
+            // The engine's message says why the stale copy is not resumed.
+            MigrateError::Postcopy { source, .. } if source.guest_lost() => {
+                Some(format!("{}; it stays paused", chain(&**source)))
+            }
             _ => None,
         }
     }
