@@ -18,7 +18,7 @@ use common::{Destination, Source, bin, demo_run, guest_args, guest_for, reader};
 use vmm_demo::cli::{MigrateOptions, PostcopyAfter};
 use vmm_demo::protocol::{ErrorClass, Event, RunState};
 use vmm_demo::report::{DemoReport, DestinationReport, MigrationMode, MigrationReport};
-use vmm_demo::{GuestKind, PAGE_SIZE};
+use vmm_demo::{ClientError, GuestKind, PAGE_SIZE};
 
 /// Guest RAM of the tests that drive the processes themselves.
 const MEM: u64 = 64 << 20;
@@ -61,31 +61,44 @@ fn assert_postcopied(r: &DemoReport, mode: MigrationMode, guest: GuestKind) {
     let d = r.destination.as_ref().expect("the destination's report");
     assert_eq!(d.migration_mode, Some(mode), "{d:#?}");
     assert!(!d.hash_checked, "a post-copy has no hash to check: {d:#?}");
-    let p = d.postcopy.as_ref().expect("the destination's post-copy report");
+    let p = d
+        .postcopy
+        .as_ref()
+        .expect("the destination's post-copy report");
     let pages = r.mem_bytes / PAGE_SIZE;
     assert_eq!(
         p.pages.precopied + p.pages.pushed + p.pages.requested,
         pages,
         "every page came once: {p:#?}"
     );
-    assert!(
-        p.faults > 0 && p.requests > 0 && p.pages.requested > 0,
-        "the guest faulted on pages the source still had, and they were served: {p:#?}"
-    );
+    // A pure post-copy's guest faults on its first touch; a hybrid's only where it
+    // touches a page dirtied since it was last sent before the push brings it, which the
+    // scheduler decides: then only the figures' consistency is checked.
+    if mode == MigrationMode::Postcopy {
+        assert!(
+            p.faults > 0 && p.requests > 0 && p.pages.requested > 0,
+            "the guest faulted on pages the source still had, and they were served: {p:#?}"
+        );
+        assert!(
+            p.blocktime.vcpus_ms.iter().any(|&b| b > 0.0),
+            "the vCPUs waited for pages: {p:#?}"
+        );
+    }
     assert!(p.pages.requested <= p.requests, "{p:#?}");
     let l = &p.fault_latency;
-    assert!(l.count > 0 && l.p50_us <= l.p99_us && l.p99_us <= l.max_us, "{l:#?}");
+    assert!(l.p50_us <= l.p99_us && l.p99_us <= l.max_us, "{l:#?}");
     assert_eq!(l.buckets.iter().map(|b| b.count).sum::<u64>(), l.count);
+    assert!(l.count <= p.faults, "{p:#?}");
     assert_eq!(p.blocktime.vcpus_ms.len(), r.vcpus as usize, "{p:#?}");
-    assert!(
-        p.blocktime.vcpus_ms.iter().any(|&b| b > 0.0),
-        "the vCPUs waited for pages: {p:#?}"
-    );
     assert!(p.check_ms > 0.0, "{p:#?}");
     let s = r.postcopy.as_ref().expect("the demo's post-copy figures");
     assert_eq!(s.requests, p.requests);
     assert_eq!(s.pages, p.pages);
-    let m = r.source.as_ref().and_then(|s| s.migration.as_ref()).unwrap();
+    let m = r
+        .source
+        .as_ref()
+        .and_then(|s| s.migration.as_ref())
+        .unwrap();
     let sp = m.postcopy.as_ref().expect("the source's post-copy report");
     assert!(
         sp.pages_pushed + sp.pages_requested >= p.pages.pushed + p.pages.requested,
@@ -151,7 +164,10 @@ fn hybrid_switches_by_itself_over_tcp() {
     let r = run_demo(&a);
     assert_postcopied(&r, MigrationMode::Hybrid, guest);
     let reason = r.postcopy.as_ref().unwrap().switch_reason.clone().unwrap();
-    assert!(reason.contains("does not converge") || reason.contains("limit"), "{reason}");
+    assert!(
+        reason.contains("does not converge") || reason.contains("limit"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -204,7 +220,11 @@ fn a_guest_faster_than_a_capped_link_needs_a_hybrid() {
     assert!(!pre.verified, "{pre:#?}");
     let e = pre.error.as_deref().unwrap_or_default();
     assert!(e.contains("did not converge"), "{e}");
-    assert!(pre.source.as_ref().is_some_and(|s| s.verified && !s.migrated));
+    assert!(
+        pre.source
+            .as_ref()
+            .is_some_and(|s| s.verified && !s.migrated)
+    );
 
     let mut hybrid = base.clone();
     hybrid.extend(["--postcopy-after", "auto"].map(String::from));
@@ -226,6 +246,12 @@ struct Pair {
 }
 
 impl Pair {
+    /// Fails the test with the migration's error and what the destination said.
+    fn fail(self, e: ClientError) -> ! {
+        let err = self.dst.stderr();
+        panic!("the post-copy did not complete: {e}\ndestination's standard error:\n{err}");
+    }
+
     fn start(test: &str, dst_window: &str) -> Pair {
         let guest = guest_for(test);
         let mut vm = guest_args(guest);
@@ -280,7 +306,10 @@ fn assert_recovered(
     let sp = r.postcopy.as_ref().unwrap();
     assert!(sp.recoveries.len() >= recoveries, "{sp:#?}");
     assert!(p.recoveries.len() >= recoveries, "{p:#?}");
-    assert!(sp.recoveries.iter().all(|r| r.ms > 0.0 && r.attempts >= 1), "{sp:#?}");
+    assert!(
+        sp.recoveries.iter().all(|r| r.ms > 0.0 && r.attempts >= 1),
+        "{sp:#?}"
+    );
 }
 
 #[test]
@@ -289,15 +318,16 @@ fn a_cut_just_after_the_commit_is_recovered() {
     let proxy = &t.proxy;
     let mut cut = false;
     let addr = proxy.addr().to_string();
-    let r = t
-        .src
-        .migrate(&addr, postcopy_options(30_000), &mut |e| {
-            if !cut && is_phase(e, "postcopy") {
-                cut = true;
-                proxy.cut();
-            }
-        })
-        .expect("the post-copy recovers and completes");
+    let r = t.src.migrate(&addr, postcopy_options(30_000), &mut |e| {
+        if !cut && is_phase(e, "postcopy") {
+            cut = true;
+            proxy.cut();
+        }
+    });
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => t.fail(e),
+    };
     assert!(cut, "no post-copy phase event");
     let (st, d) = t.dst.report();
     assert_recovered(&r, st, &d, 1);
@@ -316,10 +346,11 @@ fn cuts_in_the_middle_and_near_the_end_are_recovered() {
     t.proxy.cut_at(MEM / 2);
     t.proxy.cut_at(MEM * 9 / 10);
     let addr = t.proxy.addr().to_string();
-    let r = t
-        .src
-        .migrate(&addr, postcopy_options(30_000), &mut |_| {})
-        .expect("the post-copy recovers and completes");
+    let r = t.src.migrate(&addr, postcopy_options(30_000), &mut |_| {});
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => t.fail(e),
+    };
     assert_eq!(t.proxy.cuts(), 2, "both marks were reached");
     let (st, d) = t.dst.report();
     assert_recovered(&r, st, &d, 2);
@@ -334,11 +365,16 @@ fn a_second_cut_during_recovery_is_recovered() {
     t.proxy.cut_at(MEM / 4);
     t.proxy.cut_reconnections(1);
     let addr = t.proxy.addr().to_string();
-    let r = t
-        .src
-        .migrate(&addr, postcopy_options(30_000), &mut |_| {})
-        .expect("the post-copy recovers and completes");
-    assert_eq!(t.proxy.cuts(), 2, "cut once, then again during the recovery");
+    let r = t.src.migrate(&addr, postcopy_options(30_000), &mut |_| {});
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => t.fail(e),
+    };
+    assert_eq!(
+        t.proxy.cuts(),
+        2,
+        "cut once, then again during the recovery"
+    );
     let (st, d) = t.dst.report();
     assert_recovered(&r, st, &d, 1);
     let sp = r.postcopy.as_ref().unwrap();
@@ -369,7 +405,10 @@ fn recovery_follows_the_address_an_operator_gives() {
         proxy.wait_holding(Duration::from_secs(30));
         let st = ctl.query_status().unwrap();
         assert_eq!(st.state, RunState::Migrating, "{st:?}");
-        assert!(st.paused, "the source never runs the guest after the commit");
+        assert!(
+            st.paused,
+            "the source never runs the guest after the commit"
+        );
         let cancel = ctl.cancel().expect_err("cancel after the commit");
         let reply = cancel.reply().expect("an error reply");
         assert_eq!(reply.class, ErrorClass::WrongState);
@@ -382,7 +421,10 @@ fn recovery_follows_the_address_an_operator_gives() {
         ctl.recover(b.addr()).unwrap();
         other = Some(b);
     });
-    let r = r.expect("the post-copy recovers through the new address");
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => t.fail(e),
+    };
     let b = other.expect("the commit was seen");
     assert!(
         b.accepted() >= 2,
@@ -400,7 +442,17 @@ fn recovery_follows_the_address_an_operator_gives() {
 fn a_hybrid_switches_on_the_control_socket_command() {
     let guest = guest_for("a_hybrid_switches_on_the_control_socket_command");
     let mut vm = guest_args(guest);
-    vm.extend(["--mem", "64M", "--working-set", "8M", "--order", "scattered"].map(String::from));
+    vm.extend(
+        [
+            "--mem",
+            "64M",
+            "--working-set",
+            "8M",
+            "--order",
+            "scattered",
+        ]
+        .map(String::from),
+    );
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let mut src = Source::start_with(&vm);
     let dst = Destination::start_with(&["--recovery-window", "30s"]);
@@ -506,7 +558,11 @@ fn a_destination_killed_after_the_commit_is_a_lost_guest_never_a_success() {
     };
     t.proxy.wait_holding(Duration::from_secs(60));
     let st = t.src.status();
-    assert_eq!(st.phase.map(|p| p.to_string()).as_deref(), Some("postcopy"), "{st:?}");
+    assert_eq!(
+        st.phase.map(|p| p.to_string()).as_deref(),
+        Some("postcopy"),
+        "{st:?}"
+    );
     t.dst.proc.kill();
     t.proxy.release();
     let status = migrate.wait(Duration::from_secs(60));
@@ -558,8 +614,14 @@ fn a_source_killed_during_postcopy_leaves_the_guest_paused_on_the_destination() 
     t.proxy.release();
     let (st, d) = t.dst.report();
     assert_eq!(st.code(), Some(4), "{d:#?}");
-    assert!(d.paused_after_commit && d.ran_guest && !d.verified, "{d:#?}");
+    assert!(
+        d.paused_after_commit && d.ran_guest && !d.verified,
+        "{d:#?}"
+    );
     let e = d.error.as_deref().unwrap_or_default();
-    assert!(e.contains("did not come back") && e.contains("paused"), "{e}");
+    assert!(
+        e.contains("did not come back") && e.contains("paused"),
+        "{e}"
+    );
     assert!(!migrate.wait(Duration::from_secs(30)).success());
 }

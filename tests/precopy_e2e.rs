@@ -348,7 +348,6 @@ fn an_unsafe_disk_setup_is_refused_unless_overridden() {
     assert!(!v.destination.as_ref().is_some_and(|d| d.ran_guest));
 }
 
-
 #[test]
 fn destination_killed_mid_migration_leaves_the_guest_running_on_the_source() {
     let mut src = Source::start(&[]);
