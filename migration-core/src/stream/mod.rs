@@ -155,7 +155,9 @@
 //! on the destination with the pages it has, a vCPU that faults on a missing page waits.
 //! The source reconnects and opens a new main stream whose header carries the same VM UUID
 //! and [`HeaderFlags::POSTCOPY_RESUME`] (and a new urgent channel with
-//! `URGENT | POSTCOPY_RESUME`); the destination answers on the main return path with a
+//! `URGENT | POSTCOPY_RESUME`, always after the main stream of the same attempt, so that
+//! a destination pairs the two: an urgent channel that arrived before the latest main
+//! stream belongs to an attempt the source gave up); the destination answers on the main return path with a
 //! `ReceivedBitmap` of the pages it holds. That bitmap is the resume handshake: the source
 //! sends `PostcopyCommit` again (a commit lost with the connection is taken up, a second
 //! one changes nothing), then every page not marked in it, and serves page requests as

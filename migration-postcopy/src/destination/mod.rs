@@ -568,13 +568,24 @@ fn reconnect_once<C: Connection>(
         let mut out = BytesMut::new();
         StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
         if h.flags.contains(HeaderFlags::URGENT) {
-            if conn.write_all(&out).is_ok() {
+            // Only an urgent channel that came after the main stream is of the same
+            // attempt (the source opens them in that order).
+            if main.is_none() {
+                tracing::debug!("an urgent channel of an earlier attempt: dropped");
+                let _ = conn.shutdown(Shutdown::Both);
+            } else if conn.write_all(&out).is_ok() {
                 urgent = Some((conn, reader));
             }
         } else {
             ReturnRecord::ReceivedBitmap(book.present().clone()).encode(&mut out);
             if conn.write_all(&out).is_ok() {
                 main = Some((conn, reader));
+                // A new attempt: an urgent channel held so far belongs to an older one,
+                // which the source gave up (pairing the two thrashed: each pair of a new
+                // main stream with a stale channel broke at once, and made another).
+                if let Some((old, _)) = urgent.take() {
+                    let _ = old.shutdown(Shutdown::Both);
+                }
             }
         }
     }
