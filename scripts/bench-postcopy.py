@@ -8,7 +8,7 @@ In this order, all on loopback, one thing at a time (2 cores):
   2. QEMU post-copy and post-copy-preempt on its scatter guest (benches/qemu/compare.py
      --workloads postcopy,postcopy-preempt), unless --no-qemu;
   3. ours, `vmm-demo demo --postcopy` of a KVM guest whose vCPU touches pseudo-random pages
-     of all of its RAM (random fill, working set = RAM, scattered order): fault latency
+     of all of its RAM (random fill, working set = RAM above its first MiB, scattered order): fault latency
      p50/p99/max, requests, vCPU blocktime, total time;
   4. ours, pure post-copy against pre-copy of the same idle guest (random RAM, halted vCPU);
   5. ours, time to recover: `run` / `destination` / `migrate --postcopy` through a proxy
@@ -49,7 +49,7 @@ def med(xs):
 
 
 def demo(args: list[str], timeout=300) -> dict:
-    out = subprocess.run([str(BIN), "demo", "--json", "--quiet", *args], capture_output=True, text=True,
+    out = subprocess.run([str(BIN), "demo", "--json", *args], capture_output=True, text=True,
                          timeout=timeout)
     try:
         v = json.loads(out.stdout)
@@ -66,8 +66,14 @@ def rtt(count: int) -> dict:
     return json.loads(out.stdout)
 
 
+def data_pages(mem: str) -> str:
+    """The working set that covers all of RAM above the guest's first MiB (its program)."""
+    return f"{(parse_size(mem) >> 20) - 1}M"
+
+
 def ours_touching(mem: str) -> dict:
-    v = demo(["--guest", "kvm", "--mem", mem, "--fill", "random", "--working-set", mem, "--order", "scattered",
+    v = demo(["--guest", "kvm", "--mem", mem, "--fill", "random", "--working-set", data_pages(mem), "--order",
+              "scattered",
               "--postcopy", "--no-hash-check", "--run-before", "500ms", "--run-after", "500ms"])
     p = v["destination"]["postcopy"]
     return {
@@ -180,7 +186,7 @@ def ours_recovery(mem: str) -> float | None:
             host, port = addr.removeprefix("tcp:").rsplit(":", 1)
             proxy = CuttingProxy((host, int(port)), parse_size(mem) // 3)
             src = subprocess.Popen([str(BIN), "run", "--json", "--quiet", "--control", f"unix:{ctl}", "--guest",
-                                    "kvm", "--mem", mem, "--fill", "random", "--working-set", mem, "--order",
+                                    "kvm", "--mem", mem, "--fill", "random", "--working-set", data_pages(mem), "--order",
                                     "scattered"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             procs.append(src)
             deadline = time.monotonic() + 30

@@ -111,6 +111,16 @@ pub enum Error {
     /// A child process ended before it said what was expected of it.
     #[error("{0}")]
     ChildGone(&'static str),
+    /// A child process exited early; what it said on standard error.
+    #[error("the {who} exited ({status}) before it served its control socket: {stderr}")]
+    ChildExited {
+        /// Which child.
+        who: &'static str,
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// The end of its standard error.
+        stderr: String,
+    },
     /// The guest did not start to run.
     #[error("the source guest made no pass in {secs} s (status: {status})")]
     NoFirstPass {

@@ -204,7 +204,28 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
             .ok_or(Error::ChildGone("the source has no standard error"))?,
     );
 
-    let mut c = ControlClient::connect(&control, Duration::from_secs(30))?;
+    // A source that cannot build its VM exits at once: say why, rather than wait for its
+    // socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut c = loop {
+        match ControlClient::connect(&control, Duration::from_millis(100)) {
+            Ok(c) => break c,
+            Err(e) => {
+                if let Ok(Some(status)) = src.0.try_wait() {
+                    let stderr = src_err.join().unwrap_or_default();
+                    let tail: String = stderr.trim().chars().rev().take(2000).collect();
+                    return Err(Error::ChildExited {
+                        who: "source",
+                        status,
+                        stderr: tail.chars().rev().collect(),
+                    });
+                }
+                if Instant::now() >= deadline {
+                    return Err(e.into());
+                }
+            }
+        }
+    };
     // Let the guest run before migrating: wait for a first pass (an idle guest makes
     // none), then the given time.
     let wait = Duration::from_secs(60);
