@@ -95,6 +95,8 @@ impl VmControl for Vm {
 
 struct Dest {
     report: Result<destination::DestinationReport, String>,
+    /// What `receive_with_progress` told, in order.
+    events: Vec<migration_core::stats::ProgressEvent>,
     mem: Arc<GuestMemoryMmap>,
     touched: u64,
 }
@@ -178,17 +180,63 @@ fn destination_with(
             })
         };
         let mut accept = |t: Duration| listener.accept_timeout(t);
-        let report = destination::receive(switch, &mut accept, &ram, &mut vm, &opts)
-            .map_err(|e| e.to_string());
+        let mut events = Vec::new();
+        let report = destination::receive_with_progress(
+            switch,
+            &mut accept,
+            &ram,
+            &mut vm,
+            &opts,
+            &mut |e| events.push(e.clone()),
+        )
+        .map_err(|e| e.to_string());
         stop.store(true, Ordering::SeqCst);
         guest.join().unwrap();
         drop(ram);
         Dest {
             report,
+            events,
             mem,
             touched: touched.load(Ordering::Relaxed),
         }
     })
+}
+
+/// The destination's events: the commit first, the end last, a pause and a resumption for
+/// each break it saw after the commit (one before it is only a recovery), and the pages
+/// present only ever growing.
+fn check_events(events: &[migration_core::stats::ProgressEvent], cuts: usize) {
+    use migration_core::stats::{Phase, ProgressEvent as E};
+    let phases: Vec<Phase> = events
+        .iter()
+        .filter_map(|e| match e {
+            E::Phase(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases.first(), Some(&Phase::Postcopy), "{phases:?}");
+    assert_eq!(phases.last(), Some(&Phase::Completed), "{phases:?}");
+    let paused = phases.iter().filter(|p| **p == Phase::PostcopyPaused).count();
+    assert!(paused <= cuts, "{phases:?}");
+    assert_eq!(
+        phases.iter().filter(|p| **p == Phase::Postcopy).count(),
+        paused + 1,
+        "{phases:?}"
+    );
+    let mut last = 0;
+    for e in events {
+        if let E::Progress {
+            pages_sent,
+            pages_remaining,
+            pages_total,
+            ..
+        } = e
+        {
+            assert_eq!(pages_sent + pages_remaining, *pages_total, "{e:?}");
+            assert!(*pages_sent >= last, "{events:?}");
+            last = *pages_sent;
+        }
+    }
 }
 
 fn ram_equal(a: &Mem, b: &GuestMemoryMmap) {
@@ -268,6 +316,7 @@ fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
         "the source never resumes"
     );
     assert_eq!(*vm.log.lock().unwrap(), ["pause"]);
+    check_events(&d.events, 0);
     ram_equal(&mem, &d.mem);
     assert!(d.touched > 0, "the guest ran on the destination");
     let pages = ram.layout().page_count() as u64;
@@ -445,6 +494,7 @@ fn cut_and_recover(name: &str, cuts: usize) {
     let dr = d.report.expect("the destination completed");
     assert_eq!(report.recoveries.len(), cuts, "{report:?}");
     assert_eq!(dr.postcopy.recoveries.len(), cuts, "{:?}", dr.postcopy);
+    check_events(&d.events, cuts);
     ram_equal(&mem, &d.mem);
     let _ = Instant::now();
 }

@@ -37,6 +37,7 @@ use migration_core::fault::{Fault, FaultingRam};
 use migration_core::geometry::GuestRam;
 use migration_core::page::PageDecoder;
 use migration_core::pagemap::populated_pages;
+use migration_core::stats::{Phase, ProgressEvent};
 use migration_core::stream::{
     Ack, DecoderOptions, DeviceState, Direction, Frame, HeaderFlags, PageBatch, PageData, Record,
     ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
@@ -140,6 +141,9 @@ pub struct DestinationReport {
     pub device_states: usize,
 }
 
+/// How often [`receive_with_progress`] reports the pages present, at most.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Accepts one more connection of the migration within the timeout (`Ok(None)`: none came).
 pub type Accept<'a, C> = dyn FnMut(Duration) -> io::Result<Option<C>> + 'a;
 
@@ -152,6 +156,28 @@ pub fn receive<C, M, V>(
     ram: &GuestRam<'_, M>,
     vm: &mut V,
     opts: &DestinationOptions,
+) -> Result<DestinationReport, DestinationError>
+where
+    C: Connection,
+    M: GuestMemoryBackend,
+    V: VmControl + ?Sized,
+{
+    receive_with_progress(switch, accept, ram, vm, opts, &mut |_| {})
+}
+
+/// [`receive`], telling `progress` what happens, on the calling thread: the phases
+/// ([`Phase::Postcopy`] at the commit and again after each recovery,
+/// [`Phase::PostcopyPaused`] at a break, [`Phase::Completed`] once every page is present)
+/// and, at most every [`PROGRESS_INTERVAL`] while pages arrive,
+/// [`ProgressEvent::Progress`] with the pages present (`pages_sent`), still missing
+/// (`pages_remaining`) and in all, and the bytes of pages received in post-copy.
+pub fn receive_with_progress<C, M, V>(
+    switch: PostcopySwitch<C>,
+    accept: &mut Accept<'_, C>,
+    ram: &GuestRam<'_, M>,
+    vm: &mut V,
+    opts: &DestinationOptions,
+    progress: &mut dyn FnMut(&ProgressEvent),
 ) -> Result<DestinationReport, DestinationError>
 where
     C: Connection,
@@ -292,6 +318,7 @@ where
         Err(e) => return Err(e),
     }
     vm.resume()?;
+    progress(&ProgressEvent::Phase(Phase::Postcopy));
     report.switchover = switched_at.elapsed();
     tracing::debug!(since_switch = ?report.switchover, "committed: the guest runs here");
 
@@ -309,7 +336,7 @@ where
         stop: AtomicBool::new(false),
         failed: Mutex::new(None),
     });
-    let result = serve(&shared, &mut conns, accept, vm_id, opts);
+    let result = serve(&shared, &mut conns, accept, vm_id, opts, progress);
     let stats = shared
         .book
         .lock()
@@ -336,6 +363,7 @@ where
                 tracing::debug!(%e, "the final verdict");
             }
             let _ = conns.main.shutdown(Shutdown::Write);
+            progress(&ProgressEvent::Phase(Phase::Completed));
             Ok(report)
         }
         Err(e) => {
@@ -769,6 +797,7 @@ fn serve<C: Connection>(
     accept: &mut Accept<'_, C>,
     vm_id: [u8; 16],
     opts: &DestinationOptions,
+    progress: &mut dyn FnMut(&ProgressEvent),
 ) -> Result<(), DestinationError> {
     let fault_thread = {
         let s = shared.clone();
@@ -778,18 +807,20 @@ fn serve<C: Connection>(
             .map_err(DestinationError::Connection)?
     };
     let result = (|| loop {
-        let why = match run_connections(shared, conns)? {
+        let why = match run_connections(shared, conns, progress)? {
             Service::Complete => return Ok(()),
             Service::Broken(why) => why,
         };
         // A break: page service pauses, the guest runs on with what it has.
         tracing::warn!(error = %why, "post-copy connection lost; waiting for the source to come back");
+        progress(&ProgressEvent::Phase(Phase::PostcopyPaused));
         shared.lock().connection_lost(Instant::now());
         *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let book_snapshot = PageBook::new(shared.lock().present().clone(), Instant::now());
         match reconnect(accept, vm_id, &book_snapshot, opts.recovery_window) {
             Ok(c) => {
                 *conns = c;
+                progress(&ProgressEvent::Phase(Phase::Postcopy));
                 shared.lock().attempt();
             }
             Err(e) => {
@@ -822,6 +853,7 @@ enum Service {
 fn run_connections<C: Connection>(
     shared: &Arc<Shared<C>>,
     conns: &mut Conns<C>,
+    progress: &mut dyn FnMut(&ProgressEvent),
 ) -> Result<Service, DestinationError> {
     let pending = shared.lock().resumed(Instant::now());
     {
@@ -887,9 +919,26 @@ fn run_connections<C: Connection>(
                 }
             }
         });
+        let mut last = Instant::now();
         let r = receive_pages(
             shared,
             &mut || {
+                if last.elapsed() >= PROGRESS_INTERVAL {
+                    last = Instant::now();
+                    let b = shared.lock();
+                    let (total, missing) = (b.present().len() as u64, b.missing() as u64);
+                    let s = b.stats(last);
+                    drop(b);
+                    progress(&ProgressEvent::Progress {
+                        bytes_on_wire: (s.pages.pushed + s.pages.requested)
+                            * shared.faulting.page_size() as u64,
+                        pages_sent: total - missing,
+                        pages_remaining: missing,
+                        pages_total: total,
+                        bandwidth_bps: 0.0,
+                        dirty_rate_bps: 0.0,
+                    });
+                }
                 rx.recv().unwrap_or_else(|_| {
                     Err(DestinationError::Connection(io::Error::other(
                         "the main stream's reader stopped",
