@@ -352,8 +352,8 @@ def measure_rtt(count: int, started: Started, workdir: Path) -> dict:
 
 
 def qemu_cmd(qemu: str, mem_mib: int, image: Path, serial: Path, qmp: Path, incoming: bool,
-             prealloc: bool = False, accel: str = "tcg") -> list[str]:
-    cmd = [qemu, "-accel", accel, "-machine", "pc", "-m", str(mem_mib), "-smp", "1",
+             prealloc: bool = False) -> list[str]:
+    cmd = [qemu, "-accel", "tcg", "-machine", "pc", "-m", str(mem_mib), "-smp", "1",
            "-nodefaults", "-vga", "none", "-display", "none", "-monitor", "none",
            "-serial", f"file:{serial}",
            "-qmp", f"unix:{qmp},server=on,wait=off",
@@ -489,11 +489,9 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
     src_qmp = dst_qmp = None
     try:
         deadline = time.monotonic() + 30
-        dst = started.popen(qemu_cmd(args.qemu, args.mem_mib, dst_img, dst_ser, dst_qmp_path, True, args.dst_prealloc,
-                                     args.accel),
+        dst = started.popen(qemu_cmd(args.qemu, args.mem_mib, dst_img, dst_ser, dst_qmp_path, True, args.dst_prealloc),
                             run_dir / "dst.log")
-        src = started.popen(qemu_cmd(args.qemu, args.mem_mib, src_img, src_ser, src_qmp_path, False,
-                                     accel=args.accel), run_dir / "src.log")
+        src = started.popen(qemu_cmd(args.qemu, args.mem_mib, src_img, src_ser, src_qmp_path, False), run_dir / "src.log")
         dst_qmp = Qmp(dst_qmp_path, deadline, dst)
         src_qmp = Qmp(src_qmp_path, deadline, src)
         procs = [src, dst]
@@ -720,7 +718,7 @@ def print_table(report: dict) -> None:
     env = report["environment"]
     print(f"\n{env['qemu_version']} | kernel {env['kernel']} | {env['cpus']} CPUs | "
           f"load avg {env['loadavg_start']} -> {env['loadavg_end']}")
-    print(f"guest {report['params']['mem_mib']} MiB, {report['params']['accel'].upper()}, single channel, no compression, "
+    print(f"guest {report['params']['mem_mib']} MiB, TCG, single channel, no compression, "
           f"max-bandwidth {report['params']['max_bandwidth']} B/s, downtime-limit {report['params']['downtime_limit_ms']} ms")
     lbs = report["loopback"]
     print(f"loopback TCP, one stream of {lbs[0]['bytes'] / (1 << 30):.1f} GiB each, MiB/s: "
@@ -863,9 +861,6 @@ def main() -> int:
     ap.add_argument("--dst-prealloc", action="store_true",
                     help="start the destination with -mem-prealloc (not QEMU's default; for diagnosis)")
     ap.add_argument("--qemu", default="qemu-system-x86_64")
-    ap.add_argument("--accel", default="tcg", choices=["tcg", "kvm"],
-                    help="kvm: the guest runs at the speed class of vmm-demo's KVM guest (post-copy "
-                         "blocktime depends on how fast the guest touches pages)")
     ap.add_argument("--ready-timeout", type=float, default=60, help="seconds for a guest to boot and fill RAM")
     ap.add_argument("--migration-timeout", type=float, default=120, help="seconds for one migration")
     ap.add_argument("--poll-interval", type=float, default=0.02, help="query-migrate poll interval, seconds")
@@ -912,7 +907,7 @@ def main() -> int:
         "params": {
             "mem_mib": args.mem_mib, "busy_ws_mib": args.busy_ws_mib, "busy_fill": args.busy_fill,
             "max_bandwidth": args.max_bandwidth, "downtime_limit_ms": args.downtime_limit,
-            "channels": 1, "compression": None, "accel": args.accel, "machine": "pc", "reps": args.reps,
+            "channels": 1, "compression": None, "accel": "tcg", "machine": "pc", "reps": args.reps,
             "dst_prealloc": args.dst_prealloc, "workloads": workloads,
             "report_shift": args.report_shift, "scatter_report_shift": args.scatter_report_shift,
         },
