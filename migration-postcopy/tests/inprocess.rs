@@ -216,7 +216,10 @@ fn check_events(events: &[migration_core::stats::ProgressEvent], cuts: usize) {
         .collect();
     assert_eq!(phases.first(), Some(&Phase::Postcopy), "{phases:?}");
     assert_eq!(phases.last(), Some(&Phase::Completed), "{phases:?}");
-    let paused = phases.iter().filter(|p| **p == Phase::PostcopyPaused).count();
+    let paused = phases
+        .iter()
+        .filter(|p| **p == Phase::PostcopyPaused)
+        .count();
     assert!(paused <= cuts, "{phases:?}");
     assert_eq!(
         phases.iter().filter(|p| **p == Phase::Postcopy).count(),
