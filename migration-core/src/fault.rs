@@ -170,6 +170,18 @@ impl FaultingRam {
         }
     }
 
+    /// Checks that `pages` (not empty) lie within one registered region.
+    fn within_one_region(&self, pages: &Range<usize>) -> io::Result<()> {
+        let m = self.mapping(pages.start)?;
+        if pages.end > m.pages.end {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("pages {pages:?} cross the end of a RAM region"),
+            ));
+        }
+        Ok(())
+    }
+
     fn host(&self, page: usize) -> io::Result<*mut libc::c_void> {
         let m = self.mapping(page)?;
         Ok((m.host + (page - m.pages.start) * self.page_size) as *mut libc::c_void)
@@ -276,13 +288,7 @@ impl FaultingRam {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let m = self.mapping(first)?;
-        if first + n > m.pages.end {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("pages {first}..{} cross the end of a RAM region", first + n),
-            ));
-        }
+        self.within_one_region(&(first..first + n))?;
         let base = self.host(first)?.cast::<u8>();
         let mut present = Vec::new();
         let mut done = 0;
@@ -331,13 +337,7 @@ impl FaultingRam {
         if pages.is_empty() {
             return Ok(());
         }
-        let m = self.mapping(pages.start)?;
-        if pages.end > m.pages.end {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("pages {pages:?} cross the end of a RAM region"),
-            ));
-        }
+        self.within_one_region(&pages)?;
         // One ioctl for the whole run in the common case. Where a page of it is present
         // the kernel stops there with EEXIST, and how far it got is not reported back:
         // then page by page.
@@ -393,13 +393,7 @@ impl FaultingRam {
         if pages.is_empty() {
             return Ok(());
         }
-        let m = self.mapping(pages.start)?;
-        if pages.end > m.pages.end {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("pages {pages:?} cross the end of a RAM region"),
-            ));
-        }
+        self.within_one_region(&pages)?;
         let start = self.host(pages.start)?;
         // SAFETY: the range is guest RAM this process maps (checked above); dropping it
         // only makes its pages missing, which is what the caller asks for.
