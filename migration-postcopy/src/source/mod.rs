@@ -24,6 +24,7 @@
 //! window passes does it give up, with [`SourceError::DestinationLost`]: the guest is lost
 //! (resuming this side's stale copy would roll it back), and never reported as migrated.
 
+pub mod machine;
 pub mod plan;
 
 use std::io;
@@ -40,14 +41,15 @@ use migration_core::geometry::GuestRam;
 use migration_core::pagemap::populated_pages;
 use migration_core::stats::{MigrationStats, Phase, ProgressEvent};
 use migration_core::stream::{
-    Ack, Config, DecoderOptions, Direction, Frame, HeaderFlags, PageBatchWriter, Record,
-    ReturnDecoder, ReturnRecord, StreamHeader, Verdict, write_postcopy_switch,
+    Config, DecoderOptions, Direction, Frame, HeaderFlags, PageBatchWriter, Record, ReturnDecoder,
+    ReturnRecord, StreamHeader, Verdict,
 };
 use migration_core::transport::Connection;
 use migration_core::vm::{VmControl, VmError};
 use migration_precopy::{CancelToken, LimitPolicy, ReturnEvent, ReturnPath, SourceOutcome};
 use vm_memory::GuestMemoryBackend;
 
+pub use machine::{Served, SourceAction, SourceEvent, SourceMachine, SourcePhase, SwitchStart};
 pub use plan::PushPlan;
 
 use crate::stats::Recovery;
@@ -330,6 +332,24 @@ struct Switching<C> {
     reason: String,
 }
 
+/// The connections of page service.
+struct Conns<C> {
+    main: C,
+    returns: ReturnPath,
+    urgent: Option<Urgent<C>>,
+}
+
+impl<C: Connection> Conns<C> {
+    fn shutdown(&mut self) {
+        let _ = self.main.shutdown(Shutdown::Both);
+        if let Some(u) = &self.urgent {
+            let _ = u.conn.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Runs [`SourceMachine`] from the switch to the end: does what it asks on `vm`, the
+/// tracker and the connections.
 #[allow(clippy::too_many_arguments)]
 fn switch_and_run<M, V, T, C>(
     ram: &GuestRam<'_, M>,
@@ -348,187 +368,135 @@ where
     T: DirtyTracker,
     C: Connection,
 {
-    let Switching {
-        mut conn,
-        mut returns,
-        mut need,
-        mut discard,
-        throttle,
-        precopy,
-        reason,
-    } = sw;
     let pages = ram.layout().page_count();
-    let mut report = SourceReport {
-        precopy,
-        switch_reason: reason,
-        ..Default::default()
-    };
-    // Before the commit, every failure resumes the guest here.
-    let mut paused = false;
-    let before = (|| -> Result<Urgent<C>, String> {
-        if control.is_cancelled() {
-            return Err(String::new());
-        }
-        let urgent = open_urgent(connect, opts.vm_id, HeaderFlags::URGENT)
-            .map_err(|e| format!("opening the urgent channel: {e}"))?;
-        paused = true;
-        vm.pause().map_err(|e| e.to_string())?;
-        Ok(urgent)
-    })();
-    let pause_at = Instant::now();
-    let fail = |vm: &mut V, paused: bool, throttle: u8, tracker: &mut Option<T>, why: String| {
-        if let Some(t) = tracker.as_mut() {
-            let _ = t.stop();
-        }
-        let mut resume = None;
-        if throttle != 0 {
-            if let Err(e) = vm.set_throttle(0) {
-                tracing::warn!(%e, "lifting the throttle");
-            }
-        }
-        if paused {
-            resume = vm.resume().err();
-        }
-        tracing::warn!(%why, "switch to post-copy failed; the guest runs on the source");
-        if why.is_empty() {
-            SourceError::Cancelled
-        } else {
-            SourceError::Switch { why, resume }
-        }
-    };
-    let mut urgent = match before {
-        Ok(u) => u,
-        Err(why) => {
-            let _ = conn.shutdown(Shutdown::Both);
-            return Err(fail(vm, paused, throttle, tracker, why));
-        }
-    };
-    progress(&ProgressEvent::Phase(Phase::StopAndCopy));
-    let switch = (|| -> Result<(), String> {
-        if throttle != 0 {
-            vm.set_throttle(0).map_err(|e| e.to_string())?;
-        }
-        if let Some(t) = tracker.as_mut() {
-            let mut last = ram.layout().new_bitmap();
-            t.sync_and_clear(&mut last).map_err(|e| e.to_string())?;
-            need.union_with(&last);
-            discard.union_with(&last);
-            if let Err(e) = t.stop() {
-                tracing::warn!(%e, "stopping the dirty tracker");
-            }
-        }
-        let states = vm.save_device_state().map_err(|e| e.to_string())?;
-        let mut out = BytesMut::new();
-        let ranges: Vec<Range<u64>> = discard
-            .iter_runs()
-            .map(|r| r.start as u64..r.end as u64)
-            .collect();
-        write_postcopy_switch(&mut out, &ranges, opts.max_record_len);
-        for s in states {
-            Record::DeviceState(s).encode(&mut out);
-        }
-        Record::EndOfData.encode(&mut out);
-        conn.write_all(&out)
-            .map_err(|e| format!("sending the switch: {e}"))?;
-        // The destination's answer: ready, or why not.
-        let deadline = opts.ready_timeout.map(|t| Instant::now() + t);
-        loop {
-            if control.is_cancelled() {
-                return Err(String::new());
-            }
-            let wait = deadline.map_or(Duration::from_millis(50), |d| {
-                d.saturating_duration_since(Instant::now())
-                    .min(Duration::from_millis(50))
-            });
-            match returns.next(Some(wait)) {
-                Some(ReturnEvent::Record(ReturnRecord::Ack(Ack::PostcopyReady(_)))) => {
-                    return Ok(());
-                }
-                Some(ReturnEvent::Record(ReturnRecord::Ack(_))) => {}
-                Some(ReturnEvent::Record(ReturnRecord::Verdict(Verdict::Failed { reason }))) => {
-                    return Err(format!("the destination failed: {reason}"));
-                }
-                Some(ReturnEvent::Record(r)) => {
-                    return Err(format!(
-                        "unexpected {} record before the commit",
-                        r.record_type()
-                    ));
-                }
-                Some(ReturnEvent::Closed(why)) => {
-                    return Err(format!(
-                        "the destination closed the connection before it was ready{}",
-                        why.map(|w| format!(": {w}")).unwrap_or_default()
-                    ));
-                }
-                Some(_) => {}
-                None => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err("the destination was not ready in time".into());
-                    }
-                }
-            }
-        }
-    })();
-    let commit = switch.and_then(|()| {
-        let mut out = BytesMut::new();
-        Record::PostcopyCommit.encode(&mut out);
-        conn.write_all(&out)
-            .map_err(|e| format!("writing the commit: {e}"))
+    let mut m = SourceMachine::new(
+        SwitchStart {
+            need: sw.need,
+            discard: sw.discard,
+            tracker: tracker.is_some(),
+            throttle: sw.throttle,
+            precopy: sw.precopy,
+            reason: sw.reason,
+            started,
+        },
+        opts,
+    );
+    let mut conns = Some(Conns {
+        main: sw.conn,
+        returns: sw.returns,
+        urgent: None,
     });
-    if let Err(why) = commit {
-        let _ = conn.shutdown(Shutdown::Both);
-        let _ = urgent.conn.shutdown(Shutdown::Both);
-        return Err(fail(vm, paused, 0, tracker, why));
-    }
-    // Committed: this side never runs the guest again.
-    report.downtime = pause_at.elapsed();
-    report.discarded = discard.count() as u64;
-    let committed_at = Instant::now();
-    tracing::debug!(downtime = ?report.downtime, need = need.count(), "post-copy committed");
-    progress(&ProgressEvent::Phase(Phase::Postcopy));
-
-    let plan = Mutex::new(PushPlan::new(need));
-    let mut conns = Some((conn, returns, urgent));
-    let mut attempts_total = 0;
+    let mut cancel_seen = false;
     loop {
-        let (conn, returns, u) = conns.take().expect("connections");
-        urgent = u;
-        match serve(ram, &plan, conn, returns, urgent, opts, &mut report) {
-            Ok(()) => break,
-            Err(why) => {
-                let lost = Instant::now();
-                progress(&ProgressEvent::Phase(Phase::PostcopyPaused));
-                tracing::warn!(%why, "post-copy connection lost; reconnecting");
-                match reconnect(connect, opts, pages) {
-                    Ok((c, r, u, bitmap, attempts)) => {
-                        attempts_total += attempts;
-                        plan.lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .resume(&bitmap);
-                        report.recoveries.push(Recovery {
-                            duration: lost.elapsed(),
-                            attempts,
-                        });
-                        progress(&ProgressEvent::Phase(Phase::Postcopy));
-                        conns = Some((c, r, u));
-                    }
-                    Err(e) => {
-                        let missing = plan.lock().unwrap_or_else(|e| e.into_inner()).remaining();
-                        tracing::error!(%e, attempts_total, "the destination could not be reached again");
-                        return Err(SourceError::DestinationLost {
-                            why: format!("{why}; then {e}"),
-                            window: opts.recovery_window,
-                            missing,
-                        });
-                    }
-                }
-            }
+        while let Some(e) = m.poll_event() {
+            progress(&e);
         }
+        if !cancel_seen && control.is_cancelled() {
+            cancel_seen = true;
+            m.handle(SourceEvent::Cancel, Instant::now());
+        }
+        let event = match m.poll(Instant::now()) {
+            SourceAction::OpenUrgent => SourceEvent::UrgentOpened(
+                open_urgent(connect, opts.vm_id, HeaderFlags::URGENT)
+                    .map(|u| {
+                        if let Some(c) = conns.as_mut() {
+                            c.urgent = Some(u);
+                        }
+                    })
+                    .map_err(|e| e.to_string()),
+            ),
+            SourceAction::Pause => SourceEvent::Paused(vm.pause()),
+            SourceAction::Resume => SourceEvent::Resumed(vm.resume()),
+            SourceAction::SetThrottle(p) => SourceEvent::Throttled(vm.set_throttle(p)),
+            SourceAction::SyncTracker => {
+                let t = tracker
+                    .as_mut()
+                    .expect("the machine syncs only a tracker it has");
+                let mut last = ram.layout().new_bitmap();
+                SourceEvent::Synced(
+                    t.sync_and_clear(&mut last)
+                        .map(|()| last)
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            SourceAction::StopTracker => SourceEvent::TrackerStopped(
+                tracker
+                    .as_mut()
+                    .map_or(Ok(()), |t| t.stop().map_err(|e| e.to_string())),
+            ),
+            SourceAction::SaveDeviceState => SourceEvent::DeviceState(vm.save_device_state()),
+            SourceAction::SendSwitch => {
+                let mut out = BytesMut::new();
+                m.write_switch(&mut out);
+                SourceEvent::Sent(send(&mut conns, &out))
+            }
+            SourceAction::SendCommit => {
+                let mut out = BytesMut::new();
+                Record::PostcopyCommit.encode(&mut out);
+                SourceEvent::Sent(send(&mut conns, &out))
+            }
+            SourceAction::Wait { until } => {
+                // Short waits, so that a cancel is seen.
+                let wait = until.map_or(Duration::from_millis(50), |d| {
+                    d.saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(50))
+                });
+                let c = conns.as_mut().expect("connections before the commit");
+                match c.returns.next(Some(wait)) {
+                    Some(ReturnEvent::Record(r)) => {
+                        m.handle(SourceEvent::Return(r), Instant::now())
+                    }
+                    Some(ReturnEvent::Closed(why)) => m.handle(
+                        SourceEvent::ReturnClosed(why.map(|w| w.to_string())),
+                        Instant::now(),
+                    ),
+                    Some(_) | None => {}
+                }
+                continue;
+            }
+            SourceAction::Serve => {
+                let c = conns.take().expect("connections to serve on");
+                let (r, served) = serve(ram, m.plan(), c, opts);
+                SourceEvent::Served(r, served)
+            }
+            SourceAction::Dial => SourceEvent::Dialled(try_resume(connect, opts, pages).map(
+                |(main, returns, urgent, bitmap)| {
+                    conns = Some(Conns {
+                        main,
+                        returns,
+                        urgent: Some(urgent),
+                    });
+                    bitmap
+                },
+            )),
+            SourceAction::Sleep { until } => {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                continue;
+            }
+            SourceAction::Close => {
+                if let Some(c) = conns.as_mut() {
+                    c.shutdown();
+                }
+                continue;
+            }
+            SourceAction::Done => {
+                while let Some(e) = m.poll_event() {
+                    progress(&e);
+                }
+                return m.take_result().expect("a result at the end");
+            }
+        };
+        m.handle(event, Instant::now());
     }
-    report.postcopy_time = committed_at.elapsed();
-    report.total_time = started.elapsed();
-    progress(&ProgressEvent::Phase(Phase::Completed));
-    Ok(report)
+}
+
+fn send<C: Connection>(conns: &mut Option<Conns<C>>, out: &[u8]) -> Result<(), String> {
+    conns
+        .as_mut()
+        .ok_or_else(|| "no connection".to_string())?
+        .main
+        .write_all(out)
+        .map_err(|e| e.to_string())
 }
 
 /// The urgent channel.
@@ -551,35 +519,6 @@ fn open_urgent<C: Connection>(
     .encode(Direction::Migration, &mut out);
     conn.write_all(&out)?;
     Ok(Urgent { conn })
-}
-
-/// Dials the destination again with backoff for up to the recovery window, opens a
-/// resumed main stream and urgent channel, and reads the destination's received-pages
-/// bitmap. Returns the connections, the bitmap and the attempts it took.
-#[allow(clippy::type_complexity)]
-fn reconnect<C: Connection>(
-    connect: &mut Connect<'_, C>,
-    opts: &SourceOptions,
-    pages: usize,
-) -> Result<(C, ReturnPath, Urgent<C>, DirtyBitmap, u32), String> {
-    let deadline = Instant::now() + opts.recovery_window;
-    let mut pause = Duration::from_millis(10);
-    let mut attempts = 0;
-    let mut last = String::from("no attempt");
-    while Instant::now() < deadline {
-        attempts += 1;
-        match try_resume(connect, opts, pages) {
-            Ok((c, r, u, b)) => return Ok((c, r, u, b, attempts)),
-            Err(e) => {
-                tracing::debug!(%e, attempts, "reconnecting");
-                last = e;
-            }
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        std::thread::sleep(pause.min(left));
-        pause = (pause * 2).min(Duration::from_secs(1));
-    }
-    Err(format!("{attempts} attempts, the last: {last}"))
 }
 
 #[allow(clippy::type_complexity)]
@@ -644,11 +583,34 @@ fn try_resume<C: Connection>(
 fn serve<M, C>(
     ram: &GuestRam<'_, M>,
     plan: &Mutex<PushPlan>,
-    mut conn: C,
-    mut returns: ReturnPath,
+    conns: Conns<C>,
+    opts: &SourceOptions,
+) -> (Result<(), String>, Served)
+where
+    M: GuestMemoryBackend + Sync,
+    C: Connection,
+{
+    let Conns {
+        main: mut conn,
+        mut returns,
+        urgent,
+    } = conns;
+    let mut total = Served::default();
+    let Some(urgent) = urgent else {
+        return (Err("no urgent channel".into()), total);
+    };
+    let r = serve_on(ram, plan, &mut conn, &mut returns, urgent, opts, &mut total);
+    (r, total)
+}
+
+fn serve_on<M, C>(
+    ram: &GuestRam<'_, M>,
+    plan: &Mutex<PushPlan>,
+    conn: &mut C,
+    returns: &mut ReturnPath,
     urgent: Urgent<C>,
     opts: &SourceOptions,
-    report: &mut SourceReport,
+    total: &mut Served,
 ) -> Result<(), String>
 where
     M: GuestMemoryBackend + Sync,
@@ -722,8 +684,8 @@ where
                     buf.clear();
                     encode_pages(ram, run.clone(), populated.as_ref(), &mut buf)
                         .map_err(|e| format!("reading guest RAM: {e}"))?;
-                    report.pages_pushed += run.len() as u64;
-                    report.bytes += buf.len() as u64;
+                    total.pushed += run.len() as u64;
+                    total.bytes += buf.len() as u64;
                     if to_writer.send(buf).is_err() {
                         return Ok(());
                     }
@@ -771,19 +733,11 @@ where
         }
         // What was served counts however the channel ended.
         let served = server.join().unwrap_or_default();
-        report.pages_requested += served.pages;
-        report.requests += served.requests;
-        report.bytes += served.bytes;
+        total.requested += served.requested;
+        total.requests += served.requests;
+        total.bytes += served.bytes;
         push
     })
-}
-
-/// What the urgent server did on one connection.
-#[derive(Debug, Default)]
-struct Served {
-    requests: u64,
-    pages: u64,
-    bytes: u64,
 }
 
 /// Answers page requests on the urgent channel until it ends.
@@ -817,7 +771,7 @@ fn serve_requests<M: GuestMemoryBackend, C: Connection>(
                         .write_all(&out)
                         .map_err(|e| format!("answering a page request: {e}"))?;
                     served.requests += 1;
-                    served.pages += run.len() as u64;
+                    served.requested += run.len() as u64;
                     served.bytes += out.len() as u64;
                 }
                 Ok(Some(_)) => {}
