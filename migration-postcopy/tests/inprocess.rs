@@ -204,8 +204,13 @@ fn destination_with(
 
 /// The destination's events: the commit first, the end last, a pause and a resumption for
 /// each break it saw after the commit (one before it is only a recovery), and the pages
-/// present only ever growing.
-fn check_events(events: &[migration_core::stats::ProgressEvent], cuts: usize) {
+/// present only ever growing, and one fault event for each fault served (the histogram's
+/// count), each page at most once.
+fn check_events(
+    events: &[migration_core::stats::ProgressEvent],
+    cuts: usize,
+    stats: &migration_postcopy::PostcopyStats,
+) {
     use migration_core::stats::{Phase, ProgressEvent as E};
     let phases: Vec<Phase> = events
         .iter()
@@ -226,6 +231,22 @@ fn check_events(events: &[migration_core::stats::ProgressEvent], cuts: usize) {
         paused + 1,
         "{phases:?}"
     );
+    let faults: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match e {
+            E::PageFault { page, .. } => Some(*page),
+            _ => None,
+        })
+        .collect();
+    if stats.fault_latency.count()
+        < migration_postcopy::destination::book::MAX_UNREPORTED_FAULTS as u64
+    {
+        assert_eq!(faults.len() as u64, stats.fault_latency.count());
+    }
+    let mut distinct = faults.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), faults.len(), "a page placed twice");
     let mut last = 0;
     for e in events {
         if let E::Progress {
@@ -319,7 +340,7 @@ fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
         "the source never resumes"
     );
     assert_eq!(*vm.log.lock().unwrap(), ["pause"]);
-    check_events(&d.events, 0);
+    check_events(&d.events, 0, &dr.postcopy);
     ram_equal(&mem, &d.mem);
     assert!(d.touched > 0, "the guest ran on the destination");
     let pages = ram.layout().page_count() as u64;
@@ -497,7 +518,7 @@ fn cut_and_recover(name: &str, cuts: usize) {
     let dr = d.report.expect("the destination completed");
     assert_eq!(report.recoveries.len(), cuts, "{report:?}");
     assert_eq!(dr.postcopy.recoveries.len(), cuts, "{:?}", dr.postcopy);
-    check_events(&d.events, cuts);
+    check_events(&d.events, cuts, &dr.postcopy);
     ram_equal(&mem, &d.mem);
     let _ = Instant::now();
 }

@@ -31,6 +31,10 @@ pub fn present_at_switch(received: DirtyBitmap, discard: &[std::ops::Range<u64>]
     present
 }
 
+/// How many served faults [`PageBook::take_served`] keeps between two calls: a progress
+/// callback that is not called for a while must not grow the book without bound.
+pub const MAX_UNREPORTED_FAULTS: usize = 4096;
+
 /// A page waited for.
 #[derive(Debug)]
 struct Wait {
@@ -58,6 +62,7 @@ pub struct PageBook {
     attempts: u32,
     started: Instant,
     stats: PostcopyStats,
+    served: Vec<(u64, Duration)>,
 }
 
 impl PageBook {
@@ -78,6 +83,7 @@ impl PageBook {
             lost_at: None,
             attempts: 0,
             started: now,
+            served: Vec::new(),
             stats: PostcopyStats {
                 pages: crate::stats::PagesByOrigin {
                     precopied: have as u64,
@@ -167,6 +173,9 @@ impl PageBook {
         let w = self.waits.remove(&page)?;
         let latency = now.saturating_duration_since(w.since);
         self.stats.fault_latency.record(latency);
+        if self.served.len() < MAX_UNREPORTED_FAULTS {
+            self.served.push((page as u64, latency));
+        }
         for t in w.threads {
             if let Some(since) = self.blocked.remove(&t) {
                 *self.blocktime.entry(t).or_default() += now.saturating_duration_since(since);
@@ -178,6 +187,12 @@ impl PageBook {
             }
         }
         Some(latency)
+    }
+
+    /// The faults served since the last call, with their latencies, for progress events
+    /// (at most [`MAX_UNREPORTED_FAULTS`] between two calls; the histogram has them all).
+    pub fn take_served(&mut self) -> Vec<(u64, Duration)> {
+        std::mem::take(&mut self.served)
     }
 
     /// A page arrived that was present already (placed once, by the other channel).

@@ -23,7 +23,9 @@
 //! does not come back in time the guest is paused and the error says so.
 
 pub mod book;
+pub mod machine;
 
+use std::collections::HashMap;
 use std::io;
 use std::net::Shutdown;
 use std::ops::Range;
@@ -37,7 +39,7 @@ use migration_core::fault::{Fault, FaultingRam};
 use migration_core::geometry::GuestRam;
 use migration_core::page::PageDecoder;
 use migration_core::pagemap::populated_pages;
-use migration_core::stats::{Phase, ProgressEvent};
+use migration_core::stats::ProgressEvent;
 use migration_core::stream::{
     Ack, DecoderOptions, DeviceState, Direction, Frame, HeaderFlags, PageBatch, PageData, Record,
     ReturnRecord, StreamDecoder, StreamError, StreamHeader, Verdict,
@@ -47,8 +49,11 @@ use migration_core::vm::{VmControl, VmError};
 use migration_precopy::{DestinationStats, PostcopySwitch};
 use vm_memory::GuestMemoryBackend;
 
-use crate::stats::{Origin, PostcopyStats, Recovery};
+use crate::stats::{Origin, PostcopyStats};
 pub use book::PageBook;
+pub use machine::{
+    ConnId, DestinationAction, DestinationEvent, DestinationMachine, DestinationPhase, Service,
+};
 
 /// Settings of a post-copy destination.
 #[derive(Debug, Clone)]
@@ -166,11 +171,15 @@ where
 }
 
 /// [`receive`], telling `progress` what happens, on the calling thread: the phases
-/// ([`Phase::Postcopy`] at the commit and again after each recovery,
-/// [`Phase::PostcopyPaused`] at a break, [`Phase::Completed`] once every page is present)
-/// and, at most every [`PROGRESS_INTERVAL`] while pages arrive,
-/// [`ProgressEvent::Progress`] with the pages present (`pages_sent`), still missing
-/// (`pages_remaining`) and in all, and the bytes of pages received in post-copy.
+/// ([`Phase::Postcopy`](migration_core::stats::Phase::Postcopy) at the commit and again
+/// after each recovery, [`Phase::PostcopyPaused`](migration_core::stats::Phase::PostcopyPaused)
+/// at a break, [`Phase::Completed`](migration_core::stats::Phase::Completed) once every
+/// page is present); a [`ProgressEvent::PageFault`] for each fault served, with its
+/// latency (at most [`book::MAX_UNREPORTED_FAULTS`] between two records of the main
+/// stream; the histogram in the report has them all); and, at most every
+/// [`PROGRESS_INTERVAL`] while pages arrive, [`ProgressEvent::Progress`] with the pages
+/// present (`pages_sent`), still missing (`pages_remaining`) and in all, and the bytes of
+/// pages received in post-copy.
 pub fn receive_with_progress<C, M, V>(
     switch: PostcopySwitch<C>,
     accept: &mut Accept<'_, C>,
@@ -194,7 +203,7 @@ where
     } = *Box::new(switch);
     let vm_id = stream.header.vm_uuid;
     let pages = ram.layout().page_count();
-    let mut main = Reader::new(
+    let main = Reader::new(
         conn.try_clone().map_err(DestinationError::Connection)?,
         input,
         stream.decoder,
@@ -207,200 +216,320 @@ where
         precopy: stream.stats,
         ..Default::default()
     };
-    // What is left of the switch: the device state, then the end of the data.
-    let mut states: Vec<DeviceState> = Vec::new();
-    let before = (|| loop {
-        match main.next()? {
-            Record::DeviceState(s) => states.push(s),
-            Record::EndOfData => return Ok(()),
-            Record::Abort { reason } => return Err(DestinationError::Aborted(reason)),
-            r => {
-                return Err(DestinationError::Protocol(format!(
-                    "a {} record in the switch to post-copy",
-                    r.record_type()
-                )));
-            }
-        }
-    })();
-    let urgent = before
-        .and_then(|()| accept_urgent(accept, vm_id, HeaderFlags::URGENT, opts.recovery_window));
-    let urgent = match urgent {
-        Ok(u) => u,
-        Err(e) => return Err(refuse(&mut conn, e)),
-    };
     let received = book::present_at_switch(received, &stream.discard);
-    let setup = (|| {
-        let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
-        let layout = ram.layout();
-        // Pages to fetch must fault: drop whatever they hold (a discarded old copy,
-        // prefaulted zeros, nothing at all: dropping nothing is cheap).
-        let mut fetch = DirtyBitmap::new_full(pages);
-        fetch.subtract(&received);
-        for run in fetch.iter_runs() {
-            for (_, piece) in layout.split_at_regions(run) {
-                faulting
-                    .discard(piece)
-                    .map_err(DestinationError::Register)?;
-            }
-        }
-        // Pages known to be zero that hold no page (pre-copy never wrote them: fresh RAM
-        // reads as zero) would fault for ever: map the zero page into them. Where the
-        // kernel says which pages hold something, only into those that do not.
-        let mut zero = received.clone();
-        if let Ok(held) = populated_pages(ram.memory(), layout) {
-            zero.subtract(&held);
-        }
-        for run in zero.iter_runs() {
-            for (_, piece) in layout.split_at_regions(run) {
-                faulting
-                    .place_zero(piece)
-                    .map_err(DestinationError::Register)?;
-            }
-        }
-        vm.load_device_state(&states)?;
-        Ok(faulting)
-    })();
-    let faulting = match setup {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = urgent.conn.shutdown(Shutdown::Both);
-            return Err(refuse(&mut conn, e));
-        }
+    let mut m = DestinationMachine::new(0, opts.recovery_window, switched_at);
+    let mut d = Driver {
+        conns: HashMap::from([(0, (conn, main))]),
+        next_id: 1,
+        current: None,
+        faulting: None,
+        shared: None,
+        fault_thread: None,
     };
-    report.device_states = states.len();
-    let mut out = BytesMut::new();
-    ReturnRecord::Ack(Ack::PostcopyReady(received.count() as u64)).encode(&mut out);
-    if let Err(e) = conn.write_all(&out) {
-        return Err(DestinationError::Connection(e));
-    }
-    tracing::debug!(
-        present = received.count(),
-        pages,
-        "post-copy ready; waiting for the commit"
-    );
-
-    // Until the commit, nothing runs here: a break waits for the source to come back (it
-    // may have committed) and gives up without running the guest if it does not.
-    let mut conns = Conns {
-        main: conn,
-        main_reader: main,
-        urgent,
-    };
-    let mut recovered_before_commit = None;
-    match conns.main_reader.next() {
-        Ok(Record::PostcopyCommit) => {}
-        Ok(Record::Abort { reason }) => return Err(DestinationError::Aborted(reason)),
-        Ok(r) => {
-            return Err(refuse(
-                &mut conns.main,
-                DestinationError::Protocol(format!(
-                    "a {} record instead of the commit",
-                    r.record_type()
-                )),
-            ));
+    loop {
+        while let Some(e) = m.poll_event() {
+            progress(&e);
         }
-        Err(DestinationError::Connection(e)) => {
-            tracing::warn!(%e, "connection lost before the commit; waiting for the source");
-            let lost = Instant::now();
-            // Before the commit the book is only what was received.
-            let book = PageBook::new(received.clone(), lost);
-            match reconnect(accept, vm_id, &book, opts.recovery_window) {
-                Ok(c) => conns = c,
-                Err(_) => return Err(DestinationError::Connection(e)),
+        let now = Instant::now();
+        let event = match m.poll(now) {
+            DestinationAction::ReadMain => {
+                let id = m.connections().0.expect("a main stream to read");
+                let (_, reader) = d.conns.get_mut(&id).expect("the main stream is held");
+                match reader.next() {
+                    Ok(r) => DestinationEvent::Record(r),
+                    Err(e) => DestinationEvent::MainBroken(e),
+                }
             }
-            // The source may have committed before the break, and counts this as a
-            // recovery: so does this side, or the two reports disagree.
-            recovered_before_commit = Some(Recovery {
-                duration: lost.elapsed(),
-                attempts: 1,
-            });
-        }
-        Err(e) => return Err(e),
-    }
-    vm.resume()?;
-    progress(&ProgressEvent::Phase(Phase::Postcopy));
-    report.switchover = switched_at.elapsed();
-    tracing::debug!(since_switch = ?report.switchover, "committed: the guest runs here");
-
-    let shared = Arc::new(Shared {
-        book: Mutex::new({
-            let mut book = PageBook::new(received, Instant::now());
-            if let Some(r) = recovered_before_commit {
-                book.record_recovery(r);
-            }
-            book
-        }),
-        complete: Condvar::new(),
-        faulting,
-        requests: Mutex::new(None),
-        stop: AtomicBool::new(false),
-        failed: Mutex::new(None),
-    });
-    let result = serve(&shared, &mut conns, accept, vm_id, opts, progress);
-    let stats = shared
-        .book
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .stats(Instant::now());
-    report.postcopy = stats;
-    match result {
-        Ok(()) => {
-            // Every page is present: RAM is ordinary memory again (every thread that
-            // shared it is joined), then the source hears it.
-            match Arc::try_unwrap(shared) {
-                Ok(s) => {
-                    if let Err(e) = s.faulting.finish() {
-                        tracing::warn!(%e, "unregistering guest RAM from userfaultfd");
+            DestinationAction::Accept { until } => {
+                // A resumed main stream does not carry the config again: its decoder is
+                // told the page count.
+                let resumed = matches!(m.phase(), DestinationPhase::Paused { .. });
+                let page_count = resumed.then_some(pages as u64);
+                match accept_header(
+                    accept,
+                    vm_id,
+                    page_count,
+                    until.saturating_duration_since(now),
+                ) {
+                    Ok(Some((c, r, h))) => {
+                        let id = d.next_id;
+                        d.next_id += 1;
+                        d.conns.insert(id, (c, r));
+                        if let Some(s) = &d.shared
+                            && !h.flags.contains(HeaderFlags::URGENT)
+                        {
+                            s.lock().attempt();
+                        }
+                        DestinationEvent::Accepted(Ok((id, h.flags)))
                     }
+                    Ok(None) => continue,
+                    Err(e) => DestinationEvent::Accepted(Err(e)),
                 }
-                // Cannot happen: every thread that shared it was joined. Dropping the last
-                // reference unregisters it anyway.
-                Err(_) => tracing::warn!("guest RAM still shared at the end of post-copy"),
             }
-            let mut out = BytesMut::new();
-            ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
-            if let Err(e) = conns.main.write_all(&out) {
-                tracing::debug!(%e, "the final verdict");
+            DestinationAction::AnswerUrgent(id) => {
+                let mut out = BytesMut::new();
+                StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
+                DestinationEvent::Answered(id, d.write(id, &out))
             }
-            let _ = conns.main.shutdown(Shutdown::Write);
-            progress(&ProgressEvent::Phase(Phase::Completed));
-            Ok(report)
+            DestinationAction::AnswerMain(id) => {
+                let mut out = BytesMut::new();
+                StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
+                let present = match &d.shared {
+                    Some(s) => s.lock().present().clone(),
+                    None => received.clone(),
+                };
+                ReturnRecord::ReceivedBitmap(present).encode(&mut out);
+                DestinationEvent::Answered(id, d.write(id, &out))
+            }
+            DestinationAction::Drop(id) => {
+                if let Some((c, _)) = d.conns.remove(&id) {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+                continue;
+            }
+            DestinationAction::Prepare => {
+                let r = prepare(ram, &received, m.device_states(), vm);
+                DestinationEvent::Prepared(r.map(|f| {
+                    report.device_states = m.device_states().len();
+                    d.faulting = Some(f);
+                }))
+            }
+            DestinationAction::SendReady => {
+                let mut out = BytesMut::new();
+                ReturnRecord::Ack(Ack::PostcopyReady(received.count() as u64)).encode(&mut out);
+                tracing::debug!(
+                    present = received.count(),
+                    pages,
+                    "post-copy ready; waiting for the commit"
+                );
+                DestinationEvent::Sent(d.write(0, &out))
+            }
+            DestinationAction::Resume => DestinationEvent::Resumed(vm.resume()),
+            DestinationAction::Pause => DestinationEvent::Paused(vm.pause()),
+            DestinationAction::Serve => {
+                let shared = match &d.shared {
+                    Some(s) => s.clone(),
+                    None => {
+                        report.switchover = m.switchover().unwrap_or_default();
+                        tracing::debug!(since_switch = ?report.switchover, "committed: the guest runs here");
+                        let mut book = PageBook::new(received.clone(), Instant::now());
+                        if let Some(r) = m.recovered_before_commit() {
+                            book.record_recovery(r);
+                        }
+                        let s = Arc::new(Shared {
+                            book: Mutex::new(book),
+                            complete: Condvar::new(),
+                            faulting: d.faulting.take().expect("RAM registered before the commit"),
+                            requests: Mutex::new(None),
+                            stop: AtomicBool::new(false),
+                            failed: Mutex::new(None),
+                        });
+                        let f = s.clone();
+                        match std::thread::Builder::new()
+                            .name("postcopy-faults".into())
+                            .spawn(move || fault_loop(&f))
+                        {
+                            Ok(t) => d.fault_thread = Some(t),
+                            Err(e) => {
+                                d.shared = Some(s);
+                                m.handle(
+                                    DestinationEvent::Served(Service::Failed(
+                                        DestinationError::Connection(e),
+                                    )),
+                                    Instant::now(),
+                                );
+                                continue;
+                            }
+                        }
+                        d.shared = Some(s.clone());
+                        s
+                    }
+                };
+                let (Some(main), Some(urgent)) = m.connections() else {
+                    unreachable!("page service on a pair of connections")
+                };
+                let (main, main_reader) = d.conns.remove(&main).expect("the main stream is held");
+                let (uconn, ureader) = d.conns.remove(&urgent).expect("the urgent channel is held");
+                let mut conns = Conns {
+                    main,
+                    main_reader,
+                    urgent: Urgent {
+                        conn: uconn,
+                        reader: ureader,
+                    },
+                };
+                let served = run_connections(&shared, &mut conns, progress);
+                report_faults(&shared, progress);
+                let service = match served {
+                    Ok(Service::Broken(why)) => {
+                        // Page service pauses; the guest runs on with what it has.
+                        shared.lock().connection_lost(Instant::now());
+                        *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        let _ = conns.main.shutdown(Shutdown::Both);
+                        let _ = conns.urgent.conn.shutdown(Shutdown::Both);
+                        Service::Broken(why)
+                    }
+                    Ok(s) => {
+                        d.current = Some(conns);
+                        s
+                    }
+                    Err(e) => Service::Failed(e),
+                };
+                DestinationEvent::Served(service)
+            }
+            DestinationAction::Refuse => {
+                let reason = m.refusal().unwrap_or("refused").to_string();
+                if let Some((c, _)) = d.conns.get_mut(&0) {
+                    let mut out = BytesMut::new();
+                    ReturnRecord::Verdict(Verdict::Failed { reason }).encode(&mut out);
+                    let _ = c.write_all(&out);
+                }
+                d.close_all();
+                continue;
+            }
+            DestinationAction::Finish => {
+                d.stop_faults();
+                // Every page is present: RAM is ordinary memory again (every thread that
+                // shared it is joined), then the source hears it.
+                match d.shared.take().map(Arc::try_unwrap) {
+                    Some(Ok(s)) => {
+                        report.postcopy = s.lock().stats(Instant::now());
+                        if let Err(e) = s.faulting.finish() {
+                            tracing::warn!(%e, "unregistering guest RAM from userfaultfd");
+                        }
+                    }
+                    // Cannot happen: every thread that shared it was joined. Dropping the
+                    // last reference unregisters it anyway.
+                    Some(Err(s)) => {
+                        report.postcopy = s.lock().stats(Instant::now());
+                        tracing::warn!("guest RAM still shared at the end of post-copy");
+                    }
+                    None => {}
+                }
+                if let Some(c) = d.current.as_mut() {
+                    let mut out = BytesMut::new();
+                    ReturnRecord::Verdict(Verdict::Running).encode(&mut out);
+                    if let Err(e) = c.main.write_all(&out) {
+                        tracing::debug!(%e, "the final verdict");
+                    }
+                    let _ = c.main.shutdown(Shutdown::Write);
+                }
+                continue;
+            }
+            DestinationAction::Sleep { until } => {
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                continue;
+            }
+            DestinationAction::Done => {
+                while let Some(e) = m.poll_event() {
+                    progress(&e);
+                }
+                d.stop_faults();
+                if let Some(s) = &d.shared {
+                    report.postcopy = s.lock().stats(Instant::now());
+                }
+                let missing = d.shared.as_ref().map(|s| s.lock().missing());
+                d.close_all();
+                return match m.take_result().expect("a result at the end") {
+                    Ok(()) => Ok(report),
+                    Err(DestinationError::SourceLost {
+                        window, why, pause, ..
+                    }) => Err(DestinationError::SourceLost {
+                        window,
+                        missing: missing.unwrap_or(pages),
+                        why,
+                        pause,
+                    }),
+                    Err(e) => Err(e),
+                };
+            }
+        };
+        m.handle(event, Instant::now());
+    }
+}
+
+/// What the driver holds besides the machine.
+struct Driver<C> {
+    /// Connections accepted and not yet in page service (the main stream at the switch is
+    /// number 0).
+    conns: HashMap<ConnId, (C, Reader<C>)>,
+    next_id: ConnId,
+    /// The pair page service ended on, complete.
+    current: Option<Conns<C>>,
+    /// RAM registered for faults, until page service takes it.
+    faulting: Option<FaultingRam>,
+    shared: Option<Arc<Shared<C>>>,
+    fault_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<C: Connection> Driver<C> {
+    fn write(&mut self, id: ConnId, out: &[u8]) -> io::Result<()> {
+        match self.conns.get_mut(&id) {
+            Some((c, _)) => c.write_all(out),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "no such connection",
+            )),
         }
-        Err(e) => {
-            let e = match e {
-                DestinationError::SourceLost {
-                    window,
-                    missing,
-                    why,
-                    ..
-                } => DestinationError::SourceLost {
-                    window,
-                    missing,
-                    why,
-                    pause: vm.pause().err(),
-                },
-                e => {
-                    let _ = vm.pause();
-                    e
-                }
-            };
-            Err(e)
+    }
+
+    fn stop_faults(&mut self) {
+        if let Some(s) = &self.shared {
+            s.stop.store(true, Ordering::SeqCst);
+        }
+        if let Some(t) = self.fault_thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn close_all(&mut self) {
+        for (_, (c, _)) in self.conns.drain() {
+            let _ = c.shutdown(Shutdown::Both);
         }
     }
 }
 
-/// Sends a `Failed` verdict where the connection still works (before the commit), and
-/// hands the error back.
-fn refuse<C: Connection>(conn: &mut C, e: DestinationError) -> DestinationError {
-    tracing::warn!(error = %e, "post-copy switch failed; the guest is not run here");
-    let mut out = BytesMut::new();
-    ReturnRecord::Verdict(Verdict::Failed {
-        reason: e.to_string(),
-    })
-    .encode(&mut out);
-    let _ = conn.write_all(&out);
-    let _ = conn.shutdown(Shutdown::Both);
-    e
+/// Registers RAM for faults, drops every page not `received` and maps the zero page where
+/// a received page is zero and holds nothing, loads the device state.
+fn prepare<M, V>(
+    ram: &GuestRam<'_, M>,
+    received: &DirtyBitmap,
+    states: &[DeviceState],
+    vm: &mut V,
+) -> Result<FaultingRam, DestinationError>
+where
+    M: GuestMemoryBackend,
+    V: VmControl + ?Sized,
+{
+    let faulting = FaultingRam::register(ram).map_err(DestinationError::Register)?;
+    let layout = ram.layout();
+    // Pages to fetch must fault: drop whatever they hold (a discarded old copy,
+    // prefaulted zeros, nothing at all: dropping nothing is cheap).
+    let mut fetch = DirtyBitmap::new_full(layout.page_count());
+    fetch.subtract(received);
+    for run in fetch.iter_runs() {
+        for (_, piece) in layout.split_at_regions(run) {
+            faulting
+                .discard(piece)
+                .map_err(DestinationError::Register)?;
+        }
+    }
+    // Pages known to be zero that hold no page (pre-copy never wrote them: fresh RAM
+    // reads as zero) would fault for ever: map the zero page into them. Where the
+    // kernel says which pages hold something, only into those that do not.
+    let mut zero = received.clone();
+    if let Ok(held) = populated_pages(ram.memory(), layout) {
+        zero.subtract(&held);
+    }
+    for run in zero.iter_runs() {
+        for (_, piece) in layout.split_at_regions(run) {
+            faulting
+                .place_zero(piece)
+                .map_err(DestinationError::Register)?;
+        }
+    }
+    vm.load_device_state(states)?;
+    Ok(faulting)
 }
 
 /// Reads records from one stream.
@@ -453,7 +582,7 @@ struct Urgent<C> {
     reader: Reader<C>,
 }
 
-/// Accepts the source's next connection within `timeout` and reads its header, which must
+/// Accepts the source's next connection within `timeout` (`None`: none came) and reads its header, which must
 /// name this VM and carry `flags` (the main stream's config is not resent on a resume, so
 /// its decoder is told the page count).
 fn accept_header<C: Connection>(
@@ -461,17 +590,14 @@ fn accept_header<C: Connection>(
     vm_id: [u8; 16],
     page_count: Option<u64>,
     timeout: Duration,
-) -> Result<(C, Reader<C>, StreamHeader), DestinationError> {
+) -> io::Result<Option<(C, Reader<C>, StreamHeader)>> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(DestinationError::Connection(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("no connection from the source within {timeout:?}"),
-            )));
+            return Ok(None);
         }
-        let Some(conn) = accept(left).map_err(DestinationError::Connection)? else {
+        let Some(conn) = accept(left)? else {
             continue;
         };
         let r = (|| {
@@ -499,7 +625,7 @@ fn accept_header<C: Connection>(
         match read_header(&mut reader) {
             Ok(h) => {
                 let _ = conn.set_read_timeout(None);
-                return Ok((conn, reader, h));
+                return Ok(Some((conn, reader, h)));
             }
             Err(e) => {
                 // Not the source (a stray connection, another VM): keep waiting.
@@ -533,107 +659,6 @@ fn read_header<C: Connection>(r: &mut Reader<C>) -> Result<StreamHeader, Destina
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(DestinationError::Connection(e)),
         }
-    }
-}
-
-/// Accepts the urgent channel at the switch.
-fn accept_urgent<C: Connection>(
-    accept: &mut Accept<'_, C>,
-    vm_id: [u8; 16],
-    flags: HeaderFlags,
-    timeout: Duration,
-) -> Result<Urgent<C>, DestinationError> {
-    let (mut conn, reader, h) = accept_header(accept, vm_id, None, timeout)?;
-    if !h.flags.contains(flags) {
-        return Err(DestinationError::Protocol(
-            "a second connection that is not the urgent channel".into(),
-        ));
-    }
-    let mut out = BytesMut::new();
-    StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
-    conn.write_all(&out).map_err(DestinationError::Connection)?;
-    Ok(Urgent { conn, reader })
-}
-
-/// After a break: waits for the source's new main stream and urgent channel (in either
-/// order), and answers the main one with the received-pages bitmap. A pair that breaks
-/// before the source's commit on it is dropped, and the next awaited, until the window
-/// passes.
-fn reconnect<C: Connection>(
-    accept: &mut Accept<'_, C>,
-    vm_id: [u8; 16],
-    book: &PageBook,
-    window: Duration,
-) -> Result<Conns<C>, DestinationError> {
-    let deadline = Instant::now() + window;
-    loop {
-        match reconnect_once(accept, vm_id, book, deadline) {
-            Err(DestinationError::Connection(e)) if Instant::now() < deadline => {
-                tracing::warn!(error = %e, "a recovery attempt broke; waiting for the next");
-            }
-            r => return r,
-        }
-    }
-}
-
-fn reconnect_once<C: Connection>(
-    accept: &mut Accept<'_, C>,
-    vm_id: [u8; 16],
-    book: &PageBook,
-    deadline: Instant,
-) -> Result<Conns<C>, DestinationError> {
-    let pages = book.present().len() as u64;
-    let mut main: Option<(C, Reader<C>)> = None;
-    let mut urgent: Option<(C, Reader<C>)> = None;
-    while main.is_none() || urgent.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (mut conn, reader, h) = accept_header(accept, vm_id, Some(pages), left)?;
-        if !h.flags.contains(HeaderFlags::POSTCOPY_RESUME) {
-            tracing::warn!("a new migration while one is in post-copy: refused");
-            let _ = conn.shutdown(Shutdown::Both);
-            continue;
-        }
-        let mut out = BytesMut::new();
-        StreamHeader::new(vm_id).encode(Direction::Return, &mut out);
-        if h.flags.contains(HeaderFlags::URGENT) {
-            // Only an urgent channel that came after the main stream is of the same
-            // attempt (the source opens them in that order).
-            if main.is_none() {
-                tracing::debug!("an urgent channel of an earlier attempt: dropped");
-                let _ = conn.shutdown(Shutdown::Both);
-            } else if conn.write_all(&out).is_ok() {
-                urgent = Some((conn, reader));
-            }
-        } else {
-            ReturnRecord::ReceivedBitmap(book.present().clone()).encode(&mut out);
-            if conn.write_all(&out).is_ok() {
-                main = Some((conn, reader));
-                // A new attempt: an urgent channel held so far belongs to an older one,
-                // which the source gave up (pairing the two thrashed: each pair of a new
-                // main stream with a stale channel broke at once, and made another).
-                if let Some((old, _)) = urgent.take() {
-                    let _ = old.shutdown(Shutdown::Both);
-                }
-            }
-        }
-    }
-    let ((main, main_reader), (uconn, ureader)) = (main.expect("loop"), urgent.expect("loop"));
-    let mut conns = Conns {
-        main,
-        main_reader,
-        urgent: Urgent {
-            conn: uconn,
-            reader: ureader,
-        },
-    };
-    // The source commits again first: a commit lost with the old connection is taken up.
-    match conns.main_reader.next()? {
-        Record::PostcopyCommit => Ok(conns),
-        Record::Abort { reason } => Err(DestinationError::Aborted(reason)),
-        r => Err(DestinationError::Protocol(format!(
-            "a resumed stream starting with a {} record, not the commit",
-            r.record_type()
-        ))),
     }
 }
 
@@ -789,65 +814,6 @@ impl<C: Connection> Shared<C> {
     }
 }
 
-/// Serves faults and places pages until every page is present; recovers from broken
-/// connections.
-fn serve<C: Connection>(
-    shared: &Arc<Shared<C>>,
-    conns: &mut Conns<C>,
-    accept: &mut Accept<'_, C>,
-    vm_id: [u8; 16],
-    opts: &DestinationOptions,
-    progress: &mut dyn FnMut(&ProgressEvent),
-) -> Result<(), DestinationError> {
-    let fault_thread = {
-        let s = shared.clone();
-        std::thread::Builder::new()
-            .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&s))
-            .map_err(DestinationError::Connection)?
-    };
-    let result = (|| loop {
-        let why = match run_connections(shared, conns, progress)? {
-            Service::Complete => return Ok(()),
-            Service::Broken(why) => why,
-        };
-        // A break: page service pauses, the guest runs on with what it has.
-        tracing::warn!(error = %why, "post-copy connection lost; waiting for the source to come back");
-        progress(&ProgressEvent::Phase(Phase::PostcopyPaused));
-        shared.lock().connection_lost(Instant::now());
-        *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        let book_snapshot = PageBook::new(shared.lock().present().clone(), Instant::now());
-        match reconnect(accept, vm_id, &book_snapshot, opts.recovery_window) {
-            Ok(c) => {
-                *conns = c;
-                progress(&ProgressEvent::Phase(Phase::Postcopy));
-                shared.lock().attempt();
-            }
-            Err(e) => {
-                let missing = shared.lock().missing();
-                tracing::error!(error = %e, missing, "the source did not come back");
-                return Err(DestinationError::SourceLost {
-                    window: opts.recovery_window,
-                    missing,
-                    why,
-                    pause: None,
-                });
-            }
-        }
-    })();
-    shared.stop.store(true, Ordering::SeqCst);
-    let _ = fault_thread.join();
-    result
-}
-
-/// How page service on one pair of connections ended.
-enum Service {
-    /// Every page is present.
-    Complete,
-    /// A connection broke, for this reason.
-    Broken(String),
-}
-
 /// Runs page service on one pair of connections until every page is present or one of
 /// them breaks.
 fn run_connections<C: Connection>(
@@ -923,6 +889,7 @@ fn run_connections<C: Connection>(
         let r = receive_pages(
             shared,
             &mut || {
+                report_faults(shared, progress);
                 if last.elapsed() >= PROGRESS_INTERVAL {
                     last = Instant::now();
                     let b = shared.lock();
@@ -974,6 +941,12 @@ fn run_connections<C: Connection>(
                     .wait_timeout(b, Duration::from_millis(50))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
+                let served = b.take_served();
+                if !served.is_empty() {
+                    drop(b);
+                    emit_faults(served, progress);
+                    b = shared.lock();
+                }
             }
         }
         Err(DestinationError::Connection(e)) => Some(format!("main stream: {e}")),
@@ -1004,6 +977,18 @@ fn run_connections<C: Connection>(
     Ok(Service::Broken(
         broken.unwrap_or_else(|| "the urgent channel broke".into()),
     ))
+}
+
+/// Passes the faults served since the last call on as [`ProgressEvent::PageFault`].
+fn report_faults<C: Connection>(shared: &Shared<C>, progress: &mut dyn FnMut(&ProgressEvent)) {
+    let served = shared.lock().take_served();
+    emit_faults(served, progress);
+}
+
+fn emit_faults(served: Vec<(u64, Duration)>, progress: &mut dyn FnMut(&ProgressEvent)) {
+    for (page, latency) in served {
+        progress(&ProgressEvent::PageFault { page, latency });
+    }
 }
 
 /// Places the pages of one stream until its `Complete` (`Ok`) or a failure.
