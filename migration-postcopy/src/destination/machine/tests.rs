@@ -69,8 +69,16 @@ impl Script {
         self.handle(DestinationEvent::Answered(id, Ok(())));
     }
 
-    /// The switch up to the commit read, the guest resumed.
-    fn run_to_serving(&mut self) {
+    /// A resumed main stream `main` and urgent channel `urgent` come and are answered.
+    fn attempt(&mut self, main: ConnId, urgent: ConnId) {
+        self.accept(main, RESUME);
+        self.answer(DestinationAction::AnswerMain(main));
+        self.accept(urgent, both(URGENT, RESUME));
+        self.answer(DestinationAction::AnswerUrgent(urgent));
+    }
+
+    /// The switch up to RAM registered for faults (not reported).
+    fn run_to_prepare(&mut self) {
         self.record(Record::DeviceState(DeviceState::new(
             "vcpu0",
             1,
@@ -81,10 +89,20 @@ impl Script {
         self.answer(DestinationAction::AnswerUrgent(1));
         self.expect(DestinationAction::Prepare);
         assert_eq!(self.m.device_states().len(), 1);
+    }
+
+    /// The switch up to `PostcopyReady` sent.
+    fn run_to_ready(&mut self) {
+        self.run_to_prepare();
         self.handle(DestinationEvent::Prepared(Ok(())));
         self.expect(DestinationAction::SendReady);
         self.handle(DestinationEvent::Sent(Ok(())));
         assert_eq!(self.m.phase(), DestinationPhase::AwaitingCommit);
+    }
+
+    /// The switch up to the commit read, the guest resumed.
+    fn run_to_serving(&mut self) {
+        self.run_to_ready();
         assert!(!self.m.committed());
         self.record(Record::PostcopyCommit);
         self.expect(DestinationAction::Resume);
@@ -183,10 +201,7 @@ fn every_failure_before_the_commit_refuses_and_never_runs_the_guest() {
         (
             "registering RAM fails",
             |s| {
-                s.record(Record::EndOfData);
-                s.accept(1, URGENT);
-                s.answer(DestinationAction::AnswerUrgent(1));
-                s.expect(DestinationAction::Prepare);
+                s.run_to_prepare();
                 s.handle(DestinationEvent::Prepared(Err(DestinationError::Register(
                     io::ErrorKind::PermissionDenied.into(),
                 ))));
@@ -196,13 +211,7 @@ fn every_failure_before_the_commit_refuses_and_never_runs_the_guest() {
         (
             "the main stream is corrupt before the commit",
             |s| {
-                s.record(Record::EndOfData);
-                s.accept(1, URGENT);
-                s.answer(DestinationAction::AnswerUrgent(1));
-                s.expect(DestinationAction::Prepare);
-                s.handle(DestinationEvent::Prepared(Ok(())));
-                s.expect(DestinationAction::SendReady);
-                s.handle(DestinationEvent::Sent(Ok(())));
+                s.run_to_ready();
                 s.expect(DestinationAction::ReadMain);
                 s.handle(DestinationEvent::MainBroken(DestinationError::Protocol(
                     "bad crc".into(),
@@ -213,13 +222,7 @@ fn every_failure_before_the_commit_refuses_and_never_runs_the_guest() {
         (
             "a record instead of the commit",
             |s| {
-                s.record(Record::EndOfData);
-                s.accept(1, URGENT);
-                s.answer(DestinationAction::AnswerUrgent(1));
-                s.expect(DestinationAction::Prepare);
-                s.handle(DestinationEvent::Prepared(Ok(())));
-                s.expect(DestinationAction::SendReady);
-                s.handle(DestinationEvent::Sent(Ok(())));
+                s.run_to_ready();
                 s.record(Record::EndOfData);
             },
             "instead of the commit",
@@ -254,13 +257,7 @@ fn an_abort_in_the_switch_ends_without_a_verdict() {
 #[test]
 fn a_break_before_the_commit_waits_for_the_source_and_counts_as_a_recovery() {
     let mut s = Script::new();
-    s.record(Record::EndOfData);
-    s.accept(1, URGENT);
-    s.answer(DestinationAction::AnswerUrgent(1));
-    s.expect(DestinationAction::Prepare);
-    s.handle(DestinationEvent::Prepared(Ok(())));
-    s.expect(DestinationAction::SendReady);
-    s.handle(DestinationEvent::Sent(Ok(())));
+    s.run_to_ready();
     s.expect(DestinationAction::ReadMain);
     let broke = s.now;
     s.handle(DestinationEvent::MainBroken(DestinationError::Connection(
@@ -273,10 +270,7 @@ fn a_break_before_the_commit_waits_for_the_source_and_counts_as_a_recovery() {
             ..
         }
     ));
-    s.accept(2, RESUME);
-    s.answer(DestinationAction::AnswerMain(2));
-    s.accept(3, both(URGENT, RESUME));
-    s.answer(DestinationAction::AnswerUrgent(3));
+    s.attempt(2, 3);
     s.record(Record::PostcopyCommit);
     s.expect(DestinationAction::Resume);
     s.handle(DestinationEvent::Resumed(Ok(())));
@@ -292,13 +286,7 @@ fn a_break_before_the_commit_waits_for_the_source_and_counts_as_a_recovery() {
 #[test]
 fn a_break_before_the_commit_that_the_source_never_mends_ends_with_the_guest_not_run_here() {
     let mut s = Script::new();
-    s.record(Record::EndOfData);
-    s.accept(1, URGENT);
-    s.answer(DestinationAction::AnswerUrgent(1));
-    s.expect(DestinationAction::Prepare);
-    s.handle(DestinationEvent::Prepared(Ok(())));
-    s.expect(DestinationAction::SendReady);
-    s.handle(DestinationEvent::Sent(Ok(())));
+    s.run_to_ready();
     s.expect(DestinationAction::ReadMain);
     s.handle(DestinationEvent::MainBroken(DestinationError::Connection(
         io::ErrorKind::ConnectionReset.into(),
@@ -361,10 +349,7 @@ fn an_attempt_that_breaks_before_its_commit_is_dropped_and_the_next_awaited() {
     let mut s = Script::new();
     s.run_to_serving();
     s.serve(Service::Broken("cut".into()));
-    s.accept(2, RESUME);
-    s.answer(DestinationAction::AnswerMain(2));
-    s.accept(3, both(URGENT, RESUME));
-    s.answer(DestinationAction::AnswerUrgent(3));
+    s.attempt(2, 3);
     s.expect(DestinationAction::ReadMain);
     s.handle(DestinationEvent::MainBroken(DestinationError::Connection(
         io::ErrorKind::UnexpectedEof.into(),
@@ -386,10 +371,7 @@ fn an_attempt_that_breaks_before_its_commit_is_dropped_and_the_next_awaited() {
     assert!(matches!(s.poll(), DestinationAction::Accept { .. }));
     s.handle(DestinationEvent::Accepted(Err(io::ErrorKind::Other.into())));
     assert!(matches!(s.poll(), DestinationAction::Sleep { .. }));
-    s.accept(6, RESUME);
-    s.answer(DestinationAction::AnswerMain(6));
-    s.accept(7, both(URGENT, RESUME));
-    s.answer(DestinationAction::AnswerUrgent(7));
+    s.attempt(6, 7);
     s.record(Record::PostcopyCommit);
     assert_eq!(s.m.connections(), (Some(6), Some(7)));
     assert_eq!(s.m.phase(), DestinationPhase::Postcopy { connection: 2 });
@@ -447,14 +429,15 @@ fn failures_after_the_commit_pause_the_guest() {
     let mut s = Script::new();
     s.run_to_serving();
     s.serve(Service::Broken("cut".into()));
-    s.accept(2, RESUME);
-    s.answer(DestinationAction::AnswerMain(2));
-    s.accept(3, both(URGENT, RESUME));
-    s.answer(DestinationAction::AnswerUrgent(3));
+    s.attempt(2, 3);
     s.record(Record::EndOfData);
     let e = s.result().unwrap_err();
     assert!(e.to_string().contains("not the commit"), "{e}");
     assert_eq!(s.count(|a| *a == DestinationAction::Pause), 1);
+}
+
+fn or<E>(ok: bool, e: impl FnOnce() -> E) -> Result<(), E> {
+    if ok { Ok(()) } else { Err(e()) }
 }
 
 /// What the property below answers to an action.
@@ -488,30 +471,17 @@ fn answer(a: DestinationAction, pick: u8) -> Option<DestinationEvent> {
             }
         }
         DestinationAction::AnswerMain(id) | DestinationAction::AnswerUrgent(id) => {
-            DestinationEvent::Answered(
-                id,
-                if ok {
-                    Ok(())
-                } else {
-                    Err(io::ErrorKind::BrokenPipe.into())
-                },
-            )
+            DestinationEvent::Answered(id, or(ok, || io::ErrorKind::BrokenPipe.into()))
         }
-        DestinationAction::Prepare => DestinationEvent::Prepared(if ok {
-            Ok(())
-        } else {
-            Err(DestinationError::Protocol("x".into()))
-        }),
-        DestinationAction::SendReady => DestinationEvent::Sent(if ok {
-            Ok(())
-        } else {
-            Err(io::ErrorKind::BrokenPipe.into())
-        }),
-        DestinationAction::Resume => DestinationEvent::Resumed(if ok {
-            Ok(())
-        } else {
-            Err(VmError::new(VmOp::Resume, "x"))
-        }),
+        DestinationAction::Prepare => {
+            DestinationEvent::Prepared(or(ok, || DestinationError::Protocol("x".into())))
+        }
+        DestinationAction::SendReady => {
+            DestinationEvent::Sent(or(ok, || io::ErrorKind::BrokenPipe.into()))
+        }
+        DestinationAction::Resume => {
+            DestinationEvent::Resumed(or(ok, || VmError::new(VmOp::Resume, "x")))
+        }
         DestinationAction::Pause => DestinationEvent::Paused(Ok(())),
         DestinationAction::Serve => DestinationEvent::Served(match pick % 3 {
             0 => Service::Complete,
