@@ -254,18 +254,7 @@ impl Pair {
 
     fn start(test: &str, dst_window: &str) -> Pair {
         let guest = guest_for(test);
-        let mut vm = guest_args(guest);
-        vm.extend(
-            [
-                "--mem",
-                "64M",
-                "--working-set",
-                "8M",
-                "--order",
-                "scattered",
-            ]
-            .map(String::from),
-        );
+        let vm = demo_vm(guest, "64M", "8M", 1);
         let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
         let src = Source::start_with(&vm);
         let dst = Destination::start_with(&["--recovery-window", dst_window]);
@@ -441,18 +430,7 @@ fn recovery_follows_the_address_an_operator_gives() {
 #[test]
 fn a_hybrid_switches_on_the_control_socket_command() {
     let guest = guest_for("a_hybrid_switches_on_the_control_socket_command");
-    let mut vm = guest_args(guest);
-    vm.extend(
-        [
-            "--mem",
-            "64M",
-            "--working-set",
-            "8M",
-            "--order",
-            "scattered",
-        ]
-        .map(String::from),
-    );
+    let vm = demo_vm(guest, "64M", "8M", 1);
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
     let mut src = Source::start_with(&vm);
     let dst = Destination::start_with(&["--recovery-window", "30s"]);
@@ -494,32 +472,14 @@ fn a_hybrid_switches_on_the_control_socket_command() {
 fn a_destination_killed_during_the_precopy_of_a_hybrid_leaves_the_guest_on_the_source() {
     let mut src = Source::start(&[]);
     let mut dst = Destination::start_with(&["--recovery-window", "30s"]);
-    let pid = dst.proc.child.id();
-    let mut killed = false;
     let options = MigrateOptions {
         postcopy_after: Some(PostcopyAfter::Command),
         // 32 MiB of random RAM at 5 MB/s: seconds of bulk copy.
         bandwidth: Some(5_000_000),
         ..MigrateOptions::default()
     };
-    let addr = dst.addr.clone();
-    let r = src.migrate(&addr, options, &mut |e| {
-        if !killed && matches!(e, Event::Progress { pages_sent, .. } if *pages_sent > 0) {
-            killed = true;
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    });
-    assert!(killed, "no progress event before the end: {r:?}");
-    let e = r.expect_err("the migration must fail");
-    let reply = e.reply().expect("an error reply");
-    assert_eq!(reply.class, ErrorClass::MigrationFailed);
-    assert_eq!(reply.status, Some(RunState::Running), "{reply:?}");
-    dst.proc.kill();
-    let p = src.wait_passes_beyond(0);
-    src.wait_passes_beyond(p + 2);
-    let report = src.quit();
-    assert!(report.verified, "{report:#?}");
-    assert!(!report.migrated);
+    src.migrate_killing_destination(&mut dst, options);
+    src.runs_on_verified();
 }
 
 /// The destination dies after the commit, mid-way through the pages: the guest is lost.

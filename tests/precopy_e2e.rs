@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use vmm_demo::cli::{MigrateOptions, parse_phase};
-use vmm_demo::protocol::{ErrorClass, Event, RunState};
+use vmm_demo::protocol::{ErrorClass, RunState};
 use vmm_demo::report::{DemoReport, MigrationReport, RunReport};
 use vmm_demo::{GuestKind, Order, PAGE_SIZE};
 
@@ -352,34 +352,16 @@ fn an_unsafe_disk_setup_is_refused_unless_overridden() {
 fn destination_killed_mid_migration_leaves_the_guest_running_on_the_source() {
     let mut src = Source::start(&[]);
     let mut dst = Destination::start();
-    let pid = dst.proc.child.id();
-    let mut killed = false;
     // 5 MB/s for 32 MiB of random RAM: seconds of bulk copy; kill at the first progress.
     let options = MigrateOptions {
         bandwidth: Some(5_000_000),
         ..MigrateOptions::default()
     };
-    let addr = dst.addr.clone();
-    let r = src.migrate(&addr, options, &mut |e| {
-        if !killed && matches!(e, Event::Progress { pages_sent, .. } if *pages_sent > 0) {
-            killed = true;
-            // Kill the destination by its PID, mid-stream.
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-        }
-    });
-    assert!(killed, "no progress event before the end: {r:?}");
-    let e = r.expect_err("the migration must fail");
-    let reply = e.reply().expect("an error reply");
-    assert_eq!(reply.class, ErrorClass::MigrationFailed);
-    assert_eq!(reply.status, Some(RunState::Running), "{reply:?}");
-    let e = e.to_string();
+    let e = src
+        .migrate_killing_destination(&mut dst, options)
+        .to_string();
     assert!(e.contains("connection") || e.contains("destination"), "{e}");
-    dst.proc.kill();
-    let p = src.wait_passes_beyond(0);
-    src.wait_passes_beyond(p + 2);
-    let report = src.quit();
-    assert!(report.verified, "{report:#?}");
-    assert!(!report.migrated);
+    src.runs_on_verified();
 }
 
 #[test]

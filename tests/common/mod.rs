@@ -246,6 +246,42 @@ impl Source {
         )
     }
 
+    /// Migrates to `dst` with `options` (slow enough to be caught mid-way) and kills the
+    /// destination by its PID at the first progress event; checks that the migration failed
+    /// with the guest running here, and returns the error.
+    pub fn migrate_killing_destination(
+        &mut self,
+        dst: &mut Destination,
+        options: MigrateOptions,
+    ) -> ClientError {
+        let pid = dst.proc.child.id();
+        let mut killed = false;
+        let addr = dst.addr.clone();
+        let r = self.migrate(&addr, options, &mut |e| {
+            if !killed && matches!(e, Event::Progress { pages_sent, .. } if *pages_sent > 0) {
+                killed = true;
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        });
+        assert!(killed, "no progress event before the end: {r:?}");
+        let e = r.expect_err("the migration must fail");
+        let reply = e.reply().expect("an error reply");
+        assert_eq!(reply.class, vmm_demo::protocol::ErrorClass::MigrationFailed);
+        assert_eq!(reply.status, Some(RunState::Running), "{reply:?}");
+        dst.proc.kill();
+        e
+    }
+
+    /// Waits until the guest ran two more passes here, then quits and checks that the
+    /// source's guest was verified and not migrated.
+    pub fn runs_on_verified(mut self) {
+        let p = self.wait_passes_beyond(0);
+        self.wait_passes_beyond(p + 2);
+        let report = self.quit();
+        assert!(report.verified, "{report:#?}");
+        assert!(!report.migrated);
+    }
+
     /// Asks the source to stop and returns its run report (oracle on the source) and its
     /// exit status, checked against the report: 0 verified, 3 lost, 2 otherwise.
     pub fn quit_status(mut self) -> (RunReport, ExitStatus) {
