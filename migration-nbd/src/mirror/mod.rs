@@ -1,0 +1,3 @@
+//! The mirror job (see [`machine`]).
+
+pub mod machine;
