@@ -57,8 +57,10 @@ pub enum CopyMode {
     Background,
     /// Each guest write is also written to the target before it completes.
     WriteBlocking,
-    /// Background, switching to write-blocking by itself when the guest dirties clusters
-    /// faster than the copy cleans them over [`MirrorConfig::rate_window`].
+    /// Background, switching to write-blocking by itself when, with at least one copy's
+    /// worth dirty, the guest dirties clusters faster than the copy cleans them over
+    /// [`MirrorConfig::rate_window`], or keeps dirtying while the backlog did not shrink
+    /// over a whole window after the bulk pass. It does not switch back by itself.
     Auto,
 }
 
@@ -507,6 +509,8 @@ pub struct MirrorMachine {
     latencies: VecDeque<Duration>,
     /// The Ready phase was reported once (the driver's `wait_ready` keys on it).
     reached_ready: bool,
+    /// Dirty bytes sampled over the last rate window, for auto mode.
+    backlog_hist: VecDeque<(Instant, u64)>,
 }
 
 fn clusters_of(offset: u64, len: u64, granularity: u64, clusters: usize) -> (usize, usize) {
@@ -574,6 +578,7 @@ impl MirrorMachine {
             },
             latencies: VecDeque::new(),
             reached_ready: false,
+            backlog_hist: VecDeque::new(),
             cfg,
         })
     }
@@ -932,15 +937,10 @@ impl MirrorMachine {
         }
         let clean = self.dirty.is_clear() && self.copies_in_flight == 0;
         match self.phase {
-            Phase::Flushing { pass } => {
-                if clean {
-                    self.set_phase(Phase::Ready);
-                } else {
-                    self.cursor = 0;
-                    self.stats.passes += 1;
-                    self.set_phase(Phase::Iterating { pass: pass + 1 });
-                }
-            }
+            // Nothing was dirty or in flight when the flush was sent, and it succeeded:
+            // ready, as QEMU's mirror is. Writes made during the flush are dirty and copied
+            // from the ready phase on; only completion needs the disk clean after a flush.
+            Phase::Flushing { .. } => self.set_phase(Phase::Ready),
             Phase::Completing if clean && self.writes.is_empty() => {
                 self.set_phase(Phase::Completed);
             }
@@ -1062,8 +1062,30 @@ impl MirrorMachine {
         // A write now and then on an idle mirror outruns a copy rate of zero: only a
         // backlog of at least one whole copy that the copy does not keep up with counts.
         let backlog = (self.dirty.count() as u64).saturating_mul(self.cfg.granularity);
+        // The backlog a window ago: a guest that re-dirties what the copy cleans at once
+        // keeps the two rates equal, and the backlog not shrinking says it as well.
+        let bucket = self.cfg.rate_window / RATE_BUCKETS;
+        if self
+            .backlog_hist
+            .back()
+            .is_none_or(|&(t, _)| now.saturating_duration_since(t) >= bucket)
+        {
+            self.backlog_hist.push_back((now, backlog));
+        }
+        while self
+            .backlog_hist
+            .get(1)
+            .is_some_and(|&(t, _)| now.saturating_duration_since(t) >= self.cfg.rate_window)
+        {
+            self.backlog_hist.pop_front();
+        }
+        let stuck = self.phase != Phase::Bulk
+            && self.backlog_hist.front().is_some_and(|&(t, b)| {
+                now.saturating_duration_since(t) >= self.cfg.rate_window && backlog >= b
+            });
         let r = self.rates(now);
-        if backlog >= self.cfg.io_size && r.dirty_rate > r.copy_rate {
+        let losing = r.dirty_rate > r.copy_rate || (stuck && r.dirty_rate > 0.0);
+        if backlog >= self.cfg.io_size && losing {
             self.switch(true, true, now);
         }
     }
