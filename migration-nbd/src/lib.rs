@@ -25,6 +25,7 @@ pub mod backend;
 pub mod client;
 pub mod copy;
 pub mod handshake;
+pub mod mirror;
 pub mod proto;
 pub mod server;
 pub mod transmission;

@@ -633,6 +633,20 @@ impl Client {
         self.submit_block_status(offset, length, false)?.wait()
     }
 
+    /// Hangs up now: every request in flight fails at once with
+    /// [`ConnectionLost::Aborted`], and so does every later one. Unlike
+    /// [`disconnect`](Self::disconnect) it waits for nothing, so a caller that must be sure
+    /// no request of this connection is still to be sent (a mirror about to reconnect and
+    /// copy the same ranges again) can use it on a connection that hangs.
+    pub fn abort(&self) {
+        self.shared.lose(ConnectionLost::Aborted);
+    }
+
+    /// Whether the connection was lost (or aborted): every request on it fails.
+    pub fn is_lost(&self) -> bool {
+        lock(&self.shared.state).lost.is_some()
+    }
+
     /// Waits for every request in flight, sends `DISC` and closes.
     pub fn disconnect(mut self) -> Result<(), ClientError> {
         self.close()
@@ -817,6 +831,13 @@ impl ClientPool {
     /// connection.
     pub fn flush(&self) -> Result<(), ClientError> {
         self.clients[0].flush()
+    }
+
+    /// Hangs up every connection now (see [`Client::abort`]).
+    pub fn abort(&self) {
+        for c in &self.clients {
+            c.abort();
+        }
     }
 
     /// Disconnects every connection.

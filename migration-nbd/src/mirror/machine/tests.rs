@@ -1,0 +1,880 @@
+//! The machine driven by hand with a fake clock, and a model of a source and a target
+//! driven by proptest through any interleaving of writes, reads, landings and losses.
+
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const G: u64 = 4096;
+
+fn cfg() -> MirrorConfig {
+    MirrorConfig {
+        granularity: G,
+        io_size: 2 * G,
+        max_in_flight: 4,
+        buffer_bytes: 8 * G,
+        rate_window: Duration::from_secs(1),
+        reconnect_window: Duration::from_secs(10),
+        reconnect_delay: Duration::from_millis(100),
+        reconnect_delay_max: Duration::from_millis(400),
+        ..MirrorConfig::default()
+    }
+}
+
+fn copies(m: &mut MirrorMachine, now: Instant) -> Vec<(OpId, u64, u64)> {
+    let mut out = Vec::new();
+    while let Some(a) = m.poll_action(now) {
+        match a {
+            Action::Copy {
+                op, offset, len, ..
+            } => out.push((op, offset, len)),
+            other => panic!("expected only copies, got {other:?}"),
+        }
+    }
+    out
+}
+
+fn land_all(m: &mut MirrorMachine, ops: &[(OpId, u64, u64)], now: Instant) {
+    for &(op, _, len) in ops {
+        m.handle_copied(
+            op,
+            CopyOutcome {
+                data: len,
+                ..CopyOutcome::default()
+            },
+            now,
+        );
+    }
+}
+
+fn expect_flush(m: &mut MirrorMachine, now: Instant) -> OpId {
+    match m.poll_action(now) {
+        Some(Action::Flush { op }) => op,
+        other => panic!("expected a flush, got {other:?} in {}", m.phase()),
+    }
+}
+
+/// Runs copies and flushes until ready.
+fn run_to_ready(m: &mut MirrorMachine, now: Instant) {
+    for _ in 0..1000 {
+        match m.poll_action(now) {
+            Some(Action::Copy { op, len, .. }) => m.handle_copied(
+                op,
+                CopyOutcome {
+                    data: len,
+                    ..CopyOutcome::default()
+                },
+                now,
+            ),
+            Some(Action::Flush { op }) => m.handle_flushed(op, now),
+            None if *m.phase() == Phase::Ready => return,
+            other => panic!("unexpected {other:?} in {}", m.phase()),
+        }
+    }
+    panic!("never ready: {}", m.phase());
+}
+
+#[test]
+fn config_is_checked() {
+    let now = Instant::now();
+    let bad = [
+        MirrorConfig {
+            granularity: 3000,
+            ..cfg()
+        },
+        MirrorConfig {
+            granularity: 256,
+            ..cfg()
+        },
+        MirrorConfig {
+            io_size: G + 1,
+            ..cfg()
+        },
+        MirrorConfig {
+            max_in_flight: 0,
+            ..cfg()
+        },
+        MirrorConfig {
+            buffer_bytes: G,
+            ..cfg()
+        },
+    ];
+    for c in bad {
+        assert!(
+            MirrorMachine::new(1 << 20, c.clone(), now).is_err(),
+            "{c:?}"
+        );
+    }
+    assert!(MirrorMachine::new(1 << 20, MirrorConfig::default(), now).is_ok());
+}
+
+#[test]
+fn bulk_copies_in_io_sized_runs_within_the_in_flight_limits_then_flushes_then_is_ready() {
+    let now = Instant::now();
+    // 10 clusters and a short last one.
+    let size = 10 * G + 100;
+    let mut m = MirrorMachine::new(size, cfg(), now).unwrap();
+    let first = copies(&mut m, now);
+    // 4 in flight at most, 2 clusters each.
+    assert_eq!(
+        first.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(0, 2 * G), (2 * G, 2 * G), (4 * G, 2 * G), (6 * G, 2 * G)]
+    );
+    land_all(&mut m, &first[..1], now);
+    let next = copies(&mut m, now);
+    assert_eq!(
+        next.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(8 * G, 2 * G)]
+    );
+    land_all(&mut m, &first[1..], now);
+    let last = copies(&mut m, now);
+    assert_eq!(
+        last.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(10 * G, 100)],
+        "the last cluster is cut at the end of the disk"
+    );
+    assert_eq!(*m.phase(), Phase::Bulk);
+    land_all(&mut m, &next, now);
+    land_all(&mut m, &last, now);
+    let f = expect_flush(&mut m, now);
+    assert_eq!(*m.phase(), Phase::Flushing { pass: 0 });
+    assert_eq!(m.poll_action(now), None, "one flush at a time");
+    m.handle_flushed(f, now);
+    assert_eq!(*m.phase(), Phase::Ready);
+    assert!(m.reached_ready());
+    let s = m.stats(now);
+    assert_eq!((s.bytes_copied, s.bytes_recopied, s.passes), (size, 0, 0));
+}
+
+#[test]
+fn a_write_to_a_cluster_in_flight_makes_it_dirty_again_after_the_copy_and_never_copies_it_twice_at_once()
+ {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(4 * G, cfg(), now).unwrap();
+    let ops = copies(&mut m, now);
+    assert_eq!(ops.len(), 2);
+    // A write into the first copy's range while it is in flight.
+    m.note_write(G + 10, 1, now);
+    assert_eq!(m.dirty_clusters(), 1);
+    // Not handed out again while its copy is in flight.
+    assert_eq!(m.poll_action(now), None);
+    land_all(&mut m, &ops[1..], now);
+    assert_eq!(m.poll_action(now), None, "still in flight");
+    land_all(&mut m, &ops[..1], now);
+    // The pass ended with a dirty cluster: an iteration copies exactly it.
+    let again = copies(&mut m, now);
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 1 });
+    assert_eq!(
+        again.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(G, G)]
+    );
+    land_all(&mut m, &again, now);
+    let f = expect_flush(&mut m, now);
+    m.handle_flushed(f, now);
+    assert_eq!(*m.phase(), Phase::Ready);
+    assert_eq!(m.stats(now).bytes_recopied, G);
+}
+
+#[test]
+fn a_write_during_a_recopy_and_during_the_flush_starts_another_pass() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(4 * G, cfg(), now).unwrap();
+    let ops = copies(&mut m, now);
+    m.note_write(0, 1, now);
+    land_all(&mut m, &ops, now);
+    let re = copies(&mut m, now);
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 1 });
+    // During the re-copy, the same cluster again and another one.
+    m.note_write(0, 1, now);
+    m.note_write(3 * G, 1, now);
+    assert_eq!(
+        copies(&mut m, now),
+        vec![],
+        "both wait for the next pass: one is in flight, the other behind the cursor"
+    );
+    land_all(&mut m, &re, now);
+    let re2 = copies(&mut m, now);
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 2 });
+    assert_eq!(
+        re2.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(0, G), (3 * G, G)]
+    );
+    land_all(&mut m, &re2, now);
+    let f = expect_flush(&mut m, now);
+    // A write while the flush is in flight: ready (nothing was dirty when it was sent),
+    // and the write is copied from the ready phase.
+    m.note_write(2 * G, 1, now);
+    m.handle_flushed(f, now);
+    assert_eq!(*m.phase(), Phase::Ready);
+    assert_eq!(
+        copies(&mut m, now)
+            .iter()
+            .map(|c| (c.1, c.2))
+            .collect::<Vec<_>>(),
+        vec![(2 * G, G)]
+    );
+}
+
+#[test]
+fn a_write_blocking_write_waits_for_the_bulk_copy_of_its_cluster_and_is_not_overtaken() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), now).unwrap();
+    m.set_mode(CopyMode::WriteBlocking, now);
+    // Two copies in flight: [0, 2G) and [2G, 4G), then the in-flight budget is not full
+    // but let the test hold them.
+    let a = m.poll_action(now).unwrap();
+    let Action::Copy { op: op_a, .. } = a else {
+        panic!("{a:?}")
+    };
+    // A guest write of cluster 1, which copy A holds: it waits.
+    let w = m.begin_write(G, 100, now);
+    let WriteStart::Wait(id) = w else {
+        panic!("{w:?}")
+    };
+    assert!(!m.write_claimed(id));
+    // A write of a free cluster goes at once, and is not made dirty by its success.
+    let WriteStart::Mirror(free) = m.begin_write(6 * G, 10, now) else {
+        panic!("cluster 6 is free")
+    };
+    // The copies handed out now skip cluster 6 (claimed) but the pass goes on.
+    let rest = copies(&mut m, now);
+    assert_eq!(
+        rest.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(2 * G, 2 * G), (4 * G, 2 * G), (7 * G, G)]
+    );
+    m.end_write(free, true, now);
+    // Copy A lands: the waiting write now holds cluster 1.
+    m.handle_copied(op_a, CopyOutcome::default(), now);
+    assert!(m.write_claimed(id));
+    // While it holds it, no copy of cluster 1 is handed out, even when dirty again.
+    m.note_write(G, 1, now);
+    land_all(&mut m, &rest, now);
+    let next = copies(&mut m, now);
+    assert!(
+        next.iter().all(|c| c.1 != G),
+        "cluster 1 is claimed: {next:?}"
+    );
+    m.end_write(id, true, now);
+    // Cluster 6 was skipped by the bulk pass (claimed) and cluster 1 dirtied: both copied.
+    let mut copied: Vec<u64> = next.iter().map(|c| c.1).collect();
+    land_all(&mut m, &next, now);
+    copied.extend(copies(&mut m, now).iter().map(|c| c.1));
+    copied.sort_unstable();
+    assert_eq!(copied, vec![G, 6 * G]);
+    let s = m.stats(now);
+    assert_eq!(s.blocking_writes, 2);
+    assert!(s.write_latency_p50.is_some() && s.write_latency_p99.is_some());
+}
+
+#[test]
+fn a_waiting_write_is_not_starved_by_new_copies_of_its_cluster() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(2 * G, cfg(), now).unwrap();
+    m.set_mode(CopyMode::WriteBlocking, now);
+    let ops = copies(&mut m, now);
+    let WriteStart::Wait(id) = m.begin_write(0, 1, now) else {
+        panic!("cluster 0 is being copied")
+    };
+    m.note_write(0, 1, now); // a background write from elsewhere dirties it too
+    land_all(&mut m, &ops, now);
+    assert!(
+        m.write_claimed(id),
+        "the write gets the cluster before any new copy"
+    );
+    assert_eq!(m.poll_action(now), None);
+    m.end_write(id, false, now); // it failed on the target: dirty
+    run_to_ready(&mut m, now);
+}
+
+#[test]
+fn switching_to_background_releases_waiting_writes_and_marks_them_dirty() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(2 * G, cfg(), now).unwrap();
+    m.set_mode(CopyMode::WriteBlocking, now);
+    let ops = copies(&mut m, now);
+    let WriteStart::Wait(id) = m.begin_write(0, 1, now) else {
+        panic!()
+    };
+    m.set_mode(CopyMode::Background, now);
+    assert!(
+        m.write_claimed(id),
+        "released: it goes on as a background write"
+    );
+    assert_eq!(m.begin_write(0, 1, now), WriteStart::Background);
+    m.end_write(id, true, now);
+    land_all(&mut m, &ops, now);
+    assert_eq!(m.dirty_clusters(), 1);
+    let events: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(
+                e,
+                MirrorEvent::ModeSwitched {
+                    automatic: false,
+                    ..
+                }
+            ))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn auto_mode_switches_when_the_guest_dirties_faster_than_the_copy_cleans() {
+    let t0 = Instant::now();
+    let c = MirrorConfig {
+        mode: CopyMode::Auto,
+        ..cfg()
+    };
+    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    run_to_ready(&mut m, t0);
+    let mut now = t0;
+    // Then a slow link: one copy of 2 clusters lands every 100 ms (80 KiB/s), while the
+    // guest dirties 4 clean clusters every 100 ms (160 KiB/s).
+    let mut switched_at = None;
+    for step in 1..40u64 {
+        now = t0 + Duration::from_millis(100 * step);
+        if let Some(Action::Copy { op, len, .. }) = m.poll_action(now) {
+            m.handle_copied(
+                op,
+                CopyOutcome {
+                    data: len,
+                    ..Default::default()
+                },
+                now,
+            );
+        }
+        for k in 0..4 {
+            m.note_write(((step * 4 + k) % 64) * G, 1, now);
+        }
+        if m.is_write_blocking() && switched_at.is_none() {
+            switched_at = Some(step);
+        }
+    }
+    let at = switched_at.expect("auto mode never switched");
+    assert!(at >= 10, "not before a whole window was seen (step {at})");
+    let ev: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+    let sw = ev
+        .iter()
+        .find_map(|e| match e {
+            MirrorEvent::ModeSwitched {
+                write_blocking: true,
+                automatic: true,
+                dirty_rate,
+                copy_rate,
+            } => Some((*dirty_rate, *copy_rate)),
+            _ => None,
+        })
+        .expect("a switch event");
+    assert!(sw.0 > sw.1, "{sw:?}");
+    assert_eq!(m.stats(now).mode_switches, 1);
+}
+
+#[test]
+fn auto_mode_stays_background_when_the_copy_keeps_up() {
+    let t0 = Instant::now();
+    let c = MirrorConfig {
+        mode: CopyMode::Auto,
+        ..cfg()
+    };
+    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    for step in 0..40u64 {
+        let now = t0 + Duration::from_millis(100 * step);
+        // Fast copies, one rare write.
+        for (op, _, len) in copies(&mut m, now) {
+            m.handle_copied(
+                op,
+                CopyOutcome {
+                    data: len,
+                    ..Default::default()
+                },
+                now,
+            );
+        }
+        if step % 10 == 0 {
+            m.note_write(0, 1, now);
+        }
+        while let Some(a) = m.poll_action(now) {
+            match a {
+                Action::Flush { op } => m.handle_flushed(op, now),
+                Action::Copy { op, len, .. } => m.handle_copied(
+                    op,
+                    CopyOutcome {
+                        data: len,
+                        ..Default::default()
+                    },
+                    now,
+                ),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert!(!m.is_write_blocking());
+}
+
+#[test]
+fn a_lost_connection_requeues_what_was_in_flight_and_reconnects_with_backoff() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    land_all(&mut m, &ops[..1], t0);
+    let dirty_before = m.dirty_clusters();
+    m.handle_connection_lost(t0);
+    assert_eq!(m.ops_in_flight(), 0);
+    assert_eq!(
+        m.dirty_clusters(),
+        dirty_before + 6,
+        "three copies of two put back"
+    );
+    // A late success of a lost copy changes nothing.
+    land_all(&mut m, &ops[1..2], t0);
+    assert_eq!(m.dirty_clusters(), dirty_before + 6);
+    assert_eq!(m.poll_action(t0), Some(Action::Reconnect { attempt: 1 }));
+    assert_eq!(
+        m.poll_action(t0),
+        Some(Action::WaitUntil(t0 + Duration::from_secs(10))),
+        "no second attempt before the first is reported"
+    );
+    m.handle_reconnect_failed(t0);
+    assert_eq!(
+        m.poll_action(t0),
+        Some(Action::WaitUntil(t0 + Duration::from_millis(100)))
+    );
+    let t1 = t0 + Duration::from_millis(100);
+    assert_eq!(m.poll_action(t1), Some(Action::Reconnect { attempt: 2 }));
+    m.handle_reconnect_failed(t1);
+    assert_eq!(
+        m.poll_action(t1),
+        Some(Action::WaitUntil(t1 + Duration::from_millis(200)))
+    );
+    let t2 = t1 + Duration::from_millis(200);
+    assert_eq!(m.poll_action(t2), Some(Action::Reconnect { attempt: 3 }));
+    m.handle_reconnect_failed(t2);
+    m.poll_action(t2 + Duration::from_millis(400));
+    m.handle_reconnect_failed(t2 + Duration::from_millis(400));
+    assert_eq!(
+        m.poll_action(t2 + Duration::from_millis(400)),
+        Some(Action::WaitUntil(t2 + Duration::from_millis(800))),
+        "the delay stops growing at the maximum"
+    );
+    m.poll_action(t2 + Duration::from_millis(800));
+    m.handle_reconnected(8 * G, t2 + Duration::from_millis(800));
+    assert_eq!(*m.phase(), Phase::Bulk);
+    let ev: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+    assert!(ev.contains(&MirrorEvent::ConnectionLost { requeued: 6 * G }));
+    assert!(ev.contains(&MirrorEvent::Reconnected {
+        attempts: 5,
+        down_for: Duration::from_millis(1100)
+    }));
+    run_to_ready(&mut m, t2);
+    assert_eq!(m.stats(t2).reconnects, 1);
+}
+
+#[test]
+fn a_target_that_never_comes_back_fails_after_the_window() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();
+    run_to_ready(&mut m, t0);
+    m.handle_connection_lost(t0);
+    let mut now = t0;
+    loop {
+        match m.poll_action(now) {
+            Some(Action::Reconnect { .. }) => m.handle_reconnect_failed(now),
+            Some(Action::WaitUntil(t)) => {
+                assert!(t > now);
+                now = t;
+            }
+            Some(Action::Done) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(now, t0 + Duration::from_secs(10));
+    match m.phase() {
+        Phase::Failed(Failure::ReconnectWindow { window, attempts }) => {
+            assert_eq!(*window, Duration::from_secs(10));
+            assert!(*attempts > 20, "{attempts}");
+        }
+        p => panic!("{p}"),
+    }
+}
+
+#[test]
+fn a_target_that_comes_back_smaller_fails() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();
+    m.handle_connection_lost(t0);
+    m.poll_action(t0);
+    m.handle_reconnected(4 * G, t0);
+    assert_eq!(
+        *m.phase(),
+        Phase::Failed(Failure::TargetTooSmall {
+            target: 4 * G,
+            source: 8 * G
+        })
+    );
+    assert_eq!(m.poll_action(t0), Some(Action::Done));
+}
+
+#[test]
+fn a_target_error_fails_the_job_with_the_range() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    assert_eq!(
+        m.handle_op_failed(ops[1].0),
+        Some(Failure::Copy {
+            offset: 2 * G,
+            len: 2 * G
+        })
+    );
+    assert!(matches!(m.phase(), Phase::Failed(Failure::Copy { .. })));
+    assert_eq!(m.poll_action(t0), Some(Action::Done));
+}
+
+#[test]
+fn complete_is_refused_before_ready_and_flushes_what_is_left() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(4 * G, cfg(), t0).unwrap();
+    assert!(matches!(
+        m.complete(),
+        Err(StateError::NotReady { phase: Phase::Bulk })
+    ));
+    run_to_ready(&mut m, t0);
+    m.note_write(0, 1, t0);
+    m.complete().unwrap();
+    assert_eq!(*m.phase(), Phase::Completing);
+    let c = copies(&mut m, t0);
+    assert_eq!(c.len(), 1);
+    land_all(&mut m, &c, t0);
+    let f = expect_flush(&mut m, t0);
+    // A write that slipped in during the flush is copied and flushed again.
+    m.note_write(3 * G, 1, t0);
+    m.handle_flushed(f, t0);
+    assert_eq!(*m.phase(), Phase::Completing);
+    let c = copies(&mut m, t0);
+    land_all(&mut m, &c, t0);
+    let f = expect_flush(&mut m, t0);
+    m.handle_flushed(f, t0);
+    assert_eq!(*m.phase(), Phase::Completed);
+    assert_eq!(m.poll_action(t0), Some(Action::Done));
+}
+
+#[test]
+fn cancel_at_each_phase() {
+    let t0 = Instant::now();
+    // Bulk, with copies in flight: cancelling until they land.
+    let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    m.cancel();
+    assert_eq!(*m.phase(), Phase::Cancelling);
+    assert_eq!(m.poll_action(t0), None, "nothing new is handed out");
+    land_all(&mut m, &ops[..3], t0);
+    assert_eq!(*m.phase(), Phase::Cancelling);
+    // A failed copy while cancelling ends it too, without failing the job.
+    m.handle_op_failed(ops[3].0);
+    assert_eq!(*m.phase(), Phase::Cancelled);
+    assert_eq!(m.poll_action(t0), Some(Action::Done));
+    // Flushing.
+    let mut m = MirrorMachine::new(2 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    land_all(&mut m, &ops, t0);
+    let f = expect_flush(&mut m, t0);
+    m.cancel();
+    m.handle_flushed(f, t0);
+    assert_eq!(*m.phase(), Phase::Cancelled);
+    // Ready, idle: at once.
+    let mut m = MirrorMachine::new(2 * G, cfg(), t0).unwrap();
+    run_to_ready(&mut m, t0);
+    m.cancel();
+    assert_eq!(*m.phase(), Phase::Cancelled);
+    // Reconnecting.
+    let mut m = MirrorMachine::new(2 * G, cfg(), t0).unwrap();
+    copies(&mut m, t0);
+    m.handle_connection_lost(t0);
+    m.cancel();
+    assert_eq!(*m.phase(), Phase::Cancelled);
+    // Completing.
+    let mut m = MirrorMachine::new(2 * G, cfg(), t0).unwrap();
+    run_to_ready(&mut m, t0);
+    m.complete().unwrap();
+    m.cancel();
+    assert_eq!(*m.phase(), Phase::Cancelled);
+    // Finished jobs stay as they are.
+    m.cancel();
+    m.fail(Failure::Flush);
+    assert_eq!(*m.phase(), Phase::Cancelled);
+}
+
+#[test]
+fn holes_may_be_skipped_only_on_a_first_copy_of_clusters_no_write_touched() {
+    let t0 = Instant::now();
+    let c = MirrorConfig {
+        target_is_zero: true,
+        ..cfg()
+    };
+    let mut m = MirrorMachine::new(4 * G, c, t0).unwrap();
+    m.set_mode(CopyMode::WriteBlocking, t0);
+    let WriteStart::Mirror(w) = m.begin_write(2 * G, 1, t0) else {
+        panic!()
+    };
+    m.end_write(w, true, t0);
+    let mut zero = Vec::new();
+    while let Some(a) = m.poll_action(t0) {
+        match a {
+            Action::Copy {
+                op,
+                offset,
+                target_zero,
+                ..
+            } => {
+                zero.push((offset, target_zero));
+                m.handle_copied(op, CopyOutcome::default(), t0);
+            }
+            Action::Flush { op } => m.handle_flushed(op, t0),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(zero, vec![(0, true), (2 * G, false)]);
+    m.note_write(0, 1, t0);
+    let Some(Action::Copy { target_zero, .. }) = m.poll_action(t0) else {
+        panic!()
+    };
+    assert!(!target_zero, "a re-copy never assumes zeroes");
+}
+
+// The model: bytes of a source and a target, and a driver whose copies read the source at
+// a moment of the script's choosing and land later, in any order.
+
+const MODEL_CLUSTERS: u64 = 12;
+const MODEL_G: u64 = 512;
+
+#[derive(Debug, Clone)]
+enum Step {
+    Write { offset: u64, len: u64, byte: u8 },
+    Poll,
+    Read(usize),
+    Land(usize),
+    FinishWrite(usize),
+    Lose { landed_mask: u8 },
+    Mode(u8),
+    Tick,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    let size = MODEL_CLUSTERS * MODEL_G;
+    prop_oneof![
+        4 => (0..size, 1..3 * MODEL_G, any::<u8>()).prop_map(move |(o, l, b)| Step::Write {
+            offset: o,
+            len: l.min(size - o),
+            byte: b
+        }),
+        4 => Just(Step::Poll),
+        3 => (0..8usize).prop_map(Step::Read),
+        3 => (0..8usize).prop_map(Step::Land),
+        2 => (0..4usize).prop_map(Step::FinishWrite),
+        1 => any::<u8>().prop_map(|m| Step::Lose { landed_mask: m }),
+        1 => (0..3u8).prop_map(Step::Mode),
+        1 => Just(Step::Tick),
+    ]
+}
+
+struct InFlight {
+    op: OpId,
+    offset: u64,
+    len: u64,
+    read: Option<Vec<u8>>,
+}
+
+struct Model {
+    m: MirrorMachine,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+    copies: Vec<InFlight>,
+    flushes: Vec<OpId>,
+    /// Write-blocking writes: id, offset, data; `wrote_source` once the source holds it.
+    writes: Vec<(WriteId, u64, Vec<u8>, bool)>,
+    now: Instant,
+}
+
+impl Model {
+    fn new(mode: CopyMode) -> Model {
+        let now = Instant::now();
+        let size = (MODEL_CLUSTERS * MODEL_G) as usize;
+        let c = MirrorConfig {
+            granularity: MODEL_G,
+            io_size: 2 * MODEL_G,
+            max_in_flight: 3,
+            buffer_bytes: 8 * MODEL_G,
+            mode,
+            rate_window: Duration::from_millis(50),
+            ..MirrorConfig::default()
+        };
+        let src: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        Model {
+            m: MirrorMachine::new(size as u64, c, now).unwrap(),
+            src,
+            dst: vec![0; size],
+            copies: Vec::new(),
+            flushes: Vec::new(),
+            writes: Vec::new(),
+            now,
+        }
+    }
+
+    fn read(&mut self, i: usize) {
+        if let Some(c) = self.copies.iter_mut().filter(|c| c.read.is_none()).nth(i) {
+            c.read = Some(self.src[c.offset as usize..(c.offset + c.len) as usize].to_vec());
+        }
+    }
+
+    fn land(&mut self, i: usize) {
+        let Some(pos) = self
+            .copies
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.read.is_some())
+            .map(|(p, _)| p)
+            .nth(i)
+        else {
+            return;
+        };
+        let c = self.copies.remove(pos);
+        let data = c.read.expect("read");
+        self.dst[c.offset as usize..(c.offset + c.len) as usize].copy_from_slice(&data);
+        self.m.handle_copied(c.op, CopyOutcome::default(), self.now);
+    }
+
+    fn poll(&mut self) {
+        while let Some(a) = self.m.poll_action(self.now) {
+            match a {
+                Action::Copy {
+                    op, offset, len, ..
+                } => self.copies.push(InFlight {
+                    op,
+                    offset,
+                    len,
+                    read: None,
+                }),
+                Action::Flush { op } => self.flushes.push(op),
+                Action::Reconnect { .. } => {
+                    let size = self.m.size();
+                    self.m.handle_reconnected(size, self.now)
+                }
+                Action::WaitUntil(t) => self.now = t,
+                Action::Done => break,
+            }
+        }
+        for op in std::mem::take(&mut self.flushes) {
+            self.m.handle_flushed(op, self.now);
+        }
+    }
+
+    fn write(&mut self, offset: u64, len: u64, byte: u8) {
+        let data = vec![byte; len as usize];
+        match self.m.begin_write(offset, len, self.now) {
+            WriteStart::Background => {
+                self.src[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                self.m.note_write(offset, len, self.now);
+            }
+            WriteStart::Mirror(id) => {
+                self.src[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                self.writes.push((id, offset, data, true));
+            }
+            WriteStart::Wait(id) => self.writes.push((id, offset, data, false)),
+        }
+    }
+
+    /// Moves write-blocking write `i` on: once claimed, the source, then the target.
+    fn finish_write(&mut self, i: usize) {
+        if i >= self.writes.len() {
+            return;
+        }
+        let (id, offset, ref data, wrote) = self.writes[i];
+        let range = offset as usize..offset as usize + data.len();
+        if !wrote {
+            if self.m.write_claimed(id) {
+                self.src[range].copy_from_slice(&data.clone());
+                self.writes[i].3 = true;
+            }
+            return;
+        }
+        let (id, _, data, _) = self.writes.remove(i);
+        self.dst[range].copy_from_slice(&data);
+        self.m.end_write(id, true, self.now);
+    }
+
+    fn lose(&mut self, landed_mask: u8) {
+        // What was read may have landed before the connection went; the rest is lost.
+        for (k, c) in std::mem::take(&mut self.copies).into_iter().enumerate() {
+            if let Some(d) = c.read {
+                if landed_mask & (1 << (k % 8)) != 0 {
+                    self.dst[c.offset as usize..(c.offset + c.len) as usize].copy_from_slice(&d);
+                }
+            }
+        }
+        self.m.handle_connection_lost(self.now);
+    }
+
+    /// No more guest writes: drive everything to completion.
+    fn finish(&mut self) {
+        for _ in 0..10_000 {
+            if let Some(i) = self
+                .writes
+                .iter()
+                .position(|w| w.3 || self.m.write_claimed(w.0))
+            {
+                self.finish_write(i);
+                continue;
+            }
+            if !self.copies.is_empty() {
+                self.read(0);
+                self.land(0);
+                continue;
+            }
+            if self.m.reached_ready() && *self.m.phase() == Phase::Ready {
+                self.m.complete().unwrap();
+            }
+            if *self.m.phase() == Phase::Completed {
+                return;
+            }
+            self.poll();
+        }
+        panic!("the model never completed: {}", self.m.phase());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Whatever the order of guest writes, reads of the source, landings on the target,
+    /// connection losses and mode switches, a completed mirror's target equals its source.
+    #[test]
+    fn any_interleaving_ends_with_the_target_equal_to_the_source(
+        mode in 0..3u8,
+        steps in proptest::collection::vec(step(), 1..120),
+    ) {
+        let modes = [CopyMode::Background, CopyMode::WriteBlocking, CopyMode::Auto];
+        let mut md = Model::new(modes[mode as usize]);
+        for s in steps {
+            match s {
+                Step::Write { offset, len, byte } => md.write(offset, len, byte),
+                Step::Poll => md.poll(),
+                Step::Read(i) => md.read(i),
+                Step::Land(i) => md.land(i),
+                Step::FinishWrite(i) => md.finish_write(i),
+                Step::Lose { landed_mask } => md.lose(landed_mask),
+                Step::Mode(k) => {
+                    let now = md.now;
+                    md.m.set_mode(modes[k as usize], now)
+                }
+                Step::Tick => md.now += Duration::from_millis(20),
+            }
+        }
+        md.finish();
+        prop_assert!(md.src == md.dst, "target differs from source at {:?}",
+            md.src.iter().zip(&md.dst).position(|(a, b)| a != b));
+    }
+}

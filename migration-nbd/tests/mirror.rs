@@ -1,0 +1,621 @@
+//! The mirror job against real NBD peers: our server in process, qemu-nbd and nbdkit
+//! (memory, file, the rate filter as a capped link, the error filter), with guest writers
+//! going through the write seam while the mirror runs. Disks are a few MiB so the whole
+//! file runs in seconds.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+use migration_nbd::backend::FileBackend;
+use migration_nbd::mirror::{
+    BlockBackend, CopyMode, MemoryDisk, Mirror, MirrorConfig, MirrorError, MirrorEvent, MirrorJob,
+    MirrorOptions, MirroredDisk, Phase,
+};
+use migration_nbd::{Address, Client, ClientOptions, ExportConfig, Listener, Server, ServerConfig};
+
+const DISK: u64 = 4 << 20;
+/// Data in both halves; writers only write the first half, so the holes of the second
+/// half must still be holes on the target at the end.
+const LAYOUT: &[(u64, usize)] = &[(0, 1 << 20), (2 << 20, 256 << 10), (3 << 20, 128 << 10)];
+const HALF: u64 = DISK / 2;
+
+fn source_file(dir: &Path) -> PathBuf {
+    let p = dir.join("source.img");
+    make_sparse(&p, DISK, LAYOUT);
+    p
+}
+
+/// A source mostly data, for tests that need the bulk copy to last on a capped link.
+fn dense_source(dir: &Path) -> PathBuf {
+    let p = dir.join("source.img");
+    make_sparse(&p, DISK, &[(0, 3 << 20)]);
+    p
+}
+
+/// Small copies, two in flight: progress on a capped link comes in small steps.
+fn slow(mut o: MirrorOptions) -> MirrorOptions {
+    o.config.io_size = 64 << 10;
+    o.config.max_in_flight = 2;
+    o
+}
+
+fn open(p: &Path) -> Arc<FileBackend> {
+    Arc::new(FileBackend::open(p, false, false).unwrap())
+}
+
+fn opts(mode: CopyMode) -> MirrorOptions {
+    MirrorOptions {
+        config: MirrorConfig {
+            mode,
+            target_is_zero: true,
+            rate_window: Duration::from_millis(200),
+            reconnect_window: Duration::from_secs(10),
+            reconnect_delay: Duration::from_millis(20),
+            reconnect_delay_max: Duration::from_millis(200),
+            ..MirrorConfig::default()
+        },
+        ..MirrorOptions::default()
+    }
+}
+
+fn our_server(dir: &Path, size: u64, sock: &Path) -> (migration_nbd::ServerHandle, PathBuf) {
+    let t = dir.join("target.img");
+    if !t.exists() {
+        create_empty(&t, size);
+    }
+    let server = Server::new(vec![ExportConfig::new("", &t)], ServerConfig::default()).unwrap();
+    let h = server
+        .spawn(Listener::bind(&Address::Unix(sock.to_path_buf())).unwrap())
+        .unwrap();
+    (h, t)
+}
+
+/// Guest writers: random ranges of the first half, data and zeroes, through the
+/// `MirroredDisk` seam (and one through `note_write` after writing the file itself).
+struct Writers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<u64>>,
+}
+
+impl Writers {
+    fn start(job: &MirrorJob, source: Arc<FileBackend>, n: u64, pause: Duration) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|t| {
+                let disk = MirroredDisk::new(source.clone(), job.handle());
+                let handle = job.handle();
+                let raw = source.clone();
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (t + 1);
+                    let mut writes = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let off = x % (HALF - 70_000);
+                        let len = 1 + (x >> 40) % 65_536;
+                        match (t, x % 5) {
+                            (0, _) => {
+                                // A VMM that writes its file itself and tells afterwards.
+                                raw.write_at(&pattern(x, len as usize), off).unwrap();
+                                handle.note_write(off, len);
+                            }
+                            (_, 0) => disk.write_zeroes(off, len).unwrap(),
+                            _ => disk.write_at(&pattern(x, len as usize), off).unwrap(),
+                        }
+                        writes += 1;
+                        if !pause.is_zero() {
+                            std::thread::sleep(pause);
+                        }
+                    }
+                    writes
+                })
+            })
+            .collect();
+        Writers { stop, threads }
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads.into_iter().map(|t| t.join().unwrap()).sum()
+    }
+}
+
+/// Holes of the source's second half are holes of the target file too.
+fn assert_holes_kept(src: &Path, dst: &Path) {
+    let s = FileBackend::open(src, true, false).unwrap();
+    let d = FileBackend::open(dst, true, false).unwrap();
+    for e in s.extents(HALF, DISK - HALF, 1024).unwrap() {
+        if e.hole {
+            for t in d.extents(e.offset, e.length, 1024).unwrap() {
+                assert!(
+                    t.hole,
+                    "target {} allocates {t:?}, a hole of the source",
+                    dst.display()
+                );
+            }
+        }
+    }
+}
+
+fn qemu_img_compare(a: &str, b: &Path) {
+    if !have("qemu-img") {
+        eprintln!("qemu-img missing: comparing bytes only");
+        return;
+    }
+    let out = run(Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b));
+    assert!(out.contains("identical"), "qemu-img compare: {out}");
+}
+
+fn events(job_opts: &mut MirrorOptions) -> Arc<Mutex<Vec<MirrorEvent>>> {
+    let ev = Arc::new(Mutex::new(Vec::new()));
+    let e = ev.clone();
+    job_opts.progress = Some(Arc::new(move |x: &MirrorEvent| {
+        e.lock().unwrap().push(x.clone())
+    }));
+    ev
+}
+
+/// Writers run through bulk and readiness; then they stop (the guest pauses) and the job
+/// completes.
+fn mirror_with_writers(
+    src: &Path,
+    target: &Address,
+    mut o: MirrorOptions,
+    writers: u64,
+) -> (migration_nbd::mirror::MirrorStats, Vec<MirrorEvent>) {
+    let ev = events(&mut o);
+    let source = open(src);
+    let job = Mirror::start(source.clone(), target, o).unwrap();
+    // A guest that writes all the time never lets a background mirror find the disk
+    // clean: these write about 500 times a second each.
+    let w = Writers::start(&job, source, writers, Duration::from_millis(2));
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    // Mirrored after ready too.
+    std::thread::sleep(Duration::from_millis(100));
+    let n = w.stop();
+    assert!(n > 0, "the writers wrote nothing");
+    let stats = job.complete().unwrap();
+    let ev = ev.lock().unwrap().clone();
+    (stats, ev)
+}
+
+#[test]
+fn mirror_into_our_server_with_writers_in_each_mode() {
+    for mode in [
+        CopyMode::Background,
+        CopyMode::WriteBlocking,
+        CopyMode::Auto,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source_file(dir.path());
+        let sock = dir.path().join("s.sock");
+        let (_h, tgt) = our_server(dir.path(), DISK, &sock);
+        let (stats, ev) = mirror_with_writers(&src, &Address::Unix(sock.clone()), opts(mode), 3);
+        assert_same(&src, &tgt);
+        assert_holes_kept(&src, &tgt);
+        qemu_img_compare(&unix_uri(&sock, ""), &src);
+        assert!(ev.contains(&MirrorEvent::Phase {
+            phase: Phase::Ready
+        }));
+        assert!(ev.contains(&MirrorEvent::Phase {
+            phase: Phase::Completed
+        }));
+        assert!(stats.bytes_holes > 0, "{stats:?}");
+        if mode == CopyMode::WriteBlocking {
+            assert!(stats.blocking_writes > 0, "{stats:?}");
+            assert!(stats.write_latency_p50.is_some() && stats.write_latency_p99.is_some());
+        }
+    }
+}
+
+#[test]
+fn mirror_into_qemu_nbd_with_writers() {
+    if !require(
+        "mirror_into_qemu_nbd_with_writers",
+        &["qemu-nbd", "qemu-img"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("q.sock");
+    let q = serve_qemu_nbd(&tgt, &sock, &["--cache=none", "--discard=unmap"]);
+    let (stats, _) = mirror_with_writers(
+        &src,
+        &Address::Unix(sock.clone()),
+        opts(CopyMode::WriteBlocking),
+        2,
+    );
+    qemu_img_compare(&unix_uri(&sock, ""), &src);
+    drop(q);
+    assert_same(&src, &tgt);
+    assert_holes_kept(&src, &tgt);
+    assert!(stats.blocking_writes > 0);
+}
+
+#[test]
+fn mirror_into_nbdkit_memory_and_file_with_writers() {
+    if !require(
+        "mirror_into_nbdkit_memory_and_file_with_writers",
+        &["nbdkit"],
+    ) {
+        return;
+    }
+    // Memory: compared through our client.
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("m.sock");
+    let _k = serve_nbdkit(&sock, &["memory", &format!("size={DISK}")]);
+    let addr = Address::Unix(sock.clone());
+    mirror_with_writers(&src, &addr, opts(CopyMode::Background), 2);
+    let c = Client::connect(&addr, "", &ClientOptions::default()).unwrap();
+    let want = read_all(&src);
+    for off in (0..DISK).step_by(1 << 20) {
+        let got = c.read(off, 1 << 20).unwrap();
+        assert!(
+            got[..] == want[off as usize..(off + (1 << 20)) as usize],
+            "nbdkit memory differs in the MiB at {off}"
+        );
+    }
+    qemu_img_compare(&unix_uri(&sock, ""), &src);
+    // Holes stayed holes: block status of the source's holes in the second half.
+    let st = c.block_status(HALF + (512 << 10), 256 << 10).unwrap();
+    assert!(st.iter().all(|e| e.is_zero()), "{st:?}");
+    c.disconnect().unwrap();
+    // File.
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("f.sock");
+    let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
+    mirror_with_writers(&src, &Address::Unix(sock), opts(CopyMode::Auto), 2);
+    drop(k);
+    assert_same(&src, &tgt);
+    assert_holes_kept(&src, &tgt);
+}
+
+/// nbdkit with the rate filter in front of a file: a link capped at `bits` per second.
+fn capped_nbdkit(sock: &Path, tgt: &Path, bits: &str) -> ChildGuard {
+    serve_nbdkit(
+        sock,
+        &[
+            "--filter=rate",
+            "file",
+            tgt.to_str().unwrap(),
+            &format!("rate={bits}"),
+        ],
+    )
+}
+
+#[test]
+fn auto_mode_switches_to_write_blocking_under_a_writer_faster_than_a_capped_link() {
+    if !require("auto_mode_switches_to_write_blocking", &["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("r.sock");
+    // 4 MiB/s.
+    let k = capped_nbdkit(&sock, &tgt, "32M");
+    let mut o = opts(CopyMode::Auto);
+    let ev = events(&mut o);
+    let source = open(&src);
+    let job = Mirror::start(source.clone(), &Address::Unix(sock), o).unwrap();
+    let w = Writers::start(&job, source, 3, Duration::ZERO);
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    let n = w.stop();
+    let stats = job.complete().unwrap();
+    drop(k);
+    assert_same(&src, &tgt);
+    let ev = ev.lock().unwrap();
+    let switch = ev
+        .iter()
+        .find(|e| {
+            matches!(
+                e,
+                MirrorEvent::ModeSwitched {
+                    automatic: true,
+                    write_blocking: true,
+                    ..
+                }
+            )
+        })
+        .unwrap_or_else(|| panic!("no automatic switch after {n} writes: {stats:?}"));
+    if let MirrorEvent::ModeSwitched {
+        dirty_rate,
+        copy_rate,
+        ..
+    } = switch
+    {
+        assert!(dirty_rate > copy_rate, "{switch:?}");
+    }
+    assert!(stats.mode_switches >= 1 && stats.write_blocking);
+}
+
+#[test]
+fn the_ready_deadline_says_the_dirty_rate_and_the_copy_rate() {
+    if !require(
+        "the_ready_deadline_says_the_dirty_rate_and_the_copy_rate",
+        &["nbdkit"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("r.sock");
+    // 1 MiB/s: the 3 MiB of data take far more than the deadline.
+    let _k = capped_nbdkit(&sock, &tgt, "8M");
+    let source = open(&src);
+    let job = Mirror::start(
+        source.clone(),
+        &Address::Unix(sock),
+        slow(opts(CopyMode::Background)),
+    )
+    .unwrap();
+    let w = Writers::start(&job, source, 1, Duration::from_millis(1));
+    let e = job.wait_ready(Duration::from_millis(400)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, MirrorError::ReadyDeadline { .. }), "{e:?}");
+    assert!(
+        msg.contains("the guest dirties") && msg.contains("the copy moves"),
+        "{msg}"
+    );
+    w.stop();
+    // Cancelled mid-bulk: the target is left as it is, and said so.
+    let c = job.cancel().unwrap();
+    assert!(c.to_string().contains("the target is left as it is"), "{c}");
+}
+
+#[test]
+fn cancel_in_bulk_when_ready_and_while_reconnecting_leaves_the_source_untouched() {
+    if !require("cancel_at_each_phase", &["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let before = read_all(&src);
+    // Bulk, on a slow link.
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("r.sock");
+    let k = capped_nbdkit(&sock, &tgt, "8M");
+    let job = Mirror::start(
+        open(&src),
+        &Address::Unix(sock.clone()),
+        slow(opts(CopyMode::Background)),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job.stats().bytes_copied == 0 {
+        assert!(Instant::now() < deadline, "nothing copied in 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = job.cancel().unwrap();
+    assert_eq!(c.phase, Phase::Bulk);
+    drop(k);
+    // Ready.
+    let sock2 = dir.path().join("s.sock");
+    let (h, _) = our_server(dir.path(), DISK, &sock2);
+    let job = Mirror::start(
+        open(&src),
+        &Address::Unix(sock2.clone()),
+        opts(CopyMode::Background),
+    )
+    .unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    let c = job.cancel().unwrap();
+    assert_eq!(c.phase, Phase::Ready);
+    // Reconnecting: the target goes away after ready.
+    let job = Mirror::start(
+        open(&src),
+        &Address::Unix(sock2),
+        opts(CopyMode::Background),
+    )
+    .unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    h.shutdown();
+    job.handle().note_write(0, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(job.phase(), Phase::Reconnecting { .. }) {
+        assert!(
+            Instant::now() < deadline,
+            "never reconnecting: {}",
+            job.phase()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = job.cancel().unwrap();
+    assert!(matches!(c.phase, Phase::Reconnecting { .. }), "{}", c.phase);
+    assert!(read_all(&src) == before, "the source was changed");
+}
+
+#[test]
+fn a_cut_mid_copy_and_after_ready_is_reconnected_and_ends_equal() {
+    if !require("a_cut_mid_copy_and_after_ready", &["nbdkit"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("r.sock");
+    let k = capped_nbdkit(&sock, &tgt, "16M");
+    let mut o = slow(opts(CopyMode::Background));
+    let ev = events(&mut o);
+    let source = open(&src);
+    let job = Mirror::start(source.clone(), &Address::Unix(sock.clone()), o).unwrap();
+    let w = Writers::start(&job, source, 2, Duration::from_millis(1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job.stats().bytes_copied < 256 << 10 {
+        assert!(Instant::now() < deadline, "nothing copied in 10 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(job.phase(), Phase::Bulk, "the cut must come mid-copy");
+    // Kill the target and bring it back on the same socket.
+    drop(k);
+    std::thread::sleep(Duration::from_millis(150));
+    // A killed nbdkit leaves its socket file behind.
+    let _ = std::fs::remove_file(&sock);
+    let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    // And once more after ready, with the writers still going.
+    drop(k);
+    std::thread::sleep(Duration::from_millis(150));
+    // A killed nbdkit leaves its socket file behind.
+    let _ = std::fs::remove_file(&sock);
+    let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while job.stats().reconnects < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no second reconnection: {}",
+            job.phase()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    w.stop();
+    let stats = job.complete().unwrap();
+    drop(k);
+    assert_same(&src, &tgt);
+    assert_eq!(stats.reconnects, 2);
+    let ev = ev.lock().unwrap();
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, MirrorEvent::ConnectionLost { .. }))
+    );
+    assert!(
+        ev.iter()
+            .any(|e| matches!(e, MirrorEvent::Reconnected { .. }))
+    );
+}
+
+#[test]
+fn a_target_that_never_comes_back_fails_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let (h, _) = our_server(dir.path(), DISK, &sock);
+    let mut o = opts(CopyMode::Background);
+    o.config.reconnect_window = Duration::from_millis(700);
+    let job = Mirror::start(open(&src), &Address::Unix(sock), o).unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    h.shutdown();
+    job.handle().note_write(0, 1);
+    let p = job.wait_finished_for(Duration::from_secs(10));
+    assert!(matches!(p, Phase::Failed(_)), "{p}");
+    let e = job.error().expect("an error");
+    let msg = e.to_string();
+    assert!(matches!(e, MirrorError::TargetUnreachable { .. }), "{e:?}");
+    assert!(msg.contains("stayed unreachable for 700ms"), "{msg}");
+    assert!(msg.contains("last error"), "{msg}");
+    assert!(matches!(
+        job.complete(),
+        Err(MirrorError::TargetUnreachable { .. })
+    ));
+}
+
+#[test]
+fn target_errors_from_the_nbdkit_error_filter_name_offset_and_length() {
+    if !require("target_errors_from_the_nbdkit_error_filter", &["nbdkit"]) {
+        return;
+    }
+    for (errno, name) in [("EIO", "EIO"), ("ENOSPC", "ENOSPC")] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source_file(dir.path());
+        let sock = dir.path().join("e.sock");
+        let _k = serve_nbdkit(
+            &sock,
+            &[
+                "--filter=error",
+                "memory",
+                &format!("size={DISK}"),
+                &format!("error-pwrite={errno}"),
+                "error-pwrite-rate=100%",
+            ],
+        );
+        let job =
+            Mirror::start(open(&src), &Address::Unix(sock), opts(CopyMode::Background)).unwrap();
+        let e = job.wait_ready(Duration::from_secs(10)).unwrap_err();
+        match &e {
+            MirrorError::Target {
+                offset,
+                len,
+                source,
+            } => {
+                assert!(*len > 0 && offset % (64 << 10) == 0, "{e}");
+                assert_eq!(source.nbd_errno().map(|x| x.name()), Some(name), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let msg = e.to_string();
+        assert!(
+            msg.contains("offset") && msg.contains("length") && msg.contains(name),
+            "{msg}"
+        );
+    }
+}
+
+#[test]
+fn a_target_smaller_than_the_source_is_refused_before_copying() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let (_h, tgt) = our_server(dir.path(), DISK - 4096, &sock);
+    let e =
+        Mirror::start(open(&src), &Address::Unix(sock), opts(CopyMode::Background)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MirrorError::TargetTooSmall {
+                target_size,
+                source_size: DISK,
+                ..
+            } if target_size == DISK - 4096
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("nothing was copied"));
+    assert_eq!(allocated(&tgt), 0, "the target was written");
+}
+
+#[test]
+fn a_memory_disk_source_mirrors_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let (_h, tgt) = our_server(dir.path(), 1 << 20, &sock);
+    let mem = Arc::new(MemoryDisk::new(1 << 20));
+    mem.write_at(&pattern(3, 100_000), 300_000).unwrap();
+    let src: Arc<dyn BlockBackend> = mem.clone();
+    let job = Mirror::start(
+        src.clone(),
+        &Address::Unix(sock),
+        opts(CopyMode::WriteBlocking),
+    )
+    .unwrap();
+    let disk = MirroredDisk::new(src, job.handle());
+    disk.write_at(&pattern(4, 5000), 10).unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    disk.write_at(&pattern(5, 7000), 900_000).unwrap();
+    disk.write_zeroes(300_000, 50_000).unwrap();
+    job.complete().unwrap();
+    assert!(read_all(&tgt) == mem.contents(), "target differs");
+}
