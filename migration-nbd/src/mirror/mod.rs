@@ -15,12 +15,14 @@
 #![allow(clippy::result_large_err)]
 
 pub mod machine;
+pub mod persistent;
 mod source;
 
 pub use machine::{
     Action, ConfigError, CopyMode, CopyOutcome, Failure, MirrorConfig, MirrorEvent, MirrorMachine,
     MirrorStats, OpId, Phase, Rates, StateError, WriteId, WriteStart,
 };
+pub use persistent::{BitmapFileError, BitmapInfo, PersistentBitmap};
 pub use source::{BlockBackend, MEMORY_BLOCK, MemoryDisk};
 
 use std::io;
