@@ -334,6 +334,9 @@ impl VmArgs {
             fill: self.fill,
             seed: self.seed,
             order: self.order,
+            // Filled in by the command that opens the disk image (see `commands::disk`).
+            disk_sectors: 0,
+            disk_working_set: 0,
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use crate::guest::GuestMemory;
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, Xsave,
@@ -23,7 +24,7 @@ use kvm_bindings::{
     kvm_segment, kvm_userspace_memory_region, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
 use crate::control::{Parked, RunControl, VcpuCounters};
@@ -152,7 +153,7 @@ impl KvmMachine {
     /// Creates the VM over `mem`. With `fresh`, the vCPUs are set up to start the guest
     /// program; otherwise they wait for state to be loaded.
     pub(crate) fn create(
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         w: &Workload,
         fresh: bool,
     ) -> Result<KvmMachine, KvmError> {

@@ -30,6 +30,7 @@ pub mod report;
 pub mod serial;
 pub mod software;
 pub mod state;
+pub mod virtio_blk;
 pub mod vm;
 
 pub use client::{ClientError, ControlClient};

@@ -1,5 +1,5 @@
 //! The software vCPU: where `/dev/kvm` is missing (or when asked), a thread runs the guest
-//! program's workload itself, over the same `GuestMemoryMmap`, with the same layout: it
+//! program's workload itself, over the same `GuestMemory`, with the same layout: it
 //! reads its segments (and, for a scattered walk, its stride) from its control block,
 //! adds one to the counter of each page in the order they say, bumps its pass counter in RAM after each pass and prints the same report on the
 //! same serial line buffer. Its only state outside RAM is its position (segment index and
@@ -15,8 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::guest::GuestMemory;
 use migration_core::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::control::{Parked, RunControl, TIMESLICE, VcpuCounters};
 use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb};
@@ -98,12 +99,12 @@ impl SoftVcpu {
     }
 }
 
-fn load(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, String> {
+fn load(mem: &GuestMemory, gpa: u64) -> Result<u64, String> {
     mem.load::<u64>(GuestAddress(gpa), Ordering::Relaxed)
         .map_err(|e| format!("reading {gpa:#x}: {e}"))
 }
 
-fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
+fn store(mem: &GuestMemory, gpa: u64, v: u64) -> Result<(), String> {
     mem.store(v, GuestAddress(gpa), Ordering::Relaxed)
         .map_err(|e| format!("writing {gpa:#x}: {e}"))
 }
@@ -112,7 +113,7 @@ fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
 /// the program does after it (see `guest/program.rs`), in the order the control block
 /// says.
 fn step(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     index: u32,
     pos: &mut SoftPosition,
     serial: &Serial,
@@ -191,7 +192,7 @@ fn step(
 /// The body of a software vCPU thread.
 pub(crate) fn vcpu_thread(
     vcpu: Arc<SoftVcpu>,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMemory>,
     ctl: Arc<RunControl>,
     serial: Arc<Serial>,
 ) {
@@ -210,7 +211,7 @@ pub(crate) fn vcpu_thread(
     let mut paced = 0u64;
     // No segment to walk: the program halts for good (see `guest::PROGRAM`). Read again
     // after each pause, as RAM may have been replaced meanwhile (an incoming migration).
-    let halted = |mem: &GuestMemoryMmap| {
+    let halted = |mem: &GuestMemory| {
         load(mem, layout::control_block_addr(n) + cb::SEGMENT_COUNT).map(|c| c == 0)
     };
     let mut idle = match halted(&mem) {
@@ -315,7 +316,7 @@ mod tests {
                 .iter()
                 .map(|&(b, s)| (GuestAddress(b), s as usize))
                 .collect();
-            let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+            let mem = GuestMemory::from_ranges(&ranges).unwrap();
             crate::guest::write_image(&mem, &w).unwrap();
             let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
             let l = lines.clone();
@@ -361,7 +362,7 @@ mod tests {
             ..VmConfig::default()
         })
         .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         crate::guest::write_image(&mem, &w).unwrap();
         let serial = Serial::new(1, Console::Discard);
         let mut pos = SoftVcpu::new(0, &w).position();

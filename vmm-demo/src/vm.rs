@@ -2,7 +2,7 @@
 //! [`VmControl`].
 //!
 //! What an engine gets from a [`Vm`]:
-//! - guest RAM: [`Vm::memory`] (an `Arc<GuestMemoryMmap>` to read pages from or write
+//! - guest RAM: [`Vm::memory`] (an `Arc<GuestMemory>` to read pages from or write
 //!   them into) and [`Vm::ram_layout`] (the dense page numbering of `migration-core`);
 //! - dirty tracking inputs: for KVM, [`Vm::vm_fd`] and [`Vm::memory_slots`]; for any
 //!   guest, [`Vm::host_ranges`], the host mappings of guest RAM;
@@ -19,12 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::guest::GuestMemory;
 use kvm_ioctls::VmFd;
 use migration_core::RamLayout;
 use migration_core::dirty::HostRange;
 use migration_core::vm::{DeviceState, VmControl, VmError, VmOp};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::control::{RunControl, VcpuStats, Want};
 use crate::kvm::{KvmError, KvmMachine};
@@ -202,20 +203,20 @@ struct Inner {
     kind: GuestKind,
     workload: Workload,
     layout: RamLayout,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMemory>,
     ctl: Arc<RunControl>,
     serial: Arc<Serial>,
     /// The vCPUs hold a complete state they may run from.
     runnable: AtomicBool,
 }
 
-fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemory, VmmError> {
     let ranges: Vec<(GuestAddress, usize)> = workload
         .regions()
         .iter()
         .map(|&(b, s)| (GuestAddress(b), s as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory { bytes, source })
+    GuestMemory::from_ranges(&ranges).map_err(|source| VmmError::Memory { bytes, source })
 }
 
 /// Guest RAM allocated and populated before an incoming migration, as QEMU's
@@ -225,7 +226,7 @@ fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmErro
 /// the start, pages that arrive as zero included.
 pub struct PreallocatedRam {
     regions: Vec<(u64, u64)>,
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
 }
 
 impl std::fmt::Debug for PreallocatedRam {
@@ -333,7 +334,7 @@ impl Vm {
         kind: GuestKind,
         console: Console,
         incoming: bool,
-        ram: Option<GuestMemoryMmap>,
+        ram: Option<GuestMemory>,
     ) -> Result<Vm, VmmError> {
         let workload = Workload::new(config)?;
         let mem = match ram {
@@ -693,7 +694,7 @@ macro_rules! accessors {
 
             /// Guest RAM. Read and write it through `vm-memory` (volatile accesses); the
             /// vCPUs may be writing it unless paused.
-            pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+            pub fn memory(&self) -> &Arc<GuestMemory> {
                 &self.inner.mem
             }
 
@@ -869,6 +870,8 @@ mod tests {
                     fill: if zero { Fill::Zero } else { Fill::Random },
                     seed,
                     order: if scattered { Order::Scattered } else { Order::Sequential },
+                    disk_sectors: ws % 1000,
+                    disk_working_set: seed % 100,
                 },
             };
             prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()).unwrap(), m.clone());
