@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod control;
+pub mod disk_oracle;
 pub mod error;
 pub mod exit;
 pub mod guest;

@@ -20,9 +20,10 @@ use migration_core::PAGE_SIZE;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::control::{Parked, RunControl, TIMESLICE, VcpuCounters};
-use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb};
+use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb, disk};
 use crate::serial::Serial;
 use crate::state::SoftPosition;
+use crate::virtio_blk::{BlkDevice, DriverError, driver};
 
 /// Pages between two looks at the clock and at the kick flag's slow path.
 const CHECK_EVERY: u32 = 64;
@@ -46,6 +47,7 @@ impl SoftVcpu {
             pos: Mutex::new(SoftPosition {
                 segment: 0,
                 addr: w.segments(index).first().map_or(0, |s| s.0),
+                disk: 0,
             }),
             kick: AtomicBool::new(false),
             thread: std::sync::OnceLock::new(),
@@ -67,10 +69,20 @@ impl SoftVcpu {
     /// Checks `p` against the vCPU's share and takes it as its position.
     pub(crate) fn set_position(&self, p: SoftPosition, w: &Workload) -> Result<(), String> {
         let segs = w.segments(self.index);
+        let sectors = w.disk_share(self.index);
+        if p.disk > sectors.end - sectors.start {
+            return Err(format!(
+                "{} sectors of the disk workload done, of the {} of vCPU {}'s share",
+                p.disk,
+                sectors.end - sectors.start,
+                self.index
+            ));
+        }
         if segs.is_empty()
             && p == (SoftPosition {
                 segment: 0,
                 addr: 0,
+                disk: 0,
             })
         {
             // Idle: halted, nowhere in a share it does not have.
@@ -117,8 +129,33 @@ fn step(
     index: u32,
     pos: &mut SoftPosition,
     serial: &Serial,
+    disk: Option<&Mutex<BlkDevice>>,
 ) -> Result<(), String> {
     let block = layout::control_block_addr(index);
+    // A pass starts with the disk workload (see `guest/program.rs`): one sector per step,
+    // through the same device the KVM guest uses, then the read-back of the last and
+    // the first sector with the last write.
+    let page = layout::request_page_addr(index);
+    let count = load(mem, page + disk::SECTOR_COUNT)?;
+    if pos.disk < count {
+        let dev =
+            disk.ok_or_else(|| format!("vcpu{index} has sectors to write and the VM no disk"))?;
+        let first = load(mem, page + disk::FIRST_SECTOR)?;
+        let pass = load(mem, block + cb::PASS)?.wrapping_add(1);
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let fail = |e: DriverError| {
+            // What the guest program prints before it halts.
+            serial.write(index, format!("vcpu{index} {e}\n").as_bytes());
+            format!("vcpu{index}: {e}")
+        };
+        driver::write_sector(mem, &mut d, index, first + pos.disk, pass).map_err(fail)?;
+        pos.disk += 1;
+        if pos.disk == count {
+            driver::check_sector(mem, &mut d, index, first + count - 1, pass).map_err(fail)?;
+            driver::check_sector(mem, &mut d, index, first, pass).map_err(fail)?;
+        }
+        return Ok(());
+    }
     let seg_at = |s: u64| block + cb::SEGMENTS + 16 * s;
     let counter = pos.addr + COUNTER_OFFSET;
     store(mem, counter, load(mem, counter)?.wrapping_add(1))?;
@@ -181,6 +218,7 @@ fn step(
         line.extend_from_slice(pass.to_string().as_bytes());
         line.push(b'\n');
         serial.write(index, &line);
+        pos.disk = 0;
         pos.segment = 0;
         pos.addr = load(mem, seg_at(0))?;
     } else if stride == 0 {
@@ -195,6 +233,7 @@ pub(crate) fn vcpu_thread(
     mem: Arc<GuestMemory>,
     ctl: Arc<RunControl>,
     serial: Arc<Serial>,
+    disk: Option<Arc<Mutex<BlkDevice>>>,
 ) {
     let n = vcpu.index;
     let _ = vcpu.thread.set(std::thread::current());
@@ -227,7 +266,7 @@ pub(crate) fn vcpu_thread(
             while !vcpu.kick.load(Ordering::SeqCst) {
                 std::thread::park();
             }
-        } else if let Err(e) = step(&mem, n, &mut pos, &serial) {
+        } else if let Err(e) = step(&mem, n, &mut pos, &serial, disk.as_deref()) {
             *vcpu.pos.lock().unwrap_or_else(|e| e.into_inner()) = pos;
             ctl.fail(format!("software vcpu{n} stopped: {e}"));
             return;
@@ -334,7 +373,7 @@ mod tests {
                     let mut visited = Vec::with_capacity(expected.len());
                     for _ in 0..expected.len() {
                         visited.push(pos.addr);
-                        step(&mem, v, &mut pos, &serial).unwrap();
+                        step(&mem, v, &mut pos, &serial, None).unwrap();
                     }
                     assert_eq!(visited, expected, "{order} vCPU {v}, pass {pass}");
                     assert_eq!(pos, start, "{order} vCPU {v} is back at its first page");
@@ -344,7 +383,7 @@ mod tests {
                 }
                 // Half a pass further, the oracle agrees on how far it got.
                 for _ in 0..expected.len() / 2 {
-                    step(&mem, v, &mut pos, &serial).unwrap();
+                    step(&mem, v, &mut pos, &serial, None).unwrap();
                 }
                 assert_eq!(pos.addr, expected[expected.len() / 2]);
                 let r = crate::oracle::check(&mem, &w).unwrap();
@@ -369,7 +408,7 @@ mod tests {
         // Pages beyond the segments: the next index is in no segment.
         store(&mem, layout::control_block_addr(0) + cb::SHARE_PAGES, 1000).unwrap();
         store(&mem, layout::control_block_addr(0) + cb::STRIDE, 200).unwrap();
-        let e = step(&mem, 0, &mut pos, &serial).unwrap_err();
+        let e = step(&mem, 0, &mut pos, &serial, None).unwrap_err();
         assert!(e.contains("control block"), "{e}");
     }
 }

@@ -27,7 +27,7 @@
 pub mod driver;
 mod request;
 pub mod state;
-
+pub(crate) mod thread;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -179,6 +179,11 @@ impl DiskImage {
         f.set_len(bytes).map_err(open)
     }
 
+    /// The open file, for the oracle's extent walk.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The image's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -250,7 +255,7 @@ impl DiskImage {
 }
 
 /// Counters of what the device did, for reports and tests.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BlkStats {
     /// Requests completed (whatever their status).
     pub requests: u64,
