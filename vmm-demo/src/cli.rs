@@ -299,6 +299,10 @@ pub struct VmArgs {
     /// Which vCPU runs the guest.
     #[arg(long, value_enum, default_value_t = GuestChoice::Auto)]
     pub guest: GuestChoice,
+    /// Sectors of the disk (the first --disk, when it is a raw image) each pass writes,
+    /// split among the vCPUs; 0 for no disk I/O.
+    #[arg(long, default_value_t = 64)]
+    pub disk_working_set: u64,
     /// Least time the software vCPU spends per page, in nanoseconds (0: as fast as it
     /// can; about 5000 matches the KVM guest under nested virtualisation).
     #[arg(long, default_value_t = 0)]
@@ -318,6 +322,7 @@ impl VmArgs {
             ("--seed", self.seed.to_string()),
             ("--guest", value_name(&self.guest)),
             ("--software-page-ns", self.software_page_ns.to_string()),
+            ("--disk-working-set", self.disk_working_set.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -334,6 +339,9 @@ impl VmArgs {
             fill: self.fill,
             seed: self.seed,
             order: self.order,
+            // Filled in by the command that opens the disk image (see `commands::disk`).
+            disk_sectors: 0,
+            disk_working_set: 0,
         }
     }
 }
@@ -369,7 +377,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub control: Option<String>,
     /// A disk image the VM is given, checked by the storage policy before a migration;
-    /// repeatable.
+    /// repeatable. The first, if it is an existing file, is the guest's virtio-blk disk
+    /// (a raw image), which its workload writes.
     #[arg(long)]
     pub disk: Vec<String>,
     /// Cache mode of the disks (QEMU's names; QEMU's default writeback when absent).

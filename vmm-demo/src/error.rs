@@ -74,6 +74,17 @@ pub enum Error {
         /// What it found.
         source: OracleError,
     },
+    /// The disk image given with --disk cannot be the guest's disk.
+    #[error("the guest's disk")]
+    Disk(#[source] crate::virtio_blk::DiskError),
+    /// The disk oracle found the image wrong.
+    #[error("disk oracle {when}")]
+    DiskOracle {
+        /// When it ran.
+        when: &'static str,
+        /// What it found.
+        source: crate::disk_oracle::DiskOracleError,
+    },
     /// The guest did not make the passes it was waited for.
     #[error("waiting for the guest's passes")]
     Wait(#[source] WaitError),

@@ -17,11 +17,18 @@
 //! The software vCPU ([`crate::software`]) does the same thing step for step from Rust.
 
 use migration_core::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{self, PDPT_ADDR, PML4_ADDR, Workload, control_block as cb};
 
 pub mod abi;
+
+/// Guest RAM as the VMM maps it: `vm-memory`'s mmap with a dirty bitmap, so that the
+/// pages the VMM itself writes (the virtio-blk device completing a request: the used ring,
+/// a read's data, the status byte) are known to a migration; KVM's dirty log sees only
+/// what the guest writes through its page tables.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 pub use abi::SERIAL_PORT;
 
@@ -80,8 +87,7 @@ pub mod pte {
 
 /// Number of page directories (GiB of identity map) a layout needs.
 pub fn page_directories(w: &Workload) -> u64 {
-    let end = w.regions().last().map(|&(b, s)| b + s).unwrap_or(0);
-    end.div_ceil(1 << 30).max(1)
+    w.mapped_end().div_ceil(1 << 30).max(1)
 }
 
 /// The page-table entries the VMM writes: `(guest-physical address of the entry, value)`.
@@ -128,9 +134,32 @@ pub fn control_block_config(w: &Workload, index: u32) -> Vec<u8> {
     b
 }
 
-/// Writes the whole initial RAM image: GDT, page tables, program, control blocks (pass 0)
-/// and the initial content of every data page.
-pub fn write_image(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), vm_memory::GuestMemoryError> {
+/// The words the VMM writes for the guest's disk driver, as `(guest-physical address,
+/// value)`: the MMIO window's address in the driver page and, in each request page of a
+/// vCPU with sectors, its first sector, sector count and index. Empty without a disk
+/// workload (the reserved area is then all zero, as it always was).
+pub fn disk_config_words(w: &Workload) -> Vec<(u64, u64)> {
+    use abi::disk;
+    let mut out = Vec::new();
+    if let Some(base) = w.mmio_base() {
+        out.push((disk::DRIVER_PAGE + disk::MMIO_BASE, base));
+    }
+    for i in 0..w.vcpus() {
+        let share = w.disk_share(i);
+        if share.is_empty() {
+            continue;
+        }
+        let page = layout::request_page_addr(i);
+        out.push((page + disk::FIRST_SECTOR, share.start));
+        out.push((page + disk::SECTOR_COUNT, share.end - share.start));
+        out.push((page + disk::VCPU, u64::from(i)));
+    }
+    out
+}
+
+/// Writes the whole initial RAM image: GDT, page tables, program, control blocks (pass 0),
+/// the disk driver's configuration and the initial content of every data page.
+pub fn write_image(mem: &GuestMemory, w: &Workload) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, e) in GDT.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(layout::GDT_ADDR + 8 * i as u64))?;
     }
@@ -141,6 +170,9 @@ pub fn write_image(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), vm_memory:
     for i in 0..w.vcpus() {
         let base = layout::control_block_addr(i);
         mem.write_slice(&control_block_config(w, i), GuestAddress(base))?;
+    }
+    for (addr, v) in disk_config_words(w) {
+        mem.write_obj(v, GuestAddress(addr))?;
     }
     if w.config().fill == layout::Fill::Zero {
         // Fresh anonymous memory is already zero, and so are the counters: leaving it

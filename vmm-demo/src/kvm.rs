@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use crate::guest::GuestMemory;
 use kvm_bindings::{
     CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
     KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY, Msrs, Xsave,
@@ -23,7 +24,7 @@ use kvm_bindings::{
     kvm_segment, kvm_userspace_memory_region, kvm_xsave,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use zerocopy::IntoBytes;
 
 use crate::control::{Parked, RunControl, VcpuCounters};
@@ -152,7 +153,7 @@ impl KvmMachine {
     /// Creates the VM over `mem`. With `fresh`, the vCPUs are set up to start the guest
     /// program; otherwise they wait for state to be loaded.
     pub(crate) fn create(
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemory,
         w: &Workload,
         fresh: bool,
     ) -> Result<KvmMachine, KvmError> {
@@ -575,8 +576,22 @@ fn usable_msrs(kvm: &Kvm, fd: &VcpuFd) -> Result<Vec<u32>, KvmError> {
     Ok(keep)
 }
 
+/// The disk's MMIO window: its base and the device behind it.
+pub(crate) type MmioDevice = (u64, Arc<Mutex<crate::virtio_blk::BlkDevice>>);
+
 /// The body of a KVM vCPU thread.
-pub(crate) fn vcpu_thread(vcpu: Arc<KvmVcpu>, ctl: Arc<RunControl>, serial: Arc<Serial>) {
+pub(crate) fn vcpu_thread(
+    vcpu: Arc<KvmVcpu>,
+    ctl: Arc<RunControl>,
+    serial: Arc<Serial>,
+    mmio: Option<MmioDevice>,
+) {
+    // The offset in the disk's window of a guest-physical access, if it falls there.
+    let window = |addr: u64| {
+        let (base, dev) = mmio.as_ref()?;
+        let off = addr.checked_sub(*base)?;
+        (off < crate::layout::MMIO_WINDOW).then_some((off, dev))
+    };
     struct Registered<'a>(&'a Mutex<Option<libc::pthread_t>>);
     impl Drop for Registered<'_> {
         fn drop(&mut self) {
@@ -606,6 +621,33 @@ pub(crate) fn vcpu_thread(vcpu: Arc<KvmVcpu>, ctl: Arc<RunControl>, serial: Arc<
                 }
                 None
             }
+            Ok(VcpuExit::MmioRead(addr, data)) => match window(addr) {
+                Some((off, dev)) => {
+                    dev.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .mmio_read(off, data);
+                    None
+                }
+                None => Some(format!(
+                    "MMIO read of {} bytes at {addr:#x}, where no device is",
+                    data.len()
+                )),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => match window(addr) {
+                Some((off, dev)) => {
+                    let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+                    // QueueNotify has an ioeventfd and does not come here; if it did, the
+                    // queue is processed on this thread, as the software vCPU does.
+                    if d.mmio_write(off, data) == crate::virtio_blk::WriteEffect::Notify {
+                        d.process_all();
+                    }
+                    None
+                }
+                None => Some(format!(
+                    "MMIO write of {} bytes at {addr:#x}, where no device is",
+                    data.len()
+                )),
+            },
             Ok(VcpuExit::IoIn(port, data)) => {
                 // Line status: transmitter empty, so a polling guest would go on.
                 let v = if port == SERIAL_PORT + 5 { 0x60 } else { 0xff };

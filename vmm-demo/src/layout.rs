@@ -46,7 +46,26 @@ pub const REGION_GAP: u64 = 2 << 20;
 /// Most RAM regions a VM may have.
 pub const MAX_REGIONS: u32 = 8;
 
-pub use crate::guest::abi::{COUNTER_OFFSET, control_block};
+pub use crate::guest::abi::{COUNTER_OFFSET, control_block, disk};
+
+// The disk driver's pages lie in the reserved area, clear of the program, the control
+// blocks and the data pages.
+const _: () = assert!(CODE_ADDR + PAGE_SIZE <= disk::DRIVER_PAGE);
+const _: () = assert!(disk::DESC_TABLE >= disk::DRIVER_PAGE + PAGE_SIZE);
+const _: () = assert!(disk::USED_RING >= disk::DESC_TABLE + PAGE_SIZE);
+const _: () = assert!(disk::USED_RING + PAGE_SIZE <= CONTROL_BASE);
+const _: () = assert!(CONTROL_BASE + MAX_VCPUS as u64 * PAGE_SIZE <= disk::REQUEST_BASE);
+const _: () = assert!(disk::REQUEST_BASE + MAX_VCPUS as u64 * PAGE_SIZE <= DATA_START);
+
+const _: () = assert!(disk::REQUEST_BASE - CONTROL_BASE == disk::REQUEST_DISTANCE);
+
+/// Guest-physical address of vCPU `index`'s disk request page.
+pub fn request_page_addr(index: u32) -> u64 {
+    disk::REQUEST_BASE + u64::from(index) * PAGE_SIZE
+}
+
+/// Bytes of guest-physical address space the virtio-mmio window takes.
+pub const MMIO_WINDOW: u64 = 0x1000;
 
 // The guest walks by the page size migration-core numbers pages in.
 const _: () = assert!(1u64 << crate::guest::abi::PAGE_SHIFT == PAGE_SIZE);
@@ -146,6 +165,14 @@ pub struct VmConfig {
     /// out, as those from before scattered walks do).
     #[serde(default)]
     pub order: Order,
+    /// Sectors (512 bytes) of the VM's virtio-blk disk; 0 for a VM without a disk (as
+    /// descriptions from before the disk leave it).
+    #[serde(default)]
+    pub disk_sectors: u64,
+    /// Sectors the vCPUs write every pass, split among them as the RAM working set is;
+    /// the first ones of the disk. 0: the guest does no disk I/O.
+    #[serde(default)]
+    pub disk_working_set: u64,
 }
 
 impl Default for VmConfig {
@@ -158,6 +185,8 @@ impl Default for VmConfig {
             fill: Fill::Random,
             seed: 0x5eed_0f0a_c1e5,
             order: Order::Sequential,
+            disk_sectors: 0,
+            disk_working_set: 0,
         }
     }
 }
@@ -201,6 +230,21 @@ pub enum ConfigError {
     /// A share would cross more region boundaries than a control block has room for.
     #[error("vCPU {0}'s share needs more segments than its control block holds")]
     Segments(u32),
+    /// The disk working set does not fit the disk or the vCPUs.
+    #[error(
+        "disk working set of {sectors} sectors on a disk of {disk_sectors}: it must be 0 or at least one sector per vCPU, at most the disk, and needs a disk and a RAM working set"
+    )]
+    DiskWorkingSet {
+        /// Requested sectors.
+        sectors: u64,
+        /// Sectors of the disk.
+        disk_sectors: u64,
+    },
+    /// The virtio-mmio window would lie beyond what the identity map covers.
+    #[error(
+        "the disk's MMIO window at {0:#x} lies above the {MAX_GUEST_PHYS:#x} the page tables map"
+    )]
+    MmioTooHigh(u64),
     /// The resulting RAM layout is invalid.
     #[error("RAM layout: {0}")]
     Layout(#[from] LayoutError),
@@ -219,6 +263,8 @@ pub struct Workload {
     shares: Vec<Range<usize>>,
     segments: Vec<Vec<(u64, u64)>>,
     strides: Vec<u64>,
+    disk_shares: Vec<Range<u64>>,
+    mmio_base: Option<u64>,
 }
 
 impl Workload {
@@ -290,6 +336,35 @@ impl Workload {
             shares.push(share);
             segments.push(segs);
         }
+        // The disk's working set: sectors from 0, split as the pages are. It needs pages to
+        // walk too (an idle guest's vCPUs halt before any disk I/O).
+        let dws = config.disk_working_set;
+        if dws > config.disk_sectors
+            || (dws != 0 && (dws < u64::from(config.vcpus) || ws_pages == 0))
+        {
+            return Err(ConfigError::DiskWorkingSet {
+                sectors: dws,
+                disk_sectors: config.disk_sectors,
+            });
+        }
+        let (dper, dextra) = (dws / n_vcpus(config), dws % n_vcpus(config));
+        let mut disk_shares = Vec::with_capacity(vcpus);
+        let mut first = 0u64;
+        for i in 0..config.vcpus {
+            let len = dper + u64::from(u64::from(i) < dextra);
+            disk_shares.push(first..first + len);
+            first += len;
+        }
+        // The MMIO window sits one hole above the last region, 2 MiB aligned like it.
+        let mmio_base = if config.disk_sectors == 0 {
+            None
+        } else {
+            let base = end + REGION_GAP;
+            if base + MMIO_WINDOW > MAX_GUEST_PHYS {
+                return Err(ConfigError::MmioTooHigh(base));
+            }
+            Some(base)
+        };
         Ok(Workload {
             config: config.clone(),
             ram,
@@ -299,7 +374,30 @@ impl Workload {
             shares,
             segments,
             strides,
+            disk_shares,
+            mmio_base,
         })
+    }
+
+    /// Guest-physical address of the virtio-mmio window of the disk, if the VM has one.
+    pub fn mmio_base(&self) -> Option<u64> {
+        self.mmio_base
+    }
+
+    /// The end of what the identity map must cover: RAM and the MMIO window.
+    pub fn mapped_end(&self) -> u64 {
+        let ram_end = self.regions.last().map(|&(b, s)| b + s).unwrap_or(0);
+        self.mmio_base.map_or(ram_end, |m| m + MMIO_WINDOW)
+    }
+
+    /// The sectors vCPU `index` writes every pass (empty without a disk workload).
+    pub fn disk_share(&self, index: u32) -> Range<u64> {
+        self.disk_shares[index as usize].clone()
+    }
+
+    /// All sectors the vCPUs write.
+    pub fn disk_working_set(&self) -> Range<u64> {
+        0..self.config.disk_working_set
     }
 
     /// The configuration this layout was built from.
@@ -398,6 +496,10 @@ impl Workload {
             buf[off..off + 8].fill(0);
         }
     }
+}
+
+fn n_vcpus(c: &VmConfig) -> u64 {
+    u64::from(c.vcpus.max(1))
 }
 
 /// SplitMix64: a fast, well-mixed function of its input, enough to make RAM that no

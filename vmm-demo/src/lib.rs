@@ -17,6 +17,7 @@ pub mod cli;
 pub mod client;
 pub mod commands;
 pub mod control;
+pub mod disk_oracle;
 pub mod error;
 pub mod exit;
 pub mod guest;
@@ -30,6 +31,7 @@ pub mod report;
 pub mod serial;
 pub mod software;
 pub mod state;
+pub mod virtio_blk;
 pub mod vm;
 
 pub use client::{ClientError, ControlClient};

@@ -12,14 +12,15 @@
 //! data page still holds its initial content, and the program, GDT, page tables and
 //! control blocks hold what the VMM wrote (page walks may set accessed and dirty bits).
 //!
-//! [`check`] verifies all of that over a `GuestMemoryMmap` and a [`Workload`], so it runs
+//! [`check`] verifies all of that over a `GuestMemory` and a [`Workload`], so it runs
 //! the same on a source VM and on a destination that received RAM by migration.
 //! [`ram_hash`] fingerprints all of RAM, so a source's RAM at switchover can be compared
 //! with the destination's. Both read through volatile copies; call them with the vCPUs
 //! paused (or not yet started) for a meaningful answer.
 
+use crate::guest::GuestMemory;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use xxhash_rust::xxh3::Xxh3Default;
 
 use crate::guest::{self, GDT, PROGRAM, pte};
@@ -167,7 +168,7 @@ fn mem_err(gpa: u64, e: vm_memory::GuestMemoryError) -> OracleError {
     }
 }
 
-fn read_u64(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, OracleError> {
+fn read_u64(mem: &GuestMemory, gpa: u64) -> Result<u64, OracleError> {
     let mut b = [0u8; 8];
     mem.read_slice(&mut b, GuestAddress(gpa))
         .map_err(|e| mem_err(gpa, e))?;
@@ -207,7 +208,7 @@ fn on_all_cores<T: Send>(n: usize, f: impl Fn(std::ops::Range<usize>) -> T + Syn
 }
 
 /// Reads the pass number vCPU `index` has recorded in its control block.
-pub fn pass_of(mem: &GuestMemoryMmap, index: u32) -> Result<u64, OracleError> {
+pub fn pass_of(mem: &GuestMemory, index: u32) -> Result<u64, OracleError> {
     read_u64(
         mem,
         layout::control_block_addr(index) + layout::control_block::PASS,
@@ -215,7 +216,7 @@ pub fn pass_of(mem: &GuestMemoryMmap, index: u32) -> Result<u64, OracleError> {
 }
 
 /// Checks guest RAM against the workload. See the module documentation for the rules.
-pub fn check(mem: &GuestMemoryMmap, w: &Workload) -> Result<OracleReport, OracleError> {
+pub fn check(mem: &GuestMemory, w: &Workload) -> Result<OracleReport, OracleError> {
     check_reserved(mem, w)?;
     let mut page = vec![0u8; PAGE_SIZE as usize];
     let mut expected = vec![0u8; PAGE_SIZE as usize];
@@ -313,7 +314,7 @@ pub fn check(mem: &GuestMemoryMmap, w: &Workload) -> Result<OracleReport, Oracle
     Ok(OracleReport { vcpus, data_pages })
 }
 
-fn check_reserved(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), OracleError> {
+fn check_reserved(mem: &GuestMemory, w: &Workload) -> Result<(), OracleError> {
     let mut code = [0u8; PROGRAM.len()];
     mem.read_slice(&mut code, GuestAddress(layout::CODE_ADDR))
         .map_err(|e| mem_err(layout::CODE_ADDR, e))?;
@@ -361,7 +362,7 @@ fn check_reserved(mem: &GuestMemoryMmap, w: &Workload) -> Result<(), OracleError
 /// A 64-bit fingerprint of all guest RAM: the XXH3 of each 8 MiB piece (regions in
 /// ascending address order, each cut into pieces from its start), hashed on all cores,
 /// then the XXH3 of those digests in order.
-pub fn ram_hash(mem: &GuestMemoryMmap) -> Result<u64, OracleError> {
+pub fn ram_hash(mem: &GuestMemory) -> Result<u64, OracleError> {
     const PIECE: u64 = 8 << 20;
     const CHUNK: usize = 1 << 20;
     let mut regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
@@ -404,12 +405,12 @@ mod tests {
     use super::*;
     use crate::layout::{Fill, Order, VmConfig};
 
-    fn setup(fill: Fill) -> (GuestMemoryMmap, Workload) {
+    fn setup(fill: Fill) -> (GuestMemory, Workload) {
         setup_in(fill, Order::Sequential)
     }
 
     /// Two vCPUs over two regions: one share crosses the hole between them.
-    fn setup_in(fill: Fill, order: Order) -> (GuestMemoryMmap, Workload) {
+    fn setup_in(fill: Fill, order: Order) -> (GuestMemory, Workload) {
         let cfg = VmConfig {
             mem_bytes: 8 << 20,
             ram_regions: 2,
@@ -418,6 +419,7 @@ mod tests {
             fill,
             seed: 7,
             order,
+            ..VmConfig::default()
         };
         let w = Workload::new(&cfg).unwrap();
         let ranges: Vec<_> = w
@@ -425,20 +427,20 @@ mod tests {
             .iter()
             .map(|&(b, s)| (GuestAddress(b), s as usize))
             .collect();
-        let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+        let mem = GuestMemory::from_ranges(&ranges).unwrap();
         guest::write_image(&mem, &w).unwrap();
         (mem, w)
     }
 
     /// Does what the guest does: `passes` whole passes of vCPU `v`, then `steps` page
     /// visits of the next one, in the workload's order.
-    fn walk(mem: &GuestMemoryMmap, w: &Workload, v: u32, passes: u64, steps: usize) {
+    fn walk(mem: &GuestMemory, w: &Workload, v: u32, passes: u64, steps: usize) {
         let pages: Vec<u64> = w.walk(v).collect();
         walk_pages(mem, v, &pages, passes, steps);
     }
 
     /// [`walk`] in the order of `pages`.
-    fn walk_pages(mem: &GuestMemoryMmap, v: u32, pages: &[u64], passes: u64, steps: usize) {
+    fn walk_pages(mem: &GuestMemory, v: u32, pages: &[u64], passes: u64, steps: usize) {
         for _ in 0..passes {
             for &p in pages {
                 bump(mem, p, 1);
@@ -460,7 +462,7 @@ mod tests {
             .collect()
     }
 
-    fn bump(mem: &GuestMemoryMmap, gpa: u64, by: i64) {
+    fn bump(mem: &GuestMemory, gpa: u64, by: i64) {
         let v = read_u64(mem, gpa).unwrap();
         mem.write_obj(v.wrapping_add(by as u64), GuestAddress(gpa))
             .unwrap();

@@ -421,9 +421,30 @@ impl fmt::Display for MigrationReport {
     }
 }
 
+/// The disk part of a report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DiskRunReport {
+    /// The image.
+    pub path: String,
+    /// Its sectors.
+    pub sectors: u64,
+    /// Sectors the workload writes every pass.
+    pub working_set_sectors: u64,
+    /// Working-set sectors the disk oracle checked.
+    pub sectors_checked: u64,
+    /// Per vCPU: pass and sectors of this pass written.
+    pub verdicts: Vec<crate::disk_oracle::DiskVerdict>,
+    /// The device's counters.
+    pub device: crate::virtio_blk::BlkStats,
+}
+
 /// What `vmm-demo run` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunReport {
+    /// The guest's disk, when it has one: what the disk oracle found and what the device
+    /// did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRunReport>,
     /// Always `"run"`.
     pub mode: String,
     /// Which vCPUs ran the guest.

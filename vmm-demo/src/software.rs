@@ -1,5 +1,5 @@
 //! The software vCPU: where `/dev/kvm` is missing (or when asked), a thread runs the guest
-//! program's workload itself, over the same `GuestMemoryMmap`, with the same layout: it
+//! program's workload itself, over the same `GuestMemory`, with the same layout: it
 //! reads its segments (and, for a scattered walk, its stride) from its control block,
 //! adds one to the counter of each page in the order they say, bumps its pass counter in RAM after each pass and prints the same report on the
 //! same serial line buffer. Its only state outside RAM is its position (segment index and
@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::guest::GuestMemory;
 use migration_core::PAGE_SIZE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::control::{Parked, RunControl, TIMESLICE, VcpuCounters};
-use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb};
+use crate::layout::{self, COUNTER_OFFSET, Workload, control_block as cb, disk};
 use crate::serial::Serial;
 use crate::state::SoftPosition;
+use crate::virtio_blk::{BlkDevice, DriverError, driver};
 
 /// Pages between two looks at the clock and at the kick flag's slow path.
 const CHECK_EVERY: u32 = 64;
@@ -45,6 +47,7 @@ impl SoftVcpu {
             pos: Mutex::new(SoftPosition {
                 segment: 0,
                 addr: w.segments(index).first().map_or(0, |s| s.0),
+                disk: 0,
             }),
             kick: AtomicBool::new(false),
             thread: std::sync::OnceLock::new(),
@@ -66,10 +69,20 @@ impl SoftVcpu {
     /// Checks `p` against the vCPU's share and takes it as its position.
     pub(crate) fn set_position(&self, p: SoftPosition, w: &Workload) -> Result<(), String> {
         let segs = w.segments(self.index);
+        let sectors = w.disk_share(self.index);
+        if p.disk > sectors.end - sectors.start {
+            return Err(format!(
+                "{} sectors of the disk workload done, of the {} of vCPU {}'s share",
+                p.disk,
+                sectors.end - sectors.start,
+                self.index
+            ));
+        }
         if segs.is_empty()
             && p == (SoftPosition {
                 segment: 0,
                 addr: 0,
+                disk: 0,
             })
         {
             // Idle: halted, nowhere in a share it does not have.
@@ -98,12 +111,12 @@ impl SoftVcpu {
     }
 }
 
-fn load(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, String> {
+fn load(mem: &GuestMemory, gpa: u64) -> Result<u64, String> {
     mem.load::<u64>(GuestAddress(gpa), Ordering::Relaxed)
         .map_err(|e| format!("reading {gpa:#x}: {e}"))
 }
 
-fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
+fn store(mem: &GuestMemory, gpa: u64, v: u64) -> Result<(), String> {
     mem.store(v, GuestAddress(gpa), Ordering::Relaxed)
         .map_err(|e| format!("writing {gpa:#x}: {e}"))
 }
@@ -112,12 +125,37 @@ fn store(mem: &GuestMemoryMmap, gpa: u64, v: u64) -> Result<(), String> {
 /// the program does after it (see `guest/program.rs`), in the order the control block
 /// says.
 fn step(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     index: u32,
     pos: &mut SoftPosition,
     serial: &Serial,
+    disk: Option<&Mutex<BlkDevice>>,
 ) -> Result<(), String> {
     let block = layout::control_block_addr(index);
+    // A pass starts with the disk workload (see `guest/program.rs`): one sector per step,
+    // through the same device the KVM guest uses, then the read-back of the last and
+    // the first sector with the last write.
+    let page = layout::request_page_addr(index);
+    let count = load(mem, page + disk::SECTOR_COUNT)?;
+    if pos.disk < count {
+        let dev =
+            disk.ok_or_else(|| format!("vcpu{index} has sectors to write and the VM no disk"))?;
+        let first = load(mem, page + disk::FIRST_SECTOR)?;
+        let pass = load(mem, block + cb::PASS)?.wrapping_add(1);
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let fail = |e: DriverError| {
+            // What the guest program prints before it halts.
+            serial.write(index, format!("vcpu{index} {e}\n").as_bytes());
+            format!("vcpu{index}: {e}")
+        };
+        driver::write_sector(mem, &mut d, index, first + pos.disk, pass).map_err(fail)?;
+        pos.disk += 1;
+        if pos.disk == count {
+            driver::check_sector(mem, &mut d, index, first + count - 1, pass).map_err(fail)?;
+            driver::check_sector(mem, &mut d, index, first, pass).map_err(fail)?;
+        }
+        return Ok(());
+    }
     let seg_at = |s: u64| block + cb::SEGMENTS + 16 * s;
     let counter = pos.addr + COUNTER_OFFSET;
     store(mem, counter, load(mem, counter)?.wrapping_add(1))?;
@@ -180,6 +218,7 @@ fn step(
         line.extend_from_slice(pass.to_string().as_bytes());
         line.push(b'\n');
         serial.write(index, &line);
+        pos.disk = 0;
         pos.segment = 0;
         pos.addr = load(mem, seg_at(0))?;
     } else if stride == 0 {
@@ -191,9 +230,10 @@ fn step(
 /// The body of a software vCPU thread.
 pub(crate) fn vcpu_thread(
     vcpu: Arc<SoftVcpu>,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMemory>,
     ctl: Arc<RunControl>,
     serial: Arc<Serial>,
+    disk: Option<Arc<Mutex<BlkDevice>>>,
 ) {
     let n = vcpu.index;
     let _ = vcpu.thread.set(std::thread::current());
@@ -210,7 +250,7 @@ pub(crate) fn vcpu_thread(
     let mut paced = 0u64;
     // No segment to walk: the program halts for good (see `guest::PROGRAM`). Read again
     // after each pause, as RAM may have been replaced meanwhile (an incoming migration).
-    let halted = |mem: &GuestMemoryMmap| {
+    let halted = |mem: &GuestMemory| {
         load(mem, layout::control_block_addr(n) + cb::SEGMENT_COUNT).map(|c| c == 0)
     };
     let mut idle = match halted(&mem) {
@@ -226,7 +266,7 @@ pub(crate) fn vcpu_thread(
             while !vcpu.kick.load(Ordering::SeqCst) {
                 std::thread::park();
             }
-        } else if let Err(e) = step(&mem, n, &mut pos, &serial) {
+        } else if let Err(e) = step(&mem, n, &mut pos, &serial, disk.as_deref()) {
             *vcpu.pos.lock().unwrap_or_else(|e| e.into_inner()) = pos;
             ctl.fail(format!("software vcpu{n} stopped: {e}"));
             return;
@@ -315,7 +355,7 @@ mod tests {
                 .iter()
                 .map(|&(b, s)| (GuestAddress(b), s as usize))
                 .collect();
-            let mem = GuestMemoryMmap::from_ranges(&ranges).unwrap();
+            let mem = GuestMemory::from_ranges(&ranges).unwrap();
             crate::guest::write_image(&mem, &w).unwrap();
             let lines = std::sync::Arc::new(Mutex::new(Vec::new()));
             let l = lines.clone();
@@ -333,7 +373,7 @@ mod tests {
                     let mut visited = Vec::with_capacity(expected.len());
                     for _ in 0..expected.len() {
                         visited.push(pos.addr);
-                        step(&mem, v, &mut pos, &serial).unwrap();
+                        step(&mem, v, &mut pos, &serial, None).unwrap();
                     }
                     assert_eq!(visited, expected, "{order} vCPU {v}, pass {pass}");
                     assert_eq!(pos, start, "{order} vCPU {v} is back at its first page");
@@ -343,7 +383,7 @@ mod tests {
                 }
                 // Half a pass further, the oracle agrees on how far it got.
                 for _ in 0..expected.len() / 2 {
-                    step(&mem, v, &mut pos, &serial).unwrap();
+                    step(&mem, v, &mut pos, &serial, None).unwrap();
                 }
                 assert_eq!(pos.addr, expected[expected.len() / 2]);
                 let r = crate::oracle::check(&mem, &w).unwrap();
@@ -361,14 +401,14 @@ mod tests {
             ..VmConfig::default()
         })
         .unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
         crate::guest::write_image(&mem, &w).unwrap();
         let serial = Serial::new(1, Console::Discard);
         let mut pos = SoftVcpu::new(0, &w).position();
         // Pages beyond the segments: the next index is in no segment.
         store(&mem, layout::control_block_addr(0) + cb::SHARE_PAGES, 1000).unwrap();
         store(&mem, layout::control_block_addr(0) + cb::STRIDE, 200).unwrap();
-        let e = step(&mem, 0, &mut pos, &serial).unwrap_err();
+        let e = step(&mem, 0, &mut pos, &serial, None).unwrap_err();
         assert!(e.contains("control block"), "{e}");
     }
 }

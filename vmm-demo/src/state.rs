@@ -8,7 +8,8 @@
 //! | `pic-master`, `pic-slave`, `ioapic` | 1 | `struct kvm_irqchip` as the kernel gives it |
 //! | `pit` | 1 | `struct kvm_pit_state2` |
 //! | `kvmclock` | 1 | `struct kvm_clock_data` |
-//! | `swcpuN` | 1 | a software vCPU: its segment index and next page address, u64 LE each |
+//! | `swcpuN` | 1 | a software vCPU: its segment index and next page address, u64 LE each, then, when not 0, how many sectors of its share it wrote in this pass's disk workload (u64 LE): 16 or 24 bytes |
+//! | `virtio-blk` | 1 | the disk's device: see [`crate::virtio_blk::state`] |
 //!
 //! A KVM vCPU blob is a sequence of sections, each `tag: u16, reserved: u16 (0), length:
 //! u32, bytes`, all little-endian: CPUID entries, general registers, special registers,
@@ -375,32 +376,51 @@ pub struct SoftPosition {
     pub segment: u64,
     /// Guest-physical address of the next page to increment.
     pub addr: u64,
+    /// Sectors of its share the vCPU wrote in this pass's disk workload, which comes before
+    /// the pass's pages (the share's size once it is done, or 0 for no disk).
+    pub disk: u64,
 }
 
 impl SoftPosition {
     /// The blob bytes.
     pub fn to_bytes(self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(16);
+        let mut b = Vec::with_capacity(24);
         b.extend_from_slice(&self.segment.to_le_bytes());
         b.extend_from_slice(&self.addr.to_le_bytes());
+        // Left out at 0, so that a VM without a disk has the blob it always had.
+        if self.disk != 0 {
+            b.extend_from_slice(&self.disk.to_le_bytes());
+        }
         b
     }
 
     /// Decodes [`to_bytes`](Self::to_bytes)' output.
     pub fn from_bytes(b: &[u8]) -> Result<SoftPosition, BlobError> {
-        if b.len() != 16 {
+        if b.len() != 16 && b.len() != 24 {
             return Err(BlobError::Size {
                 section: "position",
                 offset: 0,
                 got: b.len(),
-                expected: "16".into(),
+                expected: "16 or 24".into(),
             });
         }
-        let (s, a) = b.split_at(8);
-        Ok(SoftPosition {
-            segment: u64::from_le_bytes(s.try_into().unwrap_or_default()),
-            addr: u64::from_le_bytes(a.try_into().unwrap_or_default()),
-        })
+        let word = |i: usize| {
+            b.get(8 * i..8 * i + 8)
+                .and_then(|w| w.try_into().ok())
+                .map_or(0, u64::from_le_bytes)
+        };
+        let p = SoftPosition {
+            segment: word(0),
+            addr: word(1),
+            disk: word(2),
+        };
+        if b.len() == 24 && p.disk == 0 {
+            return Err(BlobError::Invalid(
+                "a 24-byte position holds a disk progress of 0, which is written as 16 bytes"
+                    .into(),
+            ));
+        }
+        Ok(p)
     }
 }
 
@@ -502,10 +522,10 @@ mod tests {
         }
 
         #[test]
-        fn soft_position_round_trips(segment in any::<u64>(), addr in any::<u64>(), junk in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let p = SoftPosition { segment, addr };
+        fn soft_position_round_trips(segment in any::<u64>(), addr in any::<u64>(), disk in prop_oneof![Just(0u64), any::<u64>()], junk in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let p = SoftPosition { segment, addr, disk };
             prop_assert_eq!(SoftPosition::from_bytes(&p.to_bytes()), Ok(p));
-            if junk.len() != 16 {
+            if junk.len() != 16 && junk.len() != 24 {
                 prop_assert!(SoftPosition::from_bytes(&junk).is_err());
             }
         }

@@ -2,7 +2,7 @@
 //! [`VmControl`].
 //!
 //! What an engine gets from a [`Vm`]:
-//! - guest RAM: [`Vm::memory`] (an `Arc<GuestMemoryMmap>` to read pages from or write
+//! - guest RAM: [`Vm::memory`] (an `Arc<GuestMemory>` to read pages from or write
 //!   them into) and [`Vm::ram_layout`] (the dense page numbering of `migration-core`);
 //! - dirty tracking inputs: for KVM, [`Vm::vm_fd`] and [`Vm::memory_slots`]; for any
 //!   guest, [`Vm::host_ranges`], the host mappings of guest RAM;
@@ -14,17 +14,20 @@
 //! destination is made with [`Vm::new_incoming`]: its RAM is left empty for the
 //! migration to fill and it refuses to run until `load_device_state` succeeded.
 
-use std::sync::Arc;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::guest::GuestMemory;
 use kvm_ioctls::VmFd;
 use migration_core::RamLayout;
 use migration_core::dirty::HostRange;
 use migration_core::vm::{DeviceState, VmControl, VmError, VmOp};
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::control::{RunControl, VcpuStats, Want};
 use crate::kvm::{KvmError, KvmMachine};
@@ -34,6 +37,8 @@ use crate::oracle::{self, OracleError, OracleReport};
 use crate::serial::{Console, Serial};
 use crate::software::SoftVcpu;
 use crate::state::{self, BLOB_VERSION, SoftPosition, VcpuState};
+use crate::virtio_blk::state::{BLK_ID, BlkState};
+use crate::virtio_blk::{BlkDevice, DiskError, DiskImage};
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,6 +114,12 @@ pub enum VmmError {
         /// Why.
         source: std::io::Error,
     },
+    /// The disk image cannot be the VM's disk.
+    #[error("the VM's disk")]
+    Disk(#[source] DiskError),
+    /// The configuration has a disk and no image was given, or the reverse.
+    #[error("{0}")]
+    DiskMismatch(String),
     /// The vCPU threads did not reach their first park point.
     #[error("vCPU threads did not start: {0}")]
     Start(String),
@@ -202,20 +213,41 @@ struct Inner {
     kind: GuestKind,
     workload: Workload,
     layout: RamLayout,
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMemory>,
     ctl: Arc<RunControl>,
     serial: Arc<Serial>,
     /// The vCPUs hold a complete state they may run from.
     runnable: AtomicBool,
+    /// The virtio-blk disk, if the VM has one.
+    disk: Option<Disk>,
 }
 
-fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmError> {
+/// The VM's disk: the device, shared by the vCPUs (MMIO), its thread (KVM) and the VMM
+/// (pause, save, load).
+pub(crate) struct Disk {
+    pub(crate) dev: Arc<Mutex<BlkDevice>>,
+    pub(crate) mmio_base: u64,
+    /// KVM: the queue's ioeventfd, signalled at resume to make the device thread look at
+    /// the queue (requests made available before a pause or a migration). Software: none,
+    /// the queue is processed at once.
+    kick: Option<EventFd>,
+    /// KVM: tells the device thread to return.
+    stop: Option<EventFd>,
+}
+
+impl Disk {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
+        self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemory, VmmError> {
     let ranges: Vec<(GuestAddress, usize)> = workload
         .regions()
         .iter()
         .map(|&(b, s)| (GuestAddress(b), s as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| VmmError::Memory { bytes, source })
+    GuestMemory::from_ranges(&ranges).map_err(|source| VmmError::Memory { bytes, source })
 }
 
 /// Guest RAM allocated and populated before an incoming migration, as QEMU's
@@ -225,7 +257,7 @@ fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemoryMmap, VmmErro
 /// the start, pages that arrive as zero included.
 pub struct PreallocatedRam {
     regions: Vec<(u64, u64)>,
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
 }
 
 impl std::fmt::Debug for PreallocatedRam {
@@ -290,7 +322,29 @@ pub struct VmHandle {
 impl Vm {
     /// A VM running the workload from its start, paused: call `resume` to run it.
     pub fn new(config: &VmConfig, kind: GuestKind, console: Console) -> Result<Vm, VmmError> {
-        Self::build(config, kind, console, false, None)
+        Self::build(config, kind, console, false, None, None)
+    }
+
+    /// [`Vm::new`] with the raw image at `disk` as its virtio-blk disk, which
+    /// `config.disk_sectors` must describe (and no disk when it is 0).
+    pub fn with_disk(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+        disk: Option<&Path>,
+    ) -> Result<Vm, VmmError> {
+        Self::build(config, kind, console, false, None, disk)
+    }
+
+    /// [`Vm::new_incoming`] with the raw image at `disk` as its disk (the source's image,
+    /// on shared storage).
+    pub fn new_incoming_with_disk(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+        disk: Option<&Path>,
+    ) -> Result<Vm, VmmError> {
+        Self::build(config, kind, console, true, None, disk)
     }
 
     /// A VM to receive a migration: RAM empty (never touched, so all zero), vCPUs paused
@@ -300,7 +354,7 @@ impl Vm {
         kind: GuestKind,
         console: Console,
     ) -> Result<Vm, VmmError> {
-        Self::build(config, kind, console, true, None)
+        Self::build(config, kind, console, true, None, None)
     }
 
     /// [`Vm::new_incoming`] on RAM allocated beforehand, if it has the layout this VM
@@ -311,10 +365,21 @@ impl Vm {
         console: Console,
         ram: PreallocatedRam,
     ) -> Result<(Vm, bool), VmmError> {
+        Self::new_incoming_on_with_disk(config, kind, console, ram, None)
+    }
+
+    /// [`Vm::new_incoming_on`] with a disk, as [`Vm::new_incoming_with_disk`].
+    pub fn new_incoming_on_with_disk(
+        config: &VmConfig,
+        kind: GuestKind,
+        console: Console,
+        ram: PreallocatedRam,
+        disk: Option<&Path>,
+    ) -> Result<(Vm, bool), VmmError> {
         let regions = Workload::new(config)?.regions().to_vec();
         if regions == ram.regions {
             Ok((
-                Self::build(config, kind, console, true, Some(ram.mem))?,
+                Self::build(config, kind, console, true, Some(ram.mem), disk)?,
                 true,
             ))
         } else {
@@ -324,7 +389,7 @@ impl Vm {
                 "the incoming VM's RAM differs from the preallocated RAM; allocating afresh"
             );
             drop(ram);
-            Ok((Self::build(config, kind, console, true, None)?, false))
+            Ok((Self::build(config, kind, console, true, None, disk)?, false))
         }
     }
 
@@ -333,9 +398,36 @@ impl Vm {
         kind: GuestKind,
         console: Console,
         incoming: bool,
-        ram: Option<GuestMemoryMmap>,
+        ram: Option<GuestMemory>,
+        disk: Option<&Path>,
     ) -> Result<Vm, VmmError> {
         let workload = Workload::new(config)?;
+        let image = match (disk, workload.mmio_base()) {
+            (None, None) => None,
+            (Some(p), Some(_)) => {
+                let img = DiskImage::open(p).map_err(VmmError::Disk)?;
+                if img.sectors() != config.disk_sectors {
+                    return Err(VmmError::Disk(DiskError::Capacity {
+                        path: p.to_path_buf(),
+                        found: img.sectors(),
+                        expected: config.disk_sectors,
+                    }));
+                }
+                Some(img)
+            }
+            (Some(p), None) => {
+                return Err(VmmError::DiskMismatch(format!(
+                    "a disk image ({}) was given for a VM configured without a disk",
+                    p.display()
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(VmmError::DiskMismatch(format!(
+                    "the VM has a disk of {} sectors and no image was given for it (--disk)",
+                    config.disk_sectors
+                )));
+            }
+        };
         let mem = match ram {
             Some(m) => m,
             None => alloc_ram(&workload, config.mem_bytes)?,
@@ -353,10 +445,18 @@ impl Vm {
         };
         let layout = workload.ram().clone();
         let n = workload.vcpus();
+        let mem = Arc::new(mem);
+        let disk = match (image, workload.mmio_base()) {
+            (Some(img), Some(mmio_base)) => {
+                Some(Self::attach_disk(&machine, &mem, img, mmio_base)?)
+            }
+            _ => None,
+        };
         let inner = Arc::new(Inner {
+            disk,
             kind,
             layout,
-            mem: Arc::new(mem),
+            mem,
             ctl: Arc::new(RunControl::new(n)),
             serial: Arc::new(Serial::new(n, console)),
             machine,
@@ -382,6 +482,62 @@ impl Vm {
         Ok(vm)
     }
 
+    /// The disk's device and, for KVM, its notification path: an ioeventfd on QueueNotify
+    /// (the kernel signals it without a userspace exit) and an irqfd on the irqchip's
+    /// line [`IRQ`](crate::guest::abi::disk::IRQ).
+    fn attach_disk(
+        machine: &Machine,
+        mem: &Arc<GuestMemory>,
+        img: DiskImage,
+        mmio_base: u64,
+    ) -> Result<Disk, VmmError> {
+        let efd = |what: &'static str| {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| VmmError::Thread {
+                name: format!("virtio-blk {what} eventfd"),
+                source,
+            })
+        };
+        match machine {
+            Machine::Software(_) => Ok(Disk {
+                dev: Arc::new(Mutex::new(BlkDevice::new(mem.clone(), img, None))),
+                mmio_base,
+                kick: None,
+                stop: None,
+            }),
+            Machine::Kvm(k) => {
+                let notify = efd("notify")?;
+                let irq = efd("interrupt")?;
+                let kvm = |what: String| move |source| VmmError::Kvm(KvmError { what, source });
+                let addr =
+                    mmio_base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+                k.vm.register_ioevent(
+                    &notify,
+                    &kvm_ioctls::IoEventAddress::Mmio(addr),
+                    kvm_ioctls::NoDatamatch,
+                )
+                .map_err(kvm(format!(
+                    "registering the virtio-blk ioeventfd at {addr:#x}"
+                )))?;
+                k.vm.register_irqfd(&irq, crate::guest::abi::disk::IRQ)
+                    .map_err(kvm(format!(
+                        "registering the virtio-blk irqfd on GSI {}",
+                        crate::guest::abi::disk::IRQ
+                    )))?;
+                let kick = notify.try_clone().map_err(|source| VmmError::Thread {
+                    name: "virtio-blk eventfd clone".into(),
+                    source,
+                })?;
+                Ok(Disk {
+                    dev: Arc::new(Mutex::new(BlkDevice::new(mem.clone(), img, Some(irq)))),
+                    mmio_base,
+                    kick: Some(kick),
+                    // The thread gets the other end of these in spawn_threads.
+                    stop: Some(efd("stop")?),
+                })
+            }
+        }
+    }
+
     fn spawn_threads(&mut self) -> Result<(), VmmError> {
         let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
@@ -390,6 +546,22 @@ impl Vm {
                 .map_err(|source| VmmError::Thread { name, source })
         };
         let i = self.inner.clone();
+        if let Some(d) = &i.disk {
+            if let (Some(kick), Some(stop)) = (&d.kick, &d.stop) {
+                let clone = |e: &EventFd| {
+                    e.try_clone().map_err(|source| VmmError::Thread {
+                        name: "virtio-blk".into(),
+                        source,
+                    })
+                };
+                let (dev, notify, stop) = (d.dev.clone(), clone(kick)?, clone(stop)?);
+                self.threads.push(spawn(
+                    "virtio-blk".into(),
+                    Box::new(move || crate::virtio_blk::thread::run(dev, notify, stop)),
+                )?);
+            }
+        }
+        let mmio = i.disk.as_ref().map(|d| (d.mmio_base, d.dev.clone()));
         match &i.machine {
             Machine::Kvm(k) => {
                 let vcpus = k.vcpus.clone();
@@ -407,9 +579,10 @@ impl Vm {
                 for v in &k.vcpus {
                     let (v, ctl, serial) = (v.clone(), i.ctl.clone(), i.serial.clone());
                     let name = format!("vcpu{}", v.index);
+                    let mmio = mmio.clone();
                     self.threads.push(spawn(
                         name,
-                        Box::new(move || crate::kvm::vcpu_thread(v, ctl, serial)),
+                        Box::new(move || crate::kvm::vcpu_thread(v, ctl, serial, mmio)),
                     )?);
                 }
             }
@@ -418,9 +591,10 @@ impl Vm {
                     let (v, mem, ctl, serial) =
                         (v.clone(), i.mem.clone(), i.ctl.clone(), i.serial.clone());
                     let name = format!("swcpu{}", v.index);
+                    let dev = i.disk.as_ref().map(|d| d.dev.clone());
                     self.threads.push(spawn(
                         name,
-                        Box::new(move || crate::software::vcpu_thread(v, mem, ctl, serial)),
+                        Box::new(move || crate::software::vcpu_thread(v, mem, ctl, serial, dev)),
                     )?);
                 }
             }
@@ -440,6 +614,9 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.inner.ctl.request(Want::Exit);
         self.inner.kick_all();
+        if let Some(stop) = self.inner.disk.as_ref().and_then(|d| d.stop.as_ref()) {
+            let _ = stop.write(1);
+        }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -459,7 +636,16 @@ impl Inner {
         self.kick_all();
         self.ctl
             .wait_parked(&|| self.kick_all(), PAUSE_TIMEOUT)
-            .map_err(|e| VmError::new(VmOp::Pause, e))
+            .map_err(|e| VmError::new(VmOp::Pause, e))?;
+        // With the vCPUs parked nothing new is queued; the device finishes the request it
+        // is processing (the lock waits for it) and the image is flushed: the state saved
+        // next, and the image another process opens, hold everything completed so far.
+        if let Some(d) = &self.disk {
+            d.lock()
+                .pause()
+                .map_err(|e| VmError::new(VmOp::Pause, e).for_device(BLK_ID))?;
+        }
+        Ok(())
     }
 
     fn resume(&self) -> Result<(), VmError> {
@@ -475,6 +661,22 @@ impl Inner {
         }
         if self.ctl.wanted() == Want::Exit {
             return Err(VmError::new(VmOp::Resume, "the VM has been shut down"));
+        }
+        if let Some(d) = &self.disk {
+            // Before the vCPUs: requests available already (made before a pause, or on the
+            // source of a migration) are taken now.
+            let mut dev = d.lock();
+            dev.resume();
+            match &d.kick {
+                Some(k) => {
+                    drop(dev);
+                    k.write(1)
+                        .map_err(|e| VmError::new(VmOp::Resume, e).for_device(BLK_ID))?;
+                }
+                None => {
+                    dev.process_all();
+                }
+            }
         }
         self.ctl.request(Want::Run);
         Ok(())
@@ -510,6 +712,9 @@ impl Inner {
             }
             GuestKind::Software => ids.extend((0..n).map(state::swcpu_id)),
         }
+        if self.disk.is_some() {
+            ids.push(BLK_ID.to_string());
+        }
         ids
     }
 
@@ -533,6 +738,13 @@ impl Inner {
             DeviceState::new(state::MACHINE_ID, BLOB_VERSION, machine),
             DeviceState::new(state::SERIAL_ID, BLOB_VERSION, self.serial.save()),
         ];
+        if let Some(d) = &self.disk {
+            out.push(DeviceState::new(
+                BLK_ID,
+                BLOB_VERSION,
+                d.lock().save().to_bytes(),
+            ));
+        }
         match &self.machine {
             Machine::Kvm(k) => {
                 for (i, v) in k.vcpus.iter().enumerate() {
@@ -625,6 +837,11 @@ impl Inner {
         if s.id == state::SERIAL_ID {
             return self.serial.load(&s.data);
         }
+        if s.id == BLK_ID {
+            let d = self.disk.as_ref().ok_or("this VM has no disk")?;
+            let st = BlkState::from_bytes(&s.data).map_err(|e| e.to_string())?;
+            return d.lock().load(&st).map_err(|e| e.to_string());
+        }
         match &self.machine {
             Machine::Kvm(k) => {
                 if let Some(i) = k.vcpus.iter().position(|v| state::vcpu_id(v.index) == s.id) {
@@ -693,7 +910,7 @@ macro_rules! accessors {
 
             /// Guest RAM. Read and write it through `vm-memory` (volatile accesses); the
             /// vCPUs may be writing it unless paused.
-            pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+            pub fn memory(&self) -> &Arc<GuestMemory> {
                 &self.inner.mem
             }
 
@@ -746,6 +963,46 @@ macro_rules! accessors {
             /// Hash of all guest RAM. Meaningful with the VM paused.
             pub fn ram_hash(&self) -> Result<u64, OracleError> {
                 oracle::ram_hash(&self.inner.mem)
+            }
+
+            /// What the disk's device did, if the VM has a disk.
+            pub fn disk_stats(&self) -> Option<crate::virtio_blk::BlkStats> {
+                self.inner.disk.as_ref().map(|d| d.lock().stats())
+            }
+
+            /// The path of the disk's image, if the VM has a disk.
+            pub fn disk_path(&self) -> Option<std::path::PathBuf> {
+                self.inner
+                    .disk
+                    .as_ref()
+                    .map(|d| d.lock().disk().path().to_path_buf())
+            }
+
+            /// Runs the disk oracle over the image (see [`crate::disk_oracle`]), against the
+            /// pass counters in RAM; `None` without a disk. Meaningful with the VM paused.
+            /// `ram` is the RAM oracle's report on the same instant, for the check that
+            /// disk and RAM agree on each vCPU's step.
+            pub fn check_disk(
+                &self,
+                ram: Option<&OracleReport>,
+            ) -> Option<Result<crate::disk_oracle::DiskReport, crate::disk_oracle::DiskOracleError>>
+            {
+                let d = self.inner.disk.as_ref()?;
+                let dev = d.lock();
+                Some(crate::disk_oracle::check(
+                    dev.disk(),
+                    &self.inner.mem,
+                    &self.inner.workload,
+                    ram,
+                ))
+            }
+
+            /// Hash of the disk image's content, `None` without a disk. Meaningful with the
+            /// VM paused (its device flushed).
+            pub fn disk_hash(&self) -> Option<Result<u64, crate::disk_oracle::DiskOracleError>> {
+                let d = self.inner.disk.as_ref()?;
+                let dev = d.lock();
+                Some(crate::disk_oracle::disk_hash(dev.disk()))
             }
 
             /// Each vCPU's pass counter, read from its control block.
@@ -869,6 +1126,8 @@ mod tests {
                     fill: if zero { Fill::Zero } else { Fill::Random },
                     seed,
                     order: if scattered { Order::Scattered } else { Order::Sequential },
+                    disk_sectors: ws % 1000,
+                    disk_working_set: seed % 100,
                 },
             };
             prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()).unwrap(), m.clone());

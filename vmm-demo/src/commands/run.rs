@@ -29,9 +29,10 @@ fn control_address(s: &str) -> Result<Address, Error> {
 /// Runs `vmm-demo run`.
 pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
     let kind = super::guest_kind(args.vm.guest)?;
-    let config = args.vm.config();
+    let mut config = args.vm.config();
+    let disk = super::guest_disk(&args.disk, args.vm.disk_working_set, &mut config)?;
     let console = super::console(args.quiet, args.json);
-    let mut vm = Vm::new(&config, kind, console).map_err(Error::BuildVm)?;
+    let mut vm = Vm::with_disk(&config, kind, console, disk.as_deref()).map_err(Error::BuildVm)?;
     vm.set_software_pace(Duration::from_nanos(args.vm.software_page_ns));
     vm.set_throttle(args.throttle).map_err(|source| Error::Vm {
         action: "throttling",
@@ -117,13 +118,32 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
         error = Some(failures.join("; "));
     }
     let passes = vm.passes();
-    let oracle = match vm.check() {
-        Ok(r) => Some(r.vcpus),
+    let ram_report = match vm.check() {
+        Ok(r) => Some(r),
         Err(e) => {
             error.get_or_insert(format!("oracle: {e}"));
             None
         }
     };
+    let disk = match vm.check_disk(ram_report.as_ref()) {
+        None => None,
+        Some(Err(e)) => {
+            error.get_or_insert(format!("disk oracle: {}", crate::error::chain(&e)));
+            None
+        }
+        Some(Ok(r)) => Some(crate::report::DiskRunReport {
+            path: vm
+                .disk_path()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            sectors: config.disk_sectors,
+            working_set_sectors: config.disk_working_set,
+            sectors_checked: r.sectors_checked,
+            verdicts: r.vcpus,
+            device: vm.disk_stats().unwrap_or_default(),
+        }),
+    };
+    let oracle = ram_report.map(|r| r.vcpus);
     let secs = elapsed.as_secs_f64().max(1e-9);
     let w = vm.workload();
     let pages: f64 = (0..config.vcpus)
@@ -154,6 +174,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
         ram_hash: format!("{ram_hash:016x}"),
         verified: error.is_none(),
         oracle,
+        disk,
         error,
         migrated: status == RunState::Migrated,
         status,

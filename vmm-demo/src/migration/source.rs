@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use migration_core::dirty::{
     DirtyTracker, KvmDirtyLog, KvmDirtyLogMode, TrackerError, UffdWpConfig, UffdWpTracker,
+    UnionTracker, VmmBitmapTracker,
 };
 use migration_core::geometry::GuestRam;
 use migration_core::stats::{MigrationStats, Phase, ProgressEvent};
@@ -415,8 +416,19 @@ fn tracker_for(vm: &VmHandle) -> Result<Box<dyn DirtyTracker>, MigrateError> {
             // VMM never changes its slots.
             let t = unsafe { KvmDirtyLog::new(fd, layout, &regions, KvmDirtyLogMode::Auto) }
                 .map_err(MigrateError::Tracker)?;
-            Box::new(t)
+            if vm.disk_path().is_none() {
+                Box::new(t)
+            } else {
+                // KVM logs only what the guest writes; the disk's device writes guest RAM
+                // too (the used ring, read data, status bytes), which vm-memory's bitmap
+                // records: both, or the destination would miss a completed request.
+                let own =
+                    VmmBitmapTracker::new(vm.memory(), layout).map_err(MigrateError::Tracker)?;
+                Box::new(UnionTracker::new(vec![Box::new(t), Box::new(own)]))
+            }
         }
+        // Write protection faults on every write to guest RAM from this process, the
+        // device thread's included: nothing to add for the disk.
         GuestKind::Software => Box::new(
             UffdWpTracker::for_memory(&**vm.memory(), layout, UffdWpConfig::default())
                 .map_err(MigrateError::Tracker)?,
