@@ -132,6 +132,20 @@ pub enum ConfigError {
         /// I/O size.
         io_size: u64,
     },
+    /// An incremental mirror's bitmap does not cover the disk cluster for cluster.
+    #[error(
+        "the bitmap to start from has {bits} clusters; the disk has {clusters} at this granularity"
+    )]
+    BitmapLength {
+        /// Clusters in the bitmap.
+        bits: usize,
+        /// Clusters of the disk.
+        clusters: usize,
+    },
+    /// An incremental mirror onto a target said to read as zeroes: the target holds an
+    /// older copy, whose clean clusters are kept.
+    #[error("an incremental mirror cannot assume that the target reads as zeroes")]
+    IncrementalOntoZero,
     /// The disk has more clusters than this machine can index.
     #[error("a disk of {size} bytes has too many clusters of {granularity} bytes")]
     TooManyClusters {
@@ -581,6 +595,30 @@ impl MirrorMachine {
             backlog_hist: VecDeque::new(),
             cfg,
         })
+    }
+
+    /// An incremental mirror: the target holds an older copy of the disk, and only the
+    /// clusters set in `dirty` (one bit per `cfg.granularity` bytes, for example a
+    /// [`PersistentBitmap`](super::PersistentBitmap)'s) differ from it; the first pass
+    /// copies those alone, and guest writes are tracked as in a full mirror.
+    pub fn new_incremental(
+        size: u64,
+        cfg: MirrorConfig,
+        dirty: DirtyBitmap,
+        now: Instant,
+    ) -> Result<MirrorMachine, ConfigError> {
+        if cfg.target_is_zero {
+            return Err(ConfigError::IncrementalOntoZero);
+        }
+        let mut m = MirrorMachine::new(size, cfg, now)?;
+        if dirty.len() != m.clusters {
+            return Err(ConfigError::BitmapLength {
+                bits: dirty.len(),
+                clusters: m.clusters,
+            });
+        }
+        m.dirty = dirty;
+        Ok(m)
     }
 
     /// The settings.

@@ -49,6 +49,10 @@ pub struct MirrorOptions {
     pub client: ClientOptions,
     /// Called with every progress event, on the job's thread (keep it short).
     pub progress: Option<ProgressFn>,
+    /// Copy only these clusters (of `config.granularity` bytes) in the first pass: the
+    /// target holds an older copy and the rest is the same there (an incremental copy,
+    /// from a [`PersistentBitmap`]). `None`: copy the whole disk.
+    pub incremental: Option<migration_core::bitmap::DirtyBitmap>,
 }
 
 /// A progress callback (see [`MirrorOptions::progress`]).
@@ -62,6 +66,7 @@ impl std::fmt::Debug for MirrorOptions {
             .field("connections", &self.connections)
             .field("client", &self.client)
             .field("progress", &self.progress.is_some())
+            .field("incremental", &self.incremental.as_ref().map(|b| b.count()))
             .finish()
     }
 }
@@ -74,6 +79,7 @@ impl Default for MirrorOptions {
             connections: 4,
             client: ClientOptions::default(),
             progress: None,
+            incremental: None,
         }
     }
 }
@@ -395,7 +401,12 @@ impl Mirror {
     ) -> Result<MirrorJob, MirrorError> {
         let now = Instant::now();
         let size = source.size();
-        let m = MirrorMachine::new(size, opts.config.clone(), now)?;
+        let m = match &opts.incremental {
+            Some(dirty) => {
+                MirrorMachine::new_incremental(size, opts.config.clone(), dirty.clone(), now)?
+            }
+            None => MirrorMachine::new(size, opts.config.clone(), now)?,
+        };
         let name = format!("export {:?} at {}", opts.export, target);
         let pool = ClientPool::connect(target, &opts.export, &opts.client, opts.connections)
             .map_err(|source| MirrorError::Connect {

@@ -878,3 +878,50 @@ proptest! {
             md.src.iter().zip(&md.dst).position(|(a, b)| a != b));
     }
 }
+
+#[test]
+fn an_incremental_mirror_copies_only_the_clusters_of_its_bitmap_then_tracks_writes() {
+    let now = Instant::now();
+    let size = 16 * G;
+    let mut dirty = DirtyBitmap::new(16);
+    dirty.set(3);
+    dirty.set_range(10..12);
+    let mut m = MirrorMachine::new_incremental(size, cfg(), dirty, now).unwrap();
+    let first = copies(&mut m, now);
+    assert_eq!(
+        first.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(3 * G, G), (10 * G, 2 * G)]
+    );
+    // A guest write during the copy is tracked as in a full mirror.
+    m.note_write(7 * G, 10, now);
+    land_all(&mut m, &first, now);
+    let again = copies(&mut m, now);
+    assert_eq!(
+        again.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(7 * G, G)]
+    );
+    land_all(&mut m, &again, now);
+    run_to_ready(&mut m, now);
+    let s = m.stats(now);
+    assert_eq!(s.bytes_copied, 4 * G);
+}
+
+#[test]
+fn an_incremental_mirror_refuses_a_bitmap_of_another_disk_or_a_zero_target() {
+    let now = Instant::now();
+    assert_eq!(
+        MirrorMachine::new_incremental(16 * G, cfg(), DirtyBitmap::new(15), now).err(),
+        Some(ConfigError::BitmapLength {
+            bits: 15,
+            clusters: 16
+        })
+    );
+    let zero = MirrorConfig {
+        target_is_zero: true,
+        ..cfg()
+    };
+    assert_eq!(
+        MirrorMachine::new_incremental(16 * G, zero, DirtyBitmap::new(16), now).err(),
+        Some(ConfigError::IncrementalOntoZero)
+    );
+}
