@@ -18,6 +18,7 @@
 
 pub mod destination;
 pub mod source;
+pub mod storage;
 
 use migration_storage_policy::{CacheMode, DiskSpec, Plan};
 use serde::{Deserialize, Serialize};
