@@ -123,12 +123,75 @@ pub enum DiskError {
     },
 }
 
+/// Told of every write, write-zeroes and discard that reached a disk image, after it did:
+/// a storage mirror (which re-copies, or in write-blocking mode writes the target before
+/// the guest's request completes), a persistent dirty bitmap.
+pub trait WriteObserver: Send + Sync {
+    /// `len` bytes at `offset` changed.
+    fn wrote(&self, offset: u64, len: u64);
+}
+
+impl WriteObserver for migration_nbd::mirror::MirrorHandle {
+    fn wrote(&self, offset: u64, len: u64) {
+        self.note_write(offset, len);
+    }
+}
+
+impl WriteObserver for std::sync::Mutex<migration_nbd::mirror::PersistentBitmap> {
+    fn wrote(&self, offset: u64, len: u64) {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mark(offset, len);
+    }
+}
+
+/// The observers of one image, shared with whoever adds or removes them (the migration
+/// code, while the device thread writes).
+#[derive(Clone, Default)]
+pub struct WriteObservers(Arc<std::sync::RwLock<Vec<Arc<dyn WriteObserver>>>>);
+
+impl std::fmt::Debug for WriteObservers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WriteObservers({})", self.read().len())
+    }
+}
+
+impl WriteObservers {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<dyn WriteObserver>>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds `o`; returns it back as the key to remove it with.
+    pub fn add(&self, o: Arc<dyn WriteObserver>) -> Arc<dyn WriteObserver> {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(o.clone());
+        o
+    }
+
+    /// Removes `o` (added before).
+    pub fn remove(&self, o: &Arc<dyn WriteObserver>) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|x| !Arc::ptr_eq(x, o));
+    }
+
+    fn wrote(&self, offset: u64, len: u64) {
+        for o in self.read().iter() {
+            o.wrote(offset, len);
+        }
+    }
+}
+
 /// A raw disk image: an open file of a whole number of sectors.
 #[derive(Debug)]
 pub struct DiskImage {
     file: File,
     path: PathBuf,
     sectors: u64,
+    observers: WriteObservers,
 }
 
 impl DiskImage {
@@ -154,6 +217,7 @@ impl DiskImage {
             file,
             path: path.to_path_buf(),
             sectors: bytes / SECTOR_SIZE,
+            observers: WriteObservers::default(),
         })
     }
 
@@ -211,11 +275,18 @@ impl DiskImage {
             .map_err(self.io("reading", offset))
     }
 
-    /// Writes `buf` at byte `offset`.
+    /// Writes `buf` at byte `offset`, then tells the observers.
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         self.file
             .write_all_at(buf, offset)
-            .map_err(self.io("writing", offset))
+            .map_err(self.io("writing", offset))?;
+        self.observers.wrote(offset, buf.len() as u64);
+        Ok(())
+    }
+
+    /// Who is told of the writes to this image.
+    pub fn observers(&self) -> &WriteObservers {
+        &self.observers
     }
 
     /// fdatasync: what the guest wrote is on stable storage (and visible to any other
@@ -237,6 +308,7 @@ impl DiskImage {
         let rc =
             unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), mode, off, n) };
         if rc == 0 {
+            self.observers.wrote(offset, len);
             return Ok(());
         }
         let e = std::io::Error::last_os_error();

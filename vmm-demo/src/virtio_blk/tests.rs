@@ -463,3 +463,25 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn observers_are_told_of_every_write_and_zeroing_after_it_reached_the_image() {
+    use std::sync::Mutex;
+    struct Log(Mutex<Vec<(u64, u64)>>);
+    impl WriteObserver for Log {
+        fn wrote(&self, offset: u64, len: u64) {
+            self.0.lock().unwrap().push((offset, len));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.img");
+    DiskImage::create_sparse(&path, 64 * SECTOR_SIZE).unwrap();
+    let img = DiskImage::open(&path).unwrap();
+    let log = Arc::new(Log(Mutex::new(Vec::new())));
+    let key = img.observers().add(log.clone());
+    img.write_at(&[1; 1024], 4096).unwrap();
+    img.zero(8192, 512).unwrap();
+    img.observers().remove(&key);
+    img.write_at(&[1; 512], 0).unwrap();
+    assert_eq!(*log.0.lock().unwrap(), vec![(4096, 1024), (8192, 512)]);
+}
