@@ -59,20 +59,21 @@ fn assert_disk_migrated(r: &DemoReport, v: &serde_json::Value, mode: MigrationMo
             );
         }
     }
-    // The guest went on here: more passes, and its disk at the passes it made here.
-    let switch = d.passes_at_switchover[0];
-    assert!(d.passes_at_end[0] > switch, "{d:#?}");
-    assert!(
-        dd.verdicts
-            .iter()
-            .all(|x| x.pass > switch.saturating_sub(1)),
-        "{dd:#?}"
-    );
+    // The guest went on here (the demo waits for 3 more passes of every vCPU), and its
+    // disk is at the passes it made here.
+    let base = d.passes_at_switchover.iter().copied().min().unwrap();
+    for (i, x) in dd.verdicts.iter().enumerate() {
+        // The disk oracle read the same pass counter as the RAM oracle, at the end.
+        assert_eq!(x.pass, d.passes_at_end[i], "{dd:#?}");
+        assert!(x.pass >= base + 3, "{d:#?}");
+    }
     let first = r
         .destination_console
         .first_pass
         .expect("the guest printed passes on the destination");
-    assert!(r.destination_console.last_pass.unwrap() > first, "{r:#?}");
+    // The console may drop lines when its reader is slower than the guest: the passes
+    // above are the measure, the console only shows the guest printed there.
+    assert!(r.destination_console.last_pass.unwrap() >= first, "{r:#?}");
     // The storage check allowed the local image: both processes are on this host.
     let storage = r
         .migration
@@ -101,8 +102,8 @@ fn precopy_with_a_shared_disk_over_tcp() {
             "4M",
             "--transport",
             "tcp",
-            "--run-after",
-            "500ms",
+            "--passes-after",
+            "3",
         ],
     );
     assert_disk_migrated(&r, &v, MigrationMode::Precopy);
@@ -117,13 +118,15 @@ fn precopy_with_a_shared_disk_over_tcp() {
 #[test]
 fn pure_postcopy_with_a_shared_disk_over_a_unix_socket() {
     let guest = guest_for("pure_postcopy_with_a_shared_disk_over_a_unix_socket");
+    // As in postcopy_e2e: a working set large enough that the guest faults before the
+    // background push has brought every page.
     let (r, v) = demo_with(
         guest,
         &[
             "--mem",
-            "32M",
+            "64M",
             "--working-set",
-            "4M",
+            "16M",
             "--order",
             "scattered",
             "--disk-size",
@@ -131,8 +134,8 @@ fn pure_postcopy_with_a_shared_disk_over_a_unix_socket() {
             "--postcopy",
             "--transport",
             "unix",
-            "--run-after",
-            "500ms",
+            "--passes-after",
+            "3",
         ],
     );
     assert_disk_migrated(&r, &v, MigrationMode::Postcopy);
@@ -171,8 +174,8 @@ fn hybrid_with_a_shared_disk_over_tcp() {
             "1ms",
             "--transport",
             "tcp",
-            "--run-after",
-            "500ms",
+            "--passes-after",
+            "3",
         ],
     );
     assert_disk_migrated(&r, &v, MigrationMode::Hybrid);

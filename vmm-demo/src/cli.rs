@@ -569,6 +569,10 @@ pub struct DemoArgs {
     /// Let the guest run this long on the destination after the switchover.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub run_after: Duration,
+    /// Instead of --run-after: let the guest run on the destination until every vCPU did
+    /// this many more passes there (`destination --passes`).
+    #[arg(long)]
+    pub passes_after: Option<u64>,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,

@@ -147,9 +147,14 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     };
 
     let mut cmd = Command::new(&exe);
-    cmd.args(["destination", "--listen", &listen, "--json", "--run-for"])
-        .arg(format!("{}ms", a.run_after.as_millis()))
-        .args(["--placement", a.placement.as_str()])
+    cmd.args(["destination", "--listen", &listen, "--json"]);
+    match a.passes_after {
+        Some(n) => cmd.args(["--passes", &n.to_string()]),
+        None => cmd
+            .arg("--run-for")
+            .arg(format!("{}ms", a.run_after.as_millis())),
+    };
+    cmd.args(["--placement", a.placement.as_str()])
         .arg("--recovery-window")
         .arg(format!("{}ms", a.options.recovery_window_ms));
     if let Some(d) = &guest_disk {

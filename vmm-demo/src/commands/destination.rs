@@ -165,12 +165,10 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
             source,
         })?;
     }
-    let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
     let ran = match a.passes {
-        Some(n) => vm
-            .wait_for_passes(base.saturating_add(n), Duration::from_secs(120))
-            .map(|_| ())
-            .map_err(Error::Wait),
+        // Each vCPU from its own count: vCPUs run at their own pace, and one far ahead of
+        // another has done the slowest's share of passes already.
+        Some(n) => wait_for_more_passes(&vm, &rep.passes_at_switchover, n),
         None => {
             std::thread::sleep(a.run_for);
             Ok(())
@@ -225,4 +223,34 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     }
     rep.verified = true;
     Ok(())
+}
+
+/// Waits until every vCPU `i` has done `n` passes more than `from[i]`; fails if a vCPU
+/// stops for good or two minutes pass first.
+fn wait_for_more_passes(vm: &Vm, from: &[u64], n: u64) -> Result<(), Error> {
+    const TIMEOUT: Duration = Duration::from_secs(120);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = vm.passes();
+        let done = p
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x >= from.get(i).copied().unwrap_or(0).saturating_add(n));
+        if done {
+            return Ok(());
+        }
+        let f = vm.failures();
+        if !f.is_empty() {
+            return Err(Error::Wait(crate::vm::WaitError::VcpuFailed(f)));
+        }
+        if Instant::now() >= deadline {
+            let wanted = from.iter().copied().max().unwrap_or(0).saturating_add(n);
+            return Err(Error::Wait(crate::vm::WaitError::Timeout {
+                timeout: TIMEOUT,
+                passes: p,
+                wanted,
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
