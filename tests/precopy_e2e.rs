@@ -320,17 +320,26 @@ fn auto_converge_throttles_a_fast_guest_until_it_fits() {
     assert_migrated(&v, v.guest.unwrap());
 }
 
+/// A local image is shared between the demo's two processes (one host), so the unsafe
+/// setup here is a second disk in a format QEMU refuses to migrate on any storage (a VMDK
+/// header); the first, the guest's, is a fresh raw image.
 #[test]
 fn an_unsafe_disk_setup_is_refused_unless_overridden() {
     let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.raw");
-    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
-    let d = disk.display().to_string();
+    let raw = dir.path().join("disk.raw");
+    vmm_demo::virtio_blk::DiskImage::create_sparse(&raw, 1 << 20).unwrap();
+    let disk = dir.path().join("disk.vmdk");
+    let mut image = vec![0u8; 1 << 20];
+    image[..4].copy_from_slice(b"KDMV");
+    std::fs::write(&disk, image).unwrap();
+    let (r, d) = (raw.display().to_string(), disk.display().to_string());
     let v = demo(&[
         "--mem",
         "32M",
         "--working-set",
         "1M",
+        "--disk",
+        &r,
         "--disk",
         &d,
         "--cache",
@@ -341,10 +350,16 @@ fn an_unsafe_disk_setup_is_refused_unless_overridden() {
     assert!(!v.verified, "{v:#?}");
     let e = v.error.as_deref().unwrap();
     assert!(
-        e.contains("refusing to migrate") && e.contains("unsafe") && e.contains("--unsafe"),
+        e.contains("refusing to migrate")
+            && e.contains("unsafe")
+            && e.contains("--unsafe")
+            && e.contains("format-blocks-migration")
+            && e.contains("disk1"),
         "{e}"
     );
     assert!(v.source.as_ref().unwrap().verified);
+    // The guest's own disk ran on the source, verified there.
+    assert!(v.source.as_ref().unwrap().disk.is_some(), "{v:#?}");
     assert!(!v.destination.as_ref().is_some_and(|d| d.ran_guest));
 }
 

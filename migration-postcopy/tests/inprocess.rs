@@ -588,3 +588,131 @@ fn a_hybrid_completes_when_the_guest_touches_nothing() {
     assert_eq!(dr.postcopy.faults, 0, "nothing touched");
     ram_equal(&mem, &d.mem);
 }
+
+/// A thread of the VMM that is not a vCPU (a device's, as a virtio-blk thread that reads
+/// the queue's rings and writes the used ring and read data into guest RAM) touches pages
+/// that are still on the source as soon as the guest resumes, before the fault thread even
+/// runs: it must wait for them like a vCPU and see the source's content, never zeros, and
+/// what it writes must stay (the page is placed before its write, and a copy of the page
+/// arriving later does not overwrite it).
+#[test]
+fn a_device_thread_touching_missing_pages_waits_for_them_and_its_writes_stay() {
+    if !uffd_or_skip("a_device_thread_touching_missing_pages_waits_for_them_and_its_writes_stay") {
+        return;
+    }
+    let (addr, listener, _dir) = socket("device");
+    let mem = source_mem(16);
+    let ram = GuestRam::new(&*mem).unwrap();
+    let layout = ram.layout().clone();
+    // Near the end of each region (the last pages are zero on the source): the
+    // background push, in page order from the start, reaches them late.
+    let read_page = layout.page_count() - 2;
+    let write_page = layout.page_count() / 2 - 2;
+    const WORD: u64 = 0xdead_beef_0bad_cafe;
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        let inc = Incoming::accept(
+            conn,
+            &migration_precopy::DestinationOptions {
+                postcopy: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let layout = inc.config().layout().unwrap();
+        let ranges: Vec<_> = layout
+            .regions()
+            .iter()
+            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
+            .collect();
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+        let ram = GuestRam::with_layout(&*mem, layout.clone());
+        let mut vm = Vm::default();
+        let switch = match inc
+            .receive_or_switch(&ram, &mut vm, &mut |_| Ok(()), &mut |_| {})
+            .unwrap()
+        {
+            Received::Postcopy(s) => *s,
+            _ => panic!("a switch was expected"),
+        };
+        // The device thread: waits for the guest to run, then reads a word of one page
+        // and writes a word into another, through vm-memory as a device model does.
+        let device = {
+            let (mem, running) = (mem.clone(), vm.running.clone());
+            let (rd, wr) = (
+                layout.page_to_gpa(read_page).unwrap(),
+                layout.page_to_gpa(write_page).unwrap(),
+            );
+            std::thread::Builder::new()
+                .name("device".into())
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() } as u32;
+                    while !running.load(Ordering::SeqCst) {
+                        std::thread::yield_now();
+                    }
+                    let read: u64 = mem.read_obj(GuestAddress(rd + 64)).unwrap();
+                    mem.write_obj(WORD, GuestAddress(wr + 128)).unwrap();
+                    (tid, read)
+                })
+                .unwrap()
+        };
+        let mut accept = |t: Duration| listener.accept_timeout(t);
+        let report = destination::receive(
+            switch,
+            &mut accept,
+            &ram,
+            &mut vm,
+            &DestinationOptions::default(),
+        )
+        .map_err(|e| e.to_string());
+        let (tid, read) = device.join().unwrap();
+        drop(ram);
+        (report, mem, tid, read)
+    });
+    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
+    let mut vm = Vm::default();
+    vm.running.store(true, Ordering::SeqCst);
+    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
+    let mut connect = || transport::connect(&addr);
+    let opts = SourceOptions {
+        mode: Mode::Pure,
+        vm_id: [5; 16],
+        ..SourceOptions::default()
+    };
+    let r = source::migrate(
+        &ram,
+        &mut vm,
+        tracker,
+        conn,
+        &mut connect,
+        &opts,
+        &CancelToken::new(),
+        &mut |_| {},
+    );
+    let (report, dmem, tid, read) = dest.join().unwrap();
+    assert!(matches!(r, Ok(Outcome::Postcopy(_))), "{r:?}; {report:?}");
+    let dr = report.expect("the destination completed");
+    // What the device read is the source's page, not a zero page placed in its stead.
+    let rd = layout.page_to_gpa(read_page).unwrap();
+    let expected: u64 = mem.read_obj(GuestAddress(rd + 64)).unwrap();
+    assert_ne!(expected, 0, "the source's page has content");
+    assert_eq!(read, expected);
+    // The written page: the source's content with the device's word, which stayed.
+    let wr = layout.page_to_gpa(write_page).unwrap();
+    let (mut src_page, mut dst_page) = (vec![0u8; PAGE], vec![0u8; PAGE]);
+    mem.read_slice(&mut src_page, GuestAddress(wr)).unwrap();
+    dmem.read_slice(&mut dst_page, GuestAddress(wr)).unwrap();
+    src_page[128..136].copy_from_slice(&WORD.to_le_bytes());
+    assert!(src_page == dst_page, "page {write_page} on the destination");
+    // Both pages came by the device thread's faults (no vCPU touched anything), and the
+    // time it waited is its own, not a vCPU's.
+    let st = &dr.postcopy;
+    assert!(st.faults >= 2 && st.pages.requested >= 2, "{st:?}");
+    if !st.blocktime_by_thread.is_empty() {
+        assert!(
+            st.blocktime_by_thread.iter().any(|(t, _)| *t == tid),
+            "thread {tid} waited: {st:?}"
+        );
+    }
+}

@@ -253,8 +253,13 @@ fn same_path(d: &DiskInputs) -> bool {
     destination_path(d) == d.path.as_deref()
 }
 
-/// Applies the rules to one resolved disk.
-pub fn evaluate_disk(d: &DiskInputs, hosts: Option<(&HostSpec, &HostSpec)>) -> Vec<Finding> {
+/// Applies the rules to one resolved disk. `same_host`: source and destination run on one
+/// host ([`Plan::same_host`]).
+pub fn evaluate_disk(
+    d: &DiskInputs,
+    hosts: Option<(&HostSpec, &HostSpec)>,
+    same_host: bool,
+) -> Vec<Finding> {
     let mut f = Findings {
         disk: &d.name,
         list: Vec::new(),
@@ -337,7 +342,18 @@ pub fn evaluate_disk(d: &DiskInputs, hosts: Option<(&HostSpec, &HostSpec)>) -> V
         return f.list;
     }
 
+    // One host: its local file is the one file both processes open.
+    let shared = kind.is_shared() || same_host;
     match kind {
+        StorageKind::Local if same_host => {
+            f.ok(
+                RuleId::SameHostLocalFile,
+                format!(
+                    "the image is on a local filesystem and the destination runs on the same host: both open the same file through one page cache, so {cache_desc} reads what the source wrote"
+                ),
+                Basis::Guarantee,
+            );
+        }
         StorageKind::Local => {
             let on = d
                 .filesystem
@@ -426,7 +442,7 @@ pub fn evaluate_disk(d: &DiskInputs, hosts: Option<(&HostSpec, &HostSpec)>) -> V
         ),
     }
 
-    if kind.is_shared() {
+    if shared {
         format_rules(&mut f, d, fmt);
         if d.shareable {
             match fmt {
@@ -441,7 +457,11 @@ pub fn evaluate_disk(d: &DiskInputs, hosts: Option<(&HostSpec, &HostSpec)>) -> V
                 ),
             }
         }
-        host_rules(&mut f, d, hosts);
+        // The host rules are about a separate storage server and two hosts' mounts; on
+        // one host neither exists.
+        if kind.is_shared() {
+            host_rules(&mut f, d, hosts);
+        }
     }
     f.list
 }
@@ -721,16 +741,18 @@ fn libvirt_disk(d: &DiskInputs, ours: Verdict, findings: &[Finding]) -> LibvirtD
     }
 }
 
-/// Applies the rules to resolved disks. Pure: no I/O.
+/// Applies the rules to resolved disks. Pure: no I/O. `same_host`: source and
+/// destination run on one host ([`Plan::same_host`]).
 pub fn evaluate(
     disks: Vec<DiskInputs>,
     source: Option<&HostSpec>,
     destination: Option<&HostSpec>,
+    same_host: bool,
 ) -> Report {
     let hosts = source.zip(destination);
     let mut reports = Vec::with_capacity(disks.len());
     for d in disks {
-        let findings = evaluate_disk(&d, hosts);
+        let findings = evaluate_disk(&d, hosts, same_host);
         let verdict = verdict_of(&findings);
         let libvirt = libvirt_disk(&d, verdict, &findings);
         reports.push(DiskReport {
@@ -776,6 +798,7 @@ pub fn evaluate(
         disks: reports,
         source: source.cloned(),
         destination: destination.cloned(),
+        same_host,
     }
 }
 
@@ -792,5 +815,6 @@ pub fn check_plan(plan: &Plan) -> Result<Report, Error> {
         disks,
         plan.source.as_ref(),
         plan.destination.as_ref(),
+        plan.same_host,
     ))
 }

@@ -30,6 +30,7 @@
 //! let mut plan = Plan {
 //!     source: Some(HostSpec::named("host-a")),
 //!     destination: Some(HostSpec::named("host-b")),
+//!     same_host: false,
 //!     disks: vec![root, scratch],
 //! };
 //!

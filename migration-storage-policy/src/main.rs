@@ -73,6 +73,10 @@ struct CheckArgs {
         conflicts_with_all = ["path", "storage", "cache", "format", "nfs_export", "online_resize", "read_only", "shareable", "copy_storage", "name"]
     )]
     plan: Option<PathBuf>,
+    /// Source and destination run on this same host (two processes of one machine): a
+    /// local file is then the same file for both. Adds to a plan's `same_host`.
+    #[arg(long)]
+    same_host: bool,
     /// Print one JSON object instead of the explanation.
     #[arg(long)]
     json: bool,
@@ -94,7 +98,7 @@ fn bad_input(e: &Error, json: bool) -> ExitCode {
 }
 
 fn check(args: CheckArgs) -> ExitCode {
-    let plan = match &args.plan {
+    let mut plan = match &args.plan {
         Some(file) => match Plan::from_file(file) {
             Ok(p) => p,
             Err(e) => return bad_input(&e, args.json),
@@ -113,6 +117,7 @@ fn check(args: CheckArgs) -> ExitCode {
             ..DiskSpec::default()
         }),
     };
+    plan.same_host |= args.same_host;
     let report = match check_plan(&plan) {
         Ok(r) => r,
         Err(e) => return bad_input(&e, args.json),

@@ -450,6 +450,11 @@ pub struct Plan {
     /// The host the guest moves to.
     #[serde(default)]
     pub destination: Option<HostSpec>,
+    /// Source and destination run on the same host (two processes of one machine): a
+    /// fact the caller knows (a VMM migrating to a loopback or unix address), which no
+    /// detection here can see. A local file is then the same file for both.
+    #[serde(default)]
+    pub same_host: bool,
     /// The disks, at least one.
     #[serde(default, rename = "disk", alias = "disks")]
     pub disks: Vec<DiskSpec>,
@@ -464,6 +469,7 @@ impl Plan {
         Plan {
             source: None,
             destination: None,
+            same_host: false,
             disks: vec![disk],
         }
     }

@@ -298,6 +298,8 @@ pub struct Report {
     pub source: Option<HostSpec>,
     /// The destination host, when the plan names it.
     pub destination: Option<HostSpec>,
+    /// Source and destination run on the same host ([`Plan::same_host`](crate::Plan)).
+    pub same_host: bool,
 }
 
 impl Report {
@@ -396,6 +398,9 @@ impl fmt::Display for Report {
             ),
         };
         writeln!(f, "{headline}")?;
+        if self.same_host {
+            writeln!(f, "source and destination run on the same host")?;
+        }
         let lv = &self.libvirt;
         let agree = if lv.agrees { "agrees" } else { "differs" };
         writeln!(

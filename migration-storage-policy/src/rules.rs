@@ -18,6 +18,8 @@ pub enum RuleId {
     CopyOntoSharedImage,
     /// Local storage cannot be opened by the destination.
     LocalStorageNotShared,
+    /// Source and destination on one host open the same local file.
+    SameHostLocalFile,
     /// NFS needs `O_DIRECT` on both hosts (cache `none`/`directsync`).
     NfsODirect,
     /// NFS needs a `sync` export.
@@ -67,12 +69,13 @@ pub struct RuleInfo {
 
 impl RuleId {
     /// Every rule, in the order the report checks them.
-    pub const ALL: [RuleId; 21] = [
+    pub const ALL: [RuleId; 22] = [
         RuleId::EmptyDrive,
         RuleId::ReadOnlyDisk,
         RuleId::CopiedDisk,
         RuleId::CopyOntoSharedImage,
         RuleId::LocalStorageNotShared,
+        RuleId::SameHostLocalFile,
         RuleId::NfsODirect,
         RuleId::NfsSyncExport,
         RuleId::SmbODirect,
@@ -123,6 +126,11 @@ impl RuleId {
                 "Local storage is not shared",
                 "libvirt virFileIsSharedFS() and qemuMigrationSrcIsSafe(): \"Migration without shared storage is unsafe\"; RHEL guide 4.1: the guest must be installed on shared storage",
                 "The destination opens the image at its path on its own host: with a local filesystem that is another file, or none. The guest would continue on a disk that lacks everything written on the source.",
+            ),
+            RuleId::SameHostLocalFile => (
+                "A local file is shared when source and destination run on the same host",
+                "Linux page cache: one cache per file and host, shared by every process that opens it (open(2), \"O_DIRECT\": the kernel writes back and invalidates cached pages of the range a direct I/O touches); QEMU's localhost migration (same host, same image path) in its own migration tests",
+                "Both processes open one file through one kernel, so there is no second page cache to go stale: a buffered read returns what the other process wrote, and with O_DIRECT the kernel keeps direct I/O coherent with the cached pages. The source flushes its writes before it pauses for good, and the destination writes nothing before the source's commit. The cache mode then decides durability, not coherence.",
             ),
             RuleId::NfsODirect => (
                 "NFS: both hosts must open the image with O_DIRECT (cache none or directsync)",
@@ -222,6 +230,7 @@ impl RuleInfo {
             RuleId::CopiedDisk => "copied-disk",
             RuleId::CopyOntoSharedImage => "copy-onto-shared-image",
             RuleId::LocalStorageNotShared => "local-storage-not-shared",
+            RuleId::SameHostLocalFile => "same-host-local-file",
             RuleId::NfsODirect => "nfs-o-direct",
             RuleId::NfsSyncExport => "nfs-sync-export",
             RuleId::SmbODirect => "smb-o-direct",

@@ -436,3 +436,43 @@ fn rules_lists_every_rule() {
     assert!(stdout(&o).contains("nfs-o-direct:"));
     assert_eq!(code(&run(&["--help"])), 0);
 }
+
+#[test]
+fn same_host_makes_a_local_file_safe() {
+    let o = run(&[
+        "check",
+        "--storage",
+        "local",
+        "--format",
+        "raw",
+        "--same-host",
+        "--json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let v = json(&o);
+    assert_shape(&v);
+    assert_eq!(v["same_host"], true);
+    assert!(
+        v["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["rule"] == "same-host-local-file"),
+        "{v}"
+    );
+    let o = run(&[
+        "check",
+        "--storage",
+        "local",
+        "--format",
+        "raw",
+        "--same-host",
+    ]);
+    assert_eq!(code(&o), 0);
+    assert!(stdout(&o).contains("same host"), "{}", stdout(&o));
+    // Without the flag the same disk is refused.
+    assert_eq!(
+        code(&run(&["check", "--storage", "local", "--format", "raw"])),
+        1
+    );
+}

@@ -546,14 +546,16 @@ fn arb_plan() -> impl Strategy<Value = Plan> {
         proptest::collection::vec(disk, 1..5),
         proptest::option::of(host.clone()),
         proptest::option::of(host),
+        any::<bool>(),
     )
-        .prop_map(|(mut disks, source, destination)| {
+        .prop_map(|(mut disks, source, destination, same_host)| {
             for (i, d) in disks.iter_mut().enumerate() {
                 d.name = format!("disk{i}");
             }
             Plan {
                 source,
                 destination,
+                same_host,
                 disks,
             }
         })

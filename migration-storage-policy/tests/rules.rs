@@ -34,10 +34,16 @@ fn hosts() -> (HostSpec, HostSpec) {
 }
 
 fn check(d: DiskSpec, with_hosts: bool) -> Report {
+    check_on(d, with_hosts, false)
+}
+
+/// [`check`], with source and destination on one host when `same_host`.
+fn check_on(d: DiskSpec, with_hosts: bool, same_host: bool) -> Report {
     let (s, t) = hosts();
     let plan = Plan {
         source: with_hosts.then_some(s),
         destination: with_hosts.then_some(t),
+        same_host,
         disks: vec![d],
     };
     check_plan(&plan).expect("explicit plans need no detection")
@@ -47,6 +53,7 @@ struct Case {
     what: &'static str,
     disk: DiskSpec,
     hosts: bool,
+    same_host: bool,
     rule: RuleId,
     severity: Severity,
     verdict: Verdict,
@@ -63,6 +70,7 @@ fn case(
         what,
         disk,
         hosts: false,
+        same_host: false,
         rule,
         severity,
         verdict,
@@ -402,6 +410,18 @@ fn cases() -> Vec<Case> {
         c.hosts = true;
     }
     v.extend(host_cases);
+    // Source and destination on one host: the local file is the one both open.
+    let mut one_host = vec![case(
+        "local drive, destination on the same host",
+        disk(K::Local, Writeback, Raw),
+        RuleId::SameHostLocalFile,
+        Info,
+        Safe,
+    )];
+    for c in &mut one_host {
+        c.same_host = true;
+    }
+    v.extend(one_host);
     v
 }
 
@@ -409,7 +429,7 @@ fn cases() -> Vec<Case> {
 fn every_rule_in_both_directions() {
     let mut seen = BTreeSet::new();
     for c in cases() {
-        let report = check(c.disk.clone(), c.hosts);
+        let report = check_on(c.disk.clone(), c.hosts, c.same_host);
         let found: Vec<_> = report
             .findings
             .iter()
@@ -449,6 +469,7 @@ fn every_rule_in_both_directions() {
     // (info-only rules are seen passing, with their failing counterpart elsewhere).
     let info_only = [
         RuleId::EmptyDrive,
+        RuleId::SameHostLocalFile,
         RuleId::CopiedDisk,
         RuleId::QemuIscsiDriver,
         RuleId::ClusterFilesystem,
@@ -480,7 +501,7 @@ fn every_rule_in_both_directions() {
 fn detected_only_rules() {
     let mut inputs = resolve_disk(&disk(K::Gfs2, NoCache, Raw)).unwrap();
     inputs.format = Some(Resolved::detected(ImageFormat::Vmdk, "test header"));
-    let r = evaluate(vec![inputs.clone()], None, None);
+    let r = evaluate(vec![inputs.clone()], None, None, false);
     assert!(
         r.errors().any(|f| f.rule == RuleId::FormatBlocksMigration),
         "{:#?}",
@@ -494,7 +515,7 @@ fn detected_only_rules() {
     inputs.backing = Some(migration_storage_policy::detect::Backing::Named(
         "/gfs/base.raw".into(),
     ));
-    let r = evaluate(vec![inputs], None, None);
+    let r = evaluate(vec![inputs], None, None, false);
     assert!(
         r.warnings()
             .any(|f| f.rule == RuleId::BackingFile && f.message.contains("/gfs/base.raw"))
@@ -508,6 +529,7 @@ fn whole_plan_takes_the_worst_disk() {
     let plan = Plan {
         source: None,
         destination: None,
+        same_host: false,
         disks: vec![
             with(disk(K::Gfs2, Writeback, Raw), |d| d.name = "a".into()),
             with(disk(K::Nfs, NoCache, Qcow2), |d| d.name = "b".into()),
@@ -767,7 +789,7 @@ fn libvirt_decides_from_the_detected_filesystem() {
         i
     };
     let lv = |i: migration_storage_policy::DiskInputs| {
-        let r = evaluate(vec![i], None, None);
+        let r = evaluate(vec![i], None, None, false);
         (r.disks[0].libvirt.safe, r.disks[0].libvirt.branch)
     };
     // An SMB3 mount reports SMB2_SUPER_MAGIC, which libvirt's list lacks.
@@ -841,4 +863,60 @@ fn names_parse_and_print_the_same() {
             "serde and as_str agree for {r:?}"
         );
     }
+}
+
+/// On one host a local file is safe whatever its cache mode, by the same-host rule and
+/// with the format rules still applied; the fact changes nothing for other storage, and
+/// without it a local file is still refused.
+#[test]
+fn a_local_file_is_shared_when_both_sides_run_on_one_host() {
+    for cache in CacheMode::ALL {
+        let r = check_on(disk(K::Local, cache, Raw), false, true);
+        assert_eq!(r.verdict, Safe, "{cache}: {:#?}", r.findings);
+        assert!(r.same_host);
+        let f = r
+            .findings
+            .iter()
+            .find(|f| f.rule == RuleId::SameHostLocalFile)
+            .unwrap_or_else(|| panic!("{cache}: {:#?}", r.findings));
+        assert_eq!(f.severity, Info);
+        assert_eq!(f.basis, Some(migration_storage_policy::Basis::Guarantee));
+        assert!(
+            f.message.contains(&format!("cache={cache}")),
+            "{}",
+            f.message
+        );
+        assert!(f.reasoning.contains("page cache"), "{}", f.reasoning);
+        assert!(!r.has(RuleId::LocalStorageNotShared));
+        // The format rules apply as on shared storage.
+        assert!(r.has(RuleId::RawOnlineResize));
+        // libvirt has no such notion: it refuses, and the report says why it differs.
+        assert!(!r.libvirt.safe && !r.libvirt.agrees);
+        let why = r.disks[0].libvirt.why_different.as_deref().unwrap();
+        assert!(why.contains("same-host-local-file"), "{why}");
+    }
+    // An online resize of a raw image is unsafe on one host too.
+    let r = check_on(
+        with(disk(K::Local, Writeback, Raw), |d| d.online_resize = true),
+        false,
+        true,
+    );
+    assert_eq!(r.verdict, Unsafe, "{:#?}", r.findings);
+    assert!(r.errors().any(|f| f.rule == RuleId::RawOnlineResize));
+    // Without the fact, a local file is refused as before.
+    let r = check_on(disk(K::Local, Writeback, Raw), false, false);
+    assert_eq!(r.verdict, Unsafe);
+    assert!(!r.has(RuleId::SameHostLocalFile) && !r.same_host);
+    // Other storage is judged as before: NFS through the page cache stays unsafe.
+    let r = check_on(disk(K::Nfs, Writeback, Raw), false, true);
+    assert_eq!(r.verdict, Unsafe);
+    assert!(!r.has(RuleId::SameHostLocalFile));
+    // The plan file says it as `same_host = true`.
+    let plan = Plan::from_toml_str(
+        "same_host = true\n[[disk]]\nname = \"vda\"\nstorage = \"local\"\nformat = \"raw\"\n",
+        "test",
+    )
+    .unwrap();
+    assert!(plan.same_host);
+    assert_eq!(check_plan(&plan).unwrap().verdict, Safe);
 }

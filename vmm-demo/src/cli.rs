@@ -517,6 +517,11 @@ pub struct DestinationArgs {
     /// Regions of the preallocated RAM.
     #[arg(long, default_value_t = 1, requires = "prealloc")]
     pub prealloc_regions: u32,
+    /// The guest's disk image: the one the source runs from (shared storage), opened
+    /// before the guest runs here, checked against the size the source's VM has. Needed
+    /// when the incoming VM has a disk, refused when it has none.
+    #[arg(long)]
+    pub disk: Option<std::path::PathBuf>,
     /// Print the report as one JSON object (the guest console goes to standard error).
     #[arg(long)]
     pub json: bool,
@@ -545,9 +550,16 @@ pub struct DemoArgs {
     /// (`destination --prealloc`, QEMU's `-mem-prealloc`).
     #[arg(long)]
     pub dst_prealloc: bool,
-    /// A disk image the VM is given (for the storage-policy check); repeatable.
+    /// A disk image the VM is given, checked by the storage policy; repeatable. The
+    /// first, if it is an existing file, is the guest's virtio-blk disk (a raw image),
+    /// which both processes open (shared storage).
     #[arg(long)]
     pub disk: Vec<String>,
+    /// Create a sparse raw image of this size (K, M, G suffixes; a multiple of 512) in the
+    /// demo's scratch directory as the guest's disk, shared by both processes, removed at
+    /// the end.
+    #[arg(long, value_parser = parse_size, conflicts_with = "disk")]
+    pub disk_size: Option<u64>,
     /// Cache mode of the disks (QEMU's names; QEMU's default writeback when absent).
     #[arg(long, value_enum)]
     pub cache: Option<CacheMode>,
@@ -557,6 +569,10 @@ pub struct DemoArgs {
     /// Let the guest run this long on the destination after the switchover.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub run_after: Duration,
+    /// Instead of --run-after: let the guest run on the destination until every vCPU did
+    /// this many more passes there (`destination --passes`).
+    #[arg(long)]
+    pub passes_after: Option<u64>,
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,

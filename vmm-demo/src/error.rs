@@ -101,6 +101,15 @@ pub enum Error {
         /// Pass counters at the end.
         at_end: Vec<u64>,
     },
+    /// The guest wrote nothing to its disk on the destination, where its workload has
+    /// sectors to write every pass.
+    #[error(
+        "the guest wrote no sector of its disk on the destination (working set of {working_set} sectors)"
+    )]
+    NoDiskProgress {
+        /// Sectors the workload writes each pass.
+        working_set: u64,
+    },
     /// A file or directory operation failed.
     #[error("{what} {}", path.display())]
     File {

@@ -438,6 +438,32 @@ pub struct DiskRunReport {
     pub device: crate::virtio_blk::BlkStats,
 }
 
+/// The destination's disk (shared storage: the source's image, opened here): what its
+/// checks found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DestinationDiskReport {
+    /// The image.
+    pub path: String,
+    /// Its sectors.
+    pub sectors: u64,
+    /// Sectors the workload writes every pass.
+    pub working_set_sectors: u64,
+    /// Working-set sectors the disk oracle checked at a pre-copy switchover, before the
+    /// guest ran here; none where there was no check there (post-copy, --no-hash-check).
+    pub sectors_checked_at_switch: Option<u64>,
+    /// The image's hash here equalled the source's at the switch; none where it was not
+    /// compared.
+    pub hash_at_switch_equal: Option<bool>,
+    /// Working-set sectors checked once every post-copy page had arrived.
+    pub sectors_checked_after_postcopy: Option<u64>,
+    /// Working-set sectors checked after the guest ran here.
+    pub sectors_checked: u64,
+    /// Per vCPU at the end: pass and sectors of this pass written.
+    pub verdicts: Vec<crate::disk_oracle::DiskVerdict>,
+    /// What the device did here.
+    pub device: crate::virtio_blk::BlkStats,
+}
+
 /// What `vmm-demo run` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunReport {
@@ -595,6 +621,9 @@ pub struct DestinationReport {
     /// guest ran here and is paused, with pages missing that only the source had.
     #[serde(default)]
     pub paused_after_commit: bool,
+    /// The guest's disk, when it has one, as far as the checks got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DestinationDiskReport>,
 }
 
 impl DestinationReport {
@@ -621,6 +650,7 @@ impl DestinationReport {
             migration_mode: None,
             postcopy: None,
             paused_after_commit: false,
+            disk: None,
         }
     }
 }
@@ -817,6 +847,27 @@ impl DemoPostcopy {
     }
 }
 
+/// The demo's disk (shared storage: one image both processes open): the headline of
+/// the destination's disk checks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DemoDisk {
+    /// The image.
+    pub path: String,
+    /// The demo created it (`--disk-size`), sparse, in its scratch directory.
+    pub created: bool,
+    /// The destination's disk oracle passed wherever it ran (at a pre-copy switchover,
+    /// once every post-copy page arrived, after running), and the hash at a pre-copy
+    /// switch equalled the source's.
+    pub verified: bool,
+    /// Working-set sectors the disk oracle checked at the end, on the destination.
+    pub sectors_checked: u64,
+    /// The destination's image hash equalled the source's at the switch; none where
+    /// there was no check at the switch (post-copy, --no-hash-check).
+    pub hash_at_switch_equal: Option<bool>,
+    /// Sectors the guest wrote on the destination.
+    pub sectors_written_on_destination: u64,
+}
+
 /// What `vmm-demo demo` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DemoReport {
@@ -862,6 +913,9 @@ pub struct DemoReport {
     /// The post-copy's headline figures, when the guest moved by post-copy.
     #[serde(default)]
     pub postcopy: Option<DemoPostcopy>,
+    /// The guest's disk, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DemoDisk>,
 }
 
 impl fmt::Display for DemoReport {
@@ -957,6 +1011,21 @@ impl fmt::Display for DemoReport {
                 p.recoveries.len()
             )?;
         }
+        if let Some(k) = &self.disk {
+            writeln!(
+                f,
+                "disk {} (shared): verified {}, {} working-set sectors checked on the destination, {} written there; hash at the switch: {}",
+                k.path,
+                k.verified,
+                k.sectors_checked,
+                k.sectors_written_on_destination,
+                match k.hash_at_switch_equal {
+                    Some(true) => "equal to the source's",
+                    Some(false) => "DIFFERENT from the source's",
+                    None => "not compared",
+                }
+            )?;
+        }
         let d = self.destination.as_ref();
         if self.postcopy.is_some() {
             return write!(
@@ -1043,6 +1112,7 @@ mod tests {
             destination: None,
             destination_console: ConsoleSummary::default(),
             postcopy: None,
+            disk: None,
         };
         let text = report.to_string();
         let second = text.lines().nth(1).unwrap();
@@ -1084,6 +1154,7 @@ mod tests {
             destination: Some(DestinationReport::new(Placement::Write)),
             destination_console: ConsoleSummary::default(),
             postcopy: None,
+            disk: None,
         };
         let j = serde_json::to_string(&report).unwrap();
         let back: DemoReport = serde_json::from_str(&j).unwrap();

@@ -241,6 +241,15 @@ pub(crate) fn vcpu_thread(
     if ctl.park_point() == Parked::Exit {
         return;
     }
+    // Requests made available before the pause (or on the source of a migration) are
+    // taken by vCPU 0 each time it resumes, on this thread, which may wait for a
+    // post-copy page; the VMM's resume does not touch the queue.
+    let take_pending = || {
+        if let (0, Some(d)) = (n, &disk) {
+            d.lock().unwrap_or_else(|e| e.into_inner()).process_all();
+        }
+    };
+    take_pending();
     let mut pos = vcpu.position();
     let mut slice_start = Instant::now();
     let mut run_start = Instant::now();
@@ -303,6 +312,7 @@ pub(crate) fn vcpu_thread(
             match ctl.park_point() {
                 Parked::Exit => return,
                 Parked::Resumed => {
+                    take_pending();
                     pos = vcpu.position();
                     idle = match halted(&mem) {
                         Ok(i) => i,

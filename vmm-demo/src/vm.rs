@@ -239,6 +239,30 @@ impl Disk {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
         self.dev.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The device, once whoever holds it lets go, or why not within `timeout`. For a
+    /// pause: the device thread holds the lock for one request, which in a post-copy
+    /// waits for any page of guest RAM it touches that has not arrived; if the source is
+    /// gone that page never comes, and a pause must fail rather than hang.
+    fn lock_within(
+        &self,
+        timeout: Duration,
+    ) -> Result<std::sync::MutexGuard<'_, BlkDevice>, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.dev.try_lock() {
+                Ok(g) => return Ok(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the device was still busy with a request after {timeout:?} (waiting for a page of guest RAM that has not arrived?)"
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
 }
 
 fn alloc_ram(workload: &Workload, bytes: u64) -> Result<GuestMemory, VmmError> {
@@ -641,7 +665,8 @@ impl Inner {
         // is processing (the lock waits for it) and the image is flushed: the state saved
         // next, and the image another process opens, hold everything completed so far.
         if let Some(d) = &self.disk {
-            d.lock()
+            d.lock_within(PAUSE_TIMEOUT)
+                .map_err(|e| VmError::new(VmOp::Pause, e).for_device(BLK_ID))?
                 .pause()
                 .map_err(|e| VmError::new(VmOp::Pause, e).for_device(BLK_ID))?;
         }
@@ -664,18 +689,15 @@ impl Inner {
         }
         if let Some(d) = &self.disk {
             // Before the vCPUs: requests available already (made before a pause, or on the
-            // source of a migration) are taken now.
-            let mut dev = d.lock();
-            dev.resume();
-            match &d.kick {
-                Some(k) => {
-                    drop(dev);
-                    k.write(1)
-                        .map_err(|e| VmError::new(VmOp::Resume, e).for_device(BLK_ID))?;
-                }
-                None => {
-                    dev.process_all();
-                }
+            // source of a migration) are taken now, by the device's own thread (KVM) or
+            // the first software vCPU as it resumes, never by the caller. The caller may
+            // be a post-copy engine's thread, for which guest RAM it has not received yet
+            // is out of bounds: the queue's rings may be on such a page, and touching it
+            // would wait for a page only that thread can fetch.
+            d.lock().resume();
+            if let Some(k) = &d.kick {
+                k.write(1)
+                    .map_err(|e| VmError::new(VmOp::Resume, e).for_device(BLK_ID))?;
             }
         }
         self.ctl.request(Want::Run);

@@ -13,7 +13,11 @@
 //! 3. on the source's `PostcopyCommit` the guest runs here. A fault thread reads faults in
 //!    bursts and sends a page request for each missing page once; one thread places the
 //!    pages answering them (urgent channel), this one places the background push (main
-//!    stream); a page that arrives twice is placed once;
+//!    stream); a page that arrives twice is placed once. Any thread that touches a
+//!    missing page waits for it, whoever it is: a vCPU, KVM on its behalf, or a VMM
+//!    thread such as a device's. The one exception is the thread that calls
+//!    [`VmControl::resume`], which runs before the fault thread does: `resume` must hand
+//!    work that reads guest RAM (a device re-examining its queue) to other threads;
 //! 4. once every page is present, RAM is unregistered and `Running` ends the return path.
 //!
 //! A broken connection (either one) after the commit pauses page service, not the guest:

@@ -16,7 +16,7 @@ use crate::error::{Error, chain};
 use crate::migration::source::MigrationControl;
 use crate::protocol::MigrateRequest;
 use crate::protocol::RunState;
-use crate::report::{ConsoleSummary, DemoMigration, DemoPostcopy, DemoReport};
+use crate::report::{ConsoleSummary, DemoDisk, DemoMigration, DemoPostcopy, DemoReport};
 
 /// Kills and reaps a child process on drop, by its PID.
 struct ChildGuard(Child);
@@ -128,6 +128,18 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         source,
     })?;
     let _cleanup = DirGuard(dir.clone());
+    // The guest's disk: one image both processes open (shared storage), made here with
+    // --disk-size or the first --disk when it is an existing file.
+    let mut disks = a.disk.clone();
+    if let Some(bytes) = a.disk_size {
+        let path = dir.join("disk.raw");
+        crate::virtio_blk::DiskImage::create_sparse(&path, bytes).map_err(Error::Disk)?;
+        disks.insert(0, path.display().to_string());
+    }
+    let guest_disk = disks
+        .first()
+        .filter(|d| std::path::Path::new(d).is_file())
+        .cloned();
     let control = dir.join("control.sock");
     let listen = match a.transport {
         TransportKind::Tcp => "tcp:127.0.0.1:0".to_string(),
@@ -135,11 +147,19 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     };
 
     let mut cmd = Command::new(&exe);
-    cmd.args(["destination", "--listen", &listen, "--json", "--run-for"])
-        .arg(format!("{}ms", a.run_after.as_millis()))
-        .args(["--placement", a.placement.as_str()])
+    cmd.args(["destination", "--listen", &listen, "--json"]);
+    match a.passes_after {
+        Some(n) => cmd.args(["--passes", &n.to_string()]),
+        None => cmd
+            .arg("--run-for")
+            .arg(format!("{}ms", a.run_after.as_millis())),
+    };
+    cmd.args(["--placement", a.placement.as_str()])
         .arg("--recovery-window")
         .arg(format!("{}ms", a.options.recovery_window_ms));
+    if let Some(d) = &guest_disk {
+        cmd.args(["--disk", d]);
+    }
     if a.dst_prealloc {
         cmd.arg("--prealloc")
             .arg(a.vm.mem.to_string())
@@ -184,7 +204,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         "--json",
         "--quiet",
     ]);
-    for d in &a.disk {
+    for d in &disks {
         cmd.args(["--disk", d]);
     }
     if let Some(c) = a.cache {
@@ -304,6 +324,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
             last_pass: console.last().copied(),
         },
         postcopy: None,
+        disk: None,
     };
     // A missing report is a problem of its own only after a completed migration: after a
     // failed one, a destination that was never connected is killed before it reports.
@@ -339,6 +360,30 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
                         a.options.no_hash_check || d.hash_checked
                     }
             });
+            // The disk: checked on the destination wherever RAM was, with its hash at a
+            // pre-copy switch. A guest disk the destination did not report is a failure.
+            if let Some(path) = &guest_disk {
+                let dd = out.destination.as_ref().and_then(|d| d.disk.as_ref());
+                let verified = dst_ok
+                    && dd.is_some_and(|k| {
+                        k.sectors_checked == k.working_set_sectors
+                            && if m.mode.is_postcopy() {
+                                k.sectors_checked_after_postcopy.is_some()
+                            } else {
+                                a.options.no_hash_check || k.hash_at_switch_equal == Some(true)
+                            }
+                    });
+                out.disk = Some(DemoDisk {
+                    path: path.clone(),
+                    created: a.disk_size.is_some(),
+                    verified,
+                    sectors_checked: dd.map_or(0, |k| k.sectors_checked),
+                    hash_at_switch_equal: dd.and_then(|k| k.hash_at_switch_equal),
+                    sectors_written_on_destination: dd.map_or(0, |k| k.device.sectors_written),
+                });
+            }
+            let disk_ok = out.disk.as_ref().is_none_or(|k| k.verified);
+            let dst_ok = dst_ok && disk_ok;
             let src_ok = out.source.as_ref().is_some_and(|s| s.migrated);
             out.verified = dst_ok && src_ok;
             problems.append(&mut missing);

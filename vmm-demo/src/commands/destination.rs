@@ -11,7 +11,7 @@ use migration_precopy::Placement;
 use crate::cli::DestinationArgs;
 use crate::error::{Error, chain};
 use crate::migration::destination::{self, ReceiveOptions};
-use crate::report::{DestinationReport, PostcopyReport};
+use crate::report::{DestinationDiskReport, DestinationReport, PostcopyReport};
 use crate::vm::{PreallocatedRam, Vm};
 
 /// The line on standard error that says where the destination listens (the demo and the
@@ -87,9 +87,15 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     rep.mem_bytes = info.config.mem_bytes;
     rep.order = Some(info.config.order);
     let console = super::console(a.quiet, a.json);
+    // The image is opened (never written) before anything of the guest arrives: a VM
+    // whose disk does not match the source's (no --disk, another size) is refused here,
+    // and the source resumes.
+    let disk = a.disk.as_deref();
     let built = match prealloc {
-        Some(ram) => Vm::new_incoming_on(&info.config, info.guest, console, ram),
-        None => Vm::new_incoming(&info.config, info.guest, console).map(|v| (v, false)),
+        Some(ram) => Vm::new_incoming_on_with_disk(&info.config, info.guest, console, ram, disk),
+        None => {
+            Vm::new_incoming_with_disk(&info.config, info.guest, console, disk).map(|v| (v, false))
+        }
     };
     let vm = match built {
         Ok((v, preallocated)) => {
@@ -117,6 +123,18 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     rep.placement = got.placement;
     rep.switchover_ms = got.switchover.as_secs_f64() * 1e3;
     rep.verify_ms = got.check_time.as_secs_f64() * 1e3;
+    let cfg = vm.config().clone();
+    rep.disk = vm.disk_path().map(|path| DestinationDiskReport {
+        path: path.display().to_string(),
+        sectors: cfg.disk_sectors,
+        working_set_sectors: cfg.disk_working_set,
+        sectors_checked_at_switch: got.disk_at_switch.map(|d| d.sectors_checked),
+        hash_at_switch_equal: got.disk_at_switch.map(|d| d.hash_equal),
+        sectors_checked_after_postcopy: None,
+        sectors_checked: 0,
+        verdicts: Vec::new(),
+        device: Default::default(),
+    });
     if let Some(p) = &got.postcopy {
         let mut pr = PostcopyReport::new(&p.postcopy, p.switchover, &vm.vcpu_thread_ids());
         // Every page is here: pause the guest and check all of RAM, as after running.
@@ -126,23 +144,31 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
             source,
         })?;
         let checked = vm.check();
+        let disk = checked.as_ref().ok().and_then(|r| vm.check_disk(Some(r)));
         pr.check_ms = t.elapsed().as_secs_f64() * 1e3;
         rep.postcopy = Some(pr);
         checked.map_err(|source| Error::Oracle {
             when: "once every post-copy page arrived",
             source,
         })?;
+        if let Some(d) = disk {
+            let d = d.map_err(|source| Error::DiskOracle {
+                when: "once every post-copy page arrived",
+                source,
+            })?;
+            if let Some(r) = rep.disk.as_mut() {
+                r.sectors_checked_after_postcopy = Some(d.sectors_checked);
+            }
+        }
         vm.handle().resume().map_err(|source| Error::Vm {
             action: "resuming",
             source,
         })?;
     }
-    let base = rep.passes_at_switchover.iter().copied().min().unwrap_or(0);
     let ran = match a.passes {
-        Some(n) => vm
-            .wait_for_passes(base.saturating_add(n), Duration::from_secs(120))
-            .map(|_| ())
-            .map_err(Error::Wait),
+        // Each vCPU from its own count: vCPUs run at their own pace, and one far ahead of
+        // another has done the slowest's share of passes already.
+        Some(n) => wait_for_more_passes(&vm, &rep.passes_at_switchover, n),
         None => {
             std::thread::sleep(a.run_for);
             Ok(())
@@ -159,10 +185,28 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     if !failures.is_empty() {
         return Err(Error::VcpuFailed(failures));
     }
-    vm.check().map_err(|source| Error::Oracle {
+    let ram = vm.check().map_err(|source| Error::Oracle {
         when: "after running",
         source,
     })?;
+    if let Some(d) = vm.check_disk(Some(&ram)) {
+        let d = d.map_err(|source| Error::DiskOracle {
+            when: "after running",
+            source,
+        })?;
+        let device = vm.disk_stats().unwrap_or_default();
+        if let Some(r) = rep.disk.as_mut() {
+            r.sectors_checked = d.sectors_checked;
+            r.verdicts = d.vcpus;
+            r.device = device;
+        }
+        // The guest goes on with its disk here: every pass writes its sectors.
+        if cfg.disk_working_set > 0 && device.sectors_written == 0 {
+            return Err(Error::NoDiskProgress {
+                working_set: cfg.disk_working_set,
+            });
+        }
+    }
     // An idle guest (no working set) halts: it has no pass to make, and the oracle above
     // checked that its RAM is what it was.
     let idle = vm.workload().working_set().is_empty();
@@ -179,4 +223,34 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     }
     rep.verified = true;
     Ok(())
+}
+
+/// Waits until every vCPU `i` has done `n` passes more than `from[i]`; fails if a vCPU
+/// stops for good or two minutes pass first.
+fn wait_for_more_passes(vm: &Vm, from: &[u64], n: u64) -> Result<(), Error> {
+    const TIMEOUT: Duration = Duration::from_secs(120);
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let p = vm.passes();
+        let done = p
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x >= from.get(i).copied().unwrap_or(0).saturating_add(n));
+        if done {
+            return Ok(());
+        }
+        let f = vm.failures();
+        if !f.is_empty() {
+            return Err(Error::Wait(crate::vm::WaitError::VcpuFailed(f)));
+        }
+        if Instant::now() >= deadline {
+            let wanted = from.iter().copied().max().unwrap_or(0).saturating_add(n);
+            return Err(Error::Wait(crate::vm::WaitError::Timeout {
+                timeout: TIMEOUT,
+                passes: p,
+                wanted,
+            }));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

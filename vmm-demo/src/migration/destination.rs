@@ -17,6 +17,7 @@ use migration_postcopy::destination as postcopy;
 use migration_precopy::{DestinationError, DestinationOptions, Incoming, Placement, VerifyError};
 
 use super::{MAX_ORACLE_BLOB, ORACLE_ID, ORACLE_VERSION, OracleBlob};
+use crate::disk_oracle::DiskOracleError;
 use crate::error::chain;
 use crate::oracle::OracleError;
 use crate::report::{MigrationMode, PagesReport};
@@ -48,6 +49,38 @@ pub enum SwitchoverError {
         /// The source's.
         expected: Vec<u64>,
     },
+    /// The disk oracle found the image wrong, or could not read it.
+    #[error("disk oracle at switchover")]
+    DiskOracle(#[source] DiskOracleError),
+    /// The disk's hash could not be taken.
+    #[error("hashing the disk image at switchover")]
+    DiskHash(#[source] DiskOracleError),
+    /// The image this side opened does not hold what the source's did at its pause: not
+    /// the same file, or the source's last writes are not in it.
+    #[error(
+        "disk hash {found:016x} differs from the source's {expected:016x} at switchover: this side's image is not the one the source paused on"
+    )]
+    DiskHashMismatch {
+        /// This side's hash.
+        found: u64,
+        /// The source's.
+        expected: u64,
+    },
+    /// One side has a disk and the other not.
+    #[error("the source {} a disk hash, and this VM {} a disk", if *.source_sent { "sent" } else { "sent no" }, if *.source_sent { "has no" } else { "has" })]
+    DiskMissing {
+        /// Whether the source sent a disk hash.
+        source_sent: bool,
+    },
+}
+
+/// What the destination's disk check at a pre-copy switchover saw (it passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskAtSwitch {
+    /// Working-set sectors the disk oracle checked.
+    pub sectors_checked: u64,
+    /// The image's hash here equals the source's.
+    pub hash_equal: bool,
 }
 
 /// Why an incoming migration failed. The guest was not run here.
@@ -129,6 +162,9 @@ pub struct Received {
     /// The source's oracle blob, when it sent one (with a hash: the RAM hash was
     /// checked).
     pub oracle: Option<OracleBlob>,
+    /// The disk check at a pre-copy switchover, when the VM has a disk and the source sent
+    /// its hash.
+    pub disk_at_switch: Option<DiskAtSwitch>,
     /// How the guest came.
     pub mode: MigrationMode,
     /// The post-copy engine's report, when the guest came by post-copy.
@@ -190,10 +226,13 @@ impl Accepted {
             vm,
             oracle: &oracle,
         };
+        let mut disk_at_switch = None;
         let mut verify = |_: &[DeviceState]| {
             // The oracle blob was taken out by `load_device_state`, just before.
             let blob = oracle.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            check_switchover(vm, blob.as_ref()).map_err(|e| Box::new(e) as VerifyError)
+            disk_at_switch =
+                check_switchover(vm, blob.as_ref()).map_err(|e| Box::new(e) as VerifyError)?;
+            Ok(())
         };
         let r = self
             .incoming
@@ -207,6 +246,7 @@ impl Accepted {
                     switchover: stats.switchover,
                     check_time: stats.verify_time,
                     oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
+                    disk_at_switch,
                     mode: MigrationMode::Precopy,
                     postcopy: None,
                 });
@@ -244,6 +284,7 @@ impl Accepted {
             switchover: report.switchover,
             check_time: Duration::ZERO,
             oracle: oracle.into_inner().unwrap_or_else(|e| e.into_inner()),
+            disk_at_switch: None,
             mode,
             postcopy: Some(report),
         })
@@ -299,13 +340,18 @@ impl VmControl for DestinationVm<'_> {
 }
 
 /// The destination's checks before it runs the guest: the oracle on RAM, and, when the
-/// source sent its oracle blob, the RAM hash and pass counters against the source's.
-fn check_switchover(vm: &Vm, source: Option<&OracleBlob>) -> Result<(), SwitchoverError> {
+/// source sent its oracle blob, the RAM hash and pass counters against the source's; with
+/// a disk, the disk oracle on the image and its hash against the source's. Returns what
+/// the disk check saw, when there was one.
+fn check_switchover(
+    vm: &Vm,
+    source: Option<&OracleBlob>,
+) -> Result<Option<DiskAtSwitch>, SwitchoverError> {
     let Some((b, expected)) = source.and_then(|b| b.ram_hash.map(|h| (b, h))) else {
         // The source asked for no switchover check (--no-hash-check): the oracle runs
         // after the guest ran here instead.
         tracing::info!("no oracle blob from the source: no check at switchover");
-        return Ok(());
+        return Ok(None);
     };
     let report = vm.check().map_err(SwitchoverError::Oracle)?;
     tracing::debug!(?report, "oracle at switchover");
@@ -320,5 +366,27 @@ fn check_switchover(vm: &Vm, source: Option<&OracleBlob>) -> Result<(), Switchov
             expected: b.passes.clone(),
         });
     }
-    Ok(())
+    // The disk: the image was opened at build time and nothing here has written it (the
+    // device takes no request before the guest resumes here).
+    let disk = match (vm.check_disk(Some(&report)), b.disk_hash) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => return Err(SwitchoverError::DiskMissing { source_sent: true }),
+        (Some(_), None) => return Err(SwitchoverError::DiskMissing { source_sent: false }),
+        (Some(checked), Some(expected)) => {
+            let checked = checked.map_err(SwitchoverError::DiskOracle)?;
+            let found = vm
+                .disk_hash()
+                .transpose()
+                .map_err(SwitchoverError::DiskHash)?
+                .unwrap_or_default();
+            if found != expected {
+                return Err(SwitchoverError::DiskHashMismatch { found, expected });
+            }
+            DiskAtSwitch {
+                sectors_checked: checked.sectors_checked,
+                hash_equal: true,
+            }
+        }
+    };
+    Ok(Some(disk))
 }

@@ -15,6 +15,14 @@
 //! oracle blob carries no hash (hashing RAM would only lengthen the pause): the
 //! destination checks the guest once every page has arrived, pausing it for the oracle,
 //! and again after running it on.
+//!
+//! A VM with a disk on shared storage (both processes open the same image) adds the disk
+//! to each check: the blob carries the hash of the image, taken in the same pause after
+//! the device flushed, and the destination's disk oracle (every working-set sector at pass
+//! N or N+1 of its writer, the rest untouched) runs wherever the RAM oracle does. The
+//! destination opens the image before the guest runs there and writes nothing to it
+//! before the source's commit: its device starts paused and takes no request until the
+//! guest is resumed here.
 
 pub mod destination;
 pub mod source;
@@ -40,10 +48,14 @@ pub struct OracleBlob {
     pub ram_hash: Option<u64>,
     /// Each vCPU's pass counter.
     pub passes: Vec<u64>,
+    /// Hash of the disk image ([`crate::disk_oracle::disk_hash`]), taken with the guest
+    /// paused and the device flushed; none without a disk or where there is no RAM hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_hash: Option<u64>,
 }
 
-/// A disk the VM is given (described for the storage-policy check; the demo guest does not
-/// do disk I/O in this build).
+/// A disk the VM is given, described for the storage-policy check (the first, when it is
+/// an existing file, is also the guest's virtio-blk disk).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DiskArg {
     /// Image path or URI.
@@ -69,15 +81,36 @@ pub enum StorageError {
     },
 }
 
-/// The storage-policy verdict on the VM's disks. No disk: an empty, safe plan.
+/// Whether a destination at `to` runs on this host: a unix socket, or TCP to a loopback
+/// address (`localhost` included). Any other address may be another machine, whatever it
+/// resolves to.
+pub fn same_host(to: &migration_core::transport::Address) -> bool {
+    use migration_core::transport::Address;
+    match to {
+        Address::Unix(_) => true,
+        Address::Tcp { host, .. } => {
+            host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+    }
+}
+
+/// The storage-policy verdict on the VM's disks, with source and destination on one host
+/// when `same_host` (see [`same_host`]). No disk: an empty, safe plan.
 pub fn check_storage(
     disks: &[DiskArg],
     allow_unsafe: bool,
+    same_host: bool,
 ) -> Result<Option<String>, StorageError> {
     if disks.is_empty() {
         return Ok(None);
     }
-    let mut plan = Plan::default();
+    let mut plan = Plan {
+        same_host,
+        ..Plan::default()
+    };
     for (i, d) in disks.iter().enumerate() {
         let mut spec = DiskSpec::named(format!("disk{i}"));
         spec.path = Some(d.path.clone());
@@ -109,8 +142,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn loopback_and_unix_destinations_are_this_host() {
+        for (a, same) in [
+            ("unix:/tmp/x.sock", true),
+            ("tcp:127.0.0.1:4444", true),
+            ("tcp:127.1.2.3:4444", true),
+            ("tcp:[::1]:4444", true),
+            ("tcp:localhost:4444", true),
+            ("tcp:10.0.0.2:4444", false),
+            ("tcp:host-b:4444", false),
+        ] {
+            let addr: migration_core::transport::Address = a.parse().unwrap();
+            assert_eq!(same_host(&addr), same, "{a}");
+        }
+    }
+
+    #[test]
+    fn a_local_image_is_safe_on_this_host_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let d = [DiskArg {
+            path: path.display().to_string(),
+            cache: None,
+        }];
+        let ok = check_storage(&d, false, true).unwrap().unwrap();
+        assert!(ok.contains("safe"), "{ok}");
+        assert!(check_storage(&d, false, false).is_err());
+    }
+
+    #[test]
     fn no_disk_is_safe_and_an_unsafe_disk_is_refused_unless_overridden() {
-        assert!(matches!(check_storage(&[], false), Ok(None)));
+        assert!(matches!(check_storage(&[], false, false), Ok(None)));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
@@ -119,13 +182,13 @@ mod tests {
             cache: Some(CacheMode::Writeback),
         }];
         // A local image is not shared with any destination: unsafe without storage copy.
-        let e = check_storage(&d, false).unwrap_err().to_string();
+        let e = check_storage(&d, false, false).unwrap_err().to_string();
         assert!(
             e.contains("refusing to migrate") && e.contains("--unsafe"),
             "{e}"
         );
         assert!(e.contains("disk0"), "{e}");
-        let ok = check_storage(&d, true).unwrap().unwrap();
+        let ok = check_storage(&d, true, false).unwrap().unwrap();
         assert!(ok.contains("overridden by --unsafe"), "{ok}");
     }
 }

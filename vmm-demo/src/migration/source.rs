@@ -26,7 +26,9 @@ use migration_core::vm::{VmControl, VmError, VmOp};
 use migration_postcopy::source::{self as postcopy, Mode, Outcome, Switch};
 use migration_precopy::{LimitPolicy, SourceError, SourceOptions, SourceOutcome};
 
-use super::{DiskArg, ORACLE_ID, ORACLE_VERSION, OracleBlob, StorageError, check_storage};
+use super::{
+    DiskArg, ORACLE_ID, ORACLE_VERSION, OracleBlob, StorageError, check_storage, same_host,
+};
 use crate::cli::{MigrateOptions, PostcopyAfter};
 use crate::error::chain;
 use crate::protocol::Event;
@@ -367,20 +369,25 @@ impl VmControl for SourceVm<'_> {
         // the blob carries the pass counters alone, and the pause does not hash RAM.
         let postcopy = self.control.switching.load(Ordering::SeqCst);
         if self.send_hash || postcopy {
-            let ram_hash = if postcopy {
-                None
+            let oracle = |e: String| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID);
+            let (ram_hash, disk_hash) = if postcopy {
+                (None, None)
             } else {
                 let t = Instant::now();
-                let h = self
+                let h = self.vm.ram_hash().map_err(|e| oracle(e.to_string()))?;
+                // The image as the destination opens it: the pause flushed the device.
+                let d = self
                     .vm
-                    .ram_hash()
-                    .map_err(|e| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID))?;
+                    .disk_hash()
+                    .transpose()
+                    .map_err(|e| oracle(chain(&e)))?;
                 self.hash_time = t.elapsed();
-                Some(h)
+                (Some(h), d)
             };
             let blob = OracleBlob {
                 ram_hash,
                 passes: self.vm.passes(),
+                disk_hash,
             };
             let data = serde_json::to_vec(&blob)
                 .map_err(|e| VmError::new(VmOp::SaveState, e).for_device(ORACLE_ID))?;
@@ -514,7 +521,8 @@ pub fn migrate_vm(
     events: &mut dyn FnMut(&Event),
 ) -> Result<MigrationReport, MigrateError> {
     let to = ctl.address();
-    let storage = check_storage(disks, o.unsafe_storage)?;
+    // A destination on this host opens the very image this side does (shared storage).
+    let storage = check_storage(disks, o.unsafe_storage, same_host(&to))?;
     let tracker = tracker_for(vm)?;
     let tracker_name = tracker.name().to_string();
     let stream = transport::connect_retry(&to, Duration::from_secs(10)).map_err(|source| {
