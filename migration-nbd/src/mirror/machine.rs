@@ -764,6 +764,9 @@ impl MirrorMachine {
         }
         let id = WriteId(self.next_id);
         self.next_id += 1;
+        // Whether it claims its clusters, waits, or is released by a switch to background,
+        // the driver may write it to the target.
+        self.touched.set_range(first..first + count);
         let free = self.busy.count_range(first..first + count) == 0
             && !self.overlaps_pending(first, count, None);
         self.writes.insert(
