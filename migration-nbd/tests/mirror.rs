@@ -508,6 +508,94 @@ fn a_cut_mid_copy_and_after_ready_is_reconnected_and_ends_equal() {
     );
 }
 
+/// Stops or resumes a child by its PID (SIGSTOP keeps its connections open and
+/// unanswered: a hung server, not a dead one).
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Resumes a stopped child however the test ends, so that its guard can reap it.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+/// The target, a separate process (our server, then qemu-nbd), is stopped with SIGSTOP
+/// mid-copy: its connections stay open and unanswered, as with a hung server. The mirror
+/// hangs up after the reply timeout, waits for the resumed server to close the old
+/// connections (so that nothing they carried lands after the re-copy) and ends equal.
+#[test]
+fn a_target_that_stops_answering_is_hung_up_after_the_reply_timeout_and_reconnected() {
+    stopped_target_case("ours", |tgt, sock| serve_ours(tgt, sock, &[]));
+    if require("a_target_that_stops_answering (qemu-nbd)", &["qemu-nbd"]) {
+        stopped_target_case("qemu-nbd", |tgt, sock| serve_qemu_nbd(tgt, sock, &[]));
+    }
+}
+
+fn stopped_target_case(name: &str, serve: impl Fn(&Path, &Path) -> ChildGuard) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let tgt = dir.path().join("target.img");
+    create_empty(&tgt, DISK);
+    let sock = dir.path().join("h.sock");
+    let q = serve(&tgt, &sock);
+    let mut o = slow(opts(CopyMode::WriteBlocking));
+    o.config.reply_timeout = Duration::from_millis(300);
+    let ev = events(&mut o);
+    let source = open(&src);
+    let job = Mirror::start(source.clone(), &Address::Unix(sock.clone()), o).unwrap();
+    // Write-blocking writers: whether the stop catches bulk copies or only guest writes,
+    // something waits on the target.
+    let w = Writers::start(&job, source, 2, Duration::from_millis(1));
+    signal(q.pid(), "-STOP");
+    let resume = Resume(q.pid());
+    let stalled = || {
+        ev.lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, MirrorEvent::TargetStalled(_)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stalled() {
+        assert!(
+            Instant::now() < deadline,
+            "{name}: a stopped target was never timed out: {}",
+            job.phase()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        matches!(job.phase(), Phase::Reconnecting { .. }),
+        "{name}: {}",
+        job.phase()
+    );
+    // A stopped server completes no handshake, and its hung connections are still open.
+    assert_eq!(job.stats().reconnects, 0, "{name}");
+    drop(resume);
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    w.stop();
+    let stats = job.complete().unwrap();
+    drop(q);
+    assert_same(&src, &tgt);
+    assert!(stats.reconnects >= 1, "{name}: {stats:?}");
+    let ev = ev.lock().unwrap();
+    let pos = |f: &dyn Fn(&MirrorEvent) -> bool| ev.iter().position(f);
+    let stall = pos(&|e| matches!(e, MirrorEvent::TargetStalled(s) if s.unanswered > 0));
+    let lost = pos(&|e| matches!(e, MirrorEvent::ConnectionLost { .. }));
+    let back = pos(&|e| matches!(e, MirrorEvent::Reconnected { .. }));
+    assert!(
+        stall.is_some() && stall < lost && lost < back,
+        "{name}: {ev:?}"
+    );
+}
+
 #[test]
 fn a_target_that_never_comes_back_fails_after_the_window() {
     let dir = tempfile::tempdir().unwrap();

@@ -27,6 +27,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::debug;
@@ -151,6 +152,28 @@ impl<T> Ticket<T> {
         }
     }
 
+    /// Waits for the reply until `deadline`; whether it arrived (then [`wait`](Self::wait)
+    /// returns at once). A caller that must notice a server that stopped answering (a
+    /// mirror's reply timeout) waits in slices with this.
+    pub fn wait_until(&self, deadline: Instant) -> bool {
+        let mut g = lock(&self.completion.result);
+        loop {
+            if g.is_some() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g = self
+                .completion
+                .ready
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Whether the reply has arrived.
     pub fn is_done(&self) -> bool {
         lock(&self.completion.result).is_some()
@@ -196,6 +219,11 @@ struct State {
     session: ClientSession,
     waiting: HashMap<u64, Waiter>,
     lost: Option<Arc<ConnectionLost>>,
+    /// Hung up with [`Client::hang_up_draining`]: only the sending half is shut, and the
+    /// reader discards what the server still sends until it closes its end.
+    draining: bool,
+    /// The reply reader ended: the server can send nothing more on this connection.
+    reader_done: bool,
 }
 
 struct Shared {
@@ -231,7 +259,12 @@ impl Shared {
             };
             w.fail(e);
         }
-        let _ = self.control.shutdown(std::net::Shutdown::Both);
+        let how = if lock(&self.state).draining {
+            std::net::Shutdown::Write
+        } else {
+            std::net::Shutdown::Both
+        };
+        let _ = self.control.shutdown(how);
         why
     }
 }
@@ -248,6 +281,22 @@ impl Drop for LoseOnExit<'_> {
         let why = self.why.take().unwrap_or(ConnectionLost::ReaderStopped);
         debug!("client reader ends: {why}");
         self.shared.lose(why);
+        lock(&self.shared.state).reader_done = true;
+        self.shared.changed.notify_all();
+    }
+}
+
+/// Reads and drops what the server still sends on a connection hung up with
+/// [`Client::hang_up_draining`], until it closes its end (or our reading half is shut).
+fn discard_until_closed(stream: &mut Stream) {
+    let mut scratch = vec![0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut scratch) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
     }
 }
 
@@ -346,6 +395,8 @@ impl Client {
                 session: ClientSession::new(negotiated.clone(), opts.strict),
                 waiting: HashMap::new(),
                 lost: None,
+                draining: false,
+                reader_done: false,
             }),
             changed: Condvar::new(),
             max_in_flight: opts.max_in_flight.max(1),
@@ -354,11 +405,15 @@ impl Client {
         let reader = thread::Builder::new()
             .name("nbd-client-reader".into())
             .spawn(move || {
+                let mut stream = reader_stream;
                 let mut guard = LoseOnExit {
                     shared: &s,
                     why: None,
                 };
-                guard.why = Some(read_replies(&s, reader_stream));
+                guard.why = Some(read_replies(&s, &mut stream));
+                if lock(&s.state).draining {
+                    discard_until_closed(&mut stream);
+                }
             })
             .map_err(io("starting the reply reader"))?;
         Ok(Client {
@@ -639,7 +694,54 @@ impl Client {
     /// no request of this connection is still to be sent (a mirror about to reconnect and
     /// copy the same ranges again) can use it on a connection that hangs.
     pub fn abort(&self) {
+        lock(&self.shared.state).draining = false;
         self.shared.lose(ConnectionLost::Aborted);
+        // Also ends a drain started by `hang_up_draining`.
+        let _ = self.shared.control.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Hangs up like [`abort`](Self::abort) (every request in flight and every later one
+    /// fails at once, nothing more is sent), but shuts only the sending half and keeps
+    /// reading, dropping what arrives, until the server closes its end
+    /// ([`wait_closed`](Self::wait_closed)).
+    ///
+    /// For a server that stopped answering without closing: requests it holds may still
+    /// be carried out when it wakes up. A caller about to write the same ranges again on a
+    /// new connection waits until this one is closed, so that none of the old writes can
+    /// land after the new ones. [`abort`](Self::abort) (or dropping the client) gives up
+    /// waiting.
+    pub fn hang_up_draining(&self) {
+        {
+            let mut st = lock(&self.shared.state);
+            if st.lost.is_some() {
+                // Already hung up (and maybe both halves shut): nothing more to drain.
+                return;
+            }
+            st.draining = true;
+        }
+        self.shared.lose(ConnectionLost::Aborted);
+    }
+
+    /// Waits until the server can send nothing more on this connection (the reader saw
+    /// it close, or the connection failed otherwise), for at most until `deadline`;
+    /// whether it is closed.
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
+        let mut st = lock(&self.shared.state);
+        loop {
+            if st.reader_done {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
     }
 
     /// Whether the connection was lost (or aborted): every request on it fails.
@@ -674,6 +776,9 @@ impl Client {
             let _ = w.shutdown(std::net::Shutdown::Both);
             r
         } else {
+            // A connection still draining is given up: joining its reader must not wait
+            // for a server that may never close.
+            let _ = self.shared.control.shutdown(std::net::Shutdown::Both);
             Ok(())
         };
         let _ = reader.join();
@@ -698,7 +803,7 @@ fn fill(stream: &mut Stream, input: &mut BytesMut, dst: &mut [u8]) -> io::Result
 
 /// Reads replies until the connection ends, doing what the session says; returns why it
 /// ended (the caller fails whatever is still in flight).
-fn read_replies(shared: &Shared, mut stream: Stream) -> ConnectionLost {
+fn read_replies(shared: &Shared, stream: &mut Stream) -> ConnectionLost {
     let io = |during: &str, source| ConnectionLost::Io {
         during: during.to_string(),
         source,
@@ -734,7 +839,7 @@ fn read_replies(shared: &Shared, mut stream: Stream) -> ConnectionLost {
                     .checked_add(len)
                     .and_then(|end| buf.get_mut(offset..end))
                 {
-                    Some(dst) => fill(&mut stream, &mut input, dst),
+                    Some(dst) => fill(stream, &mut input, dst),
                     None => return ConnectionLost::ReaderStopped,
                 };
                 let mut st = lock(&shared.state);
@@ -840,6 +945,20 @@ impl ClientPool {
         }
     }
 
+    /// Hangs up every connection, waiting for the server to close them (see
+    /// [`Client::hang_up_draining`]).
+    pub fn hang_up_draining(&self) {
+        for c in &self.clients {
+            c.hang_up_draining();
+        }
+    }
+
+    /// Waits until every connection is closed, at most until `deadline`; whether they
+    /// all are (see [`Client::wait_closed`]).
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
+        self.clients.iter().all(|c| c.wait_closed(deadline))
+    }
+
     /// Disconnects every connection.
     pub fn disconnect(self) -> Result<(), ClientError> {
         let mut result = Ok(());
@@ -874,6 +993,8 @@ mod tests {
                 session: ClientSession::new(negotiated, true),
                 waiting: HashMap::new(),
                 lost: None,
+                draining: false,
+                reader_done: false,
             }),
             changed: Condvar::new(),
             max_in_flight: 4,

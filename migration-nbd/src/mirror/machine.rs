@@ -28,6 +28,9 @@
 //!   no dirty bit; one that failed there marks its clusters dirty.
 //! - A lost connection puts every copy in flight back into the dirty bitmap: nothing the
 //!   target may not have received is assumed to be there.
+//! - A target that answers nothing for [`MirrorConfig::reply_timeout`] while requests
+//!   wait counts as lost too ([`Action::HangUp`]): a hung server keeps its connections
+//!   open, so no error would ever say so.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -43,6 +46,9 @@ pub const DEFAULT_IO_SIZE: u64 = 1 << 20;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
 /// Default bytes of copies in flight (the buffers the driver holds): 16 MiB.
 pub const DEFAULT_BUFFER_BYTES: u64 = 16 << 20;
+/// Default time a target may leave every request unanswered: 30 s, the default request
+/// timeout of Linux's NBD driver.
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Guest writes kept for the latency percentiles.
 const LATENCY_SAMPLES: usize = 4096;
@@ -85,6 +91,11 @@ pub struct MirrorConfig {
     pub reconnect_delay: Duration,
     /// Longest delay between reconnection attempts.
     pub reconnect_delay_max: Duration,
+    /// How long the target may answer nothing (no copy, flush or write-blocking write
+    /// lands) while requests wait, before it counts as hung: the connection is then
+    /// treated as lost. Measured from the later of the last answer and the oldest request
+    /// in flight, so a slow target that keeps answering is never timed out. Not zero.
+    pub reply_timeout: Duration,
     /// The target reads as zeroes before the mirror starts (a fresh export): the first
     /// copy of a cluster may skip its holes and zero data instead of zeroing them there.
     pub target_is_zero: bool,
@@ -102,6 +113,7 @@ impl Default for MirrorConfig {
             reconnect_window: Duration::from_secs(30),
             reconnect_delay: Duration::from_millis(50),
             reconnect_delay_max: Duration::from_secs(2),
+            reply_timeout: DEFAULT_REPLY_TIMEOUT,
             target_is_zero: false,
         }
     }
@@ -146,6 +158,9 @@ pub enum ConfigError {
     /// older copy, whose clean clusters are kept.
     #[error("an incremental mirror cannot assume that the target reads as zeroes")]
     IncrementalOntoZero,
+    /// A reply timeout of zero would time out every request.
+    #[error("reply_timeout must be more than zero")]
+    ReplyTimeout,
     /// The disk has more clusters than this machine can index.
     #[error("a disk of {size} bytes has too many clusters of {granularity} bytes")]
     TooManyClusters {
@@ -292,10 +307,25 @@ pub enum Action {
         /// Attempt number, from 1.
         attempt: u32,
     },
+    /// The target answered nothing for [`MirrorConfig::reply_timeout`]: hang up every
+    /// connection at once, so that nothing more of them is sent (what was in flight is
+    /// dirty again, and the machine asks to reconnect next). The server may still carry
+    /// out what it holds if it wakes up, so before copying on a new connection the driver
+    /// should see the old ones closed by the server.
+    HangUp(Stalled),
     /// Nothing to do before this instant, unless something is reported first.
     WaitUntil(Instant),
     /// The job ended: see [`MirrorMachine::phase`].
     Done,
+}
+
+/// A target that stopped answering (see [`Action::HangUp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stalled {
+    /// Time without an answer while requests waited.
+    pub waited: Duration,
+    /// Requests that were waiting (copies, flushes, write-blocking writes).
+    pub unanswered: usize,
 }
 
 /// Progress worth telling the embedder about.
@@ -318,6 +348,9 @@ pub enum MirrorEvent {
         /// Copy rate then, bytes per second.
         copy_rate: f64,
     },
+    /// The target answered nothing for the reply timeout; the connection is treated as
+    /// lost (a [`MirrorEvent::ConnectionLost`] follows).
+    TargetStalled(Stalled),
     /// The connection was lost; copies in flight were put back as dirty.
     ConnectionLost {
         /// Bytes that were in flight.
@@ -467,6 +500,8 @@ struct Op {
     kind: OpKind,
     first: usize,
     count: usize,
+    /// When it was handed out, for the reply timeout.
+    since: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -502,8 +537,11 @@ pub struct MirrorMachine {
     dirty: DirtyBitmap,
     /// Clusters in an operation (a copy or a claimed write).
     busy: DirtyBitmap,
-    /// Clusters the target may hold data in, though `target_is_zero` (written by a
-    /// write-blocking write): their first copy must zero holes.
+    /// Clusters the target may hold data in, though `target_is_zero`: written by a
+    /// write-blocking write, or by any copy handed out (landed, lost or failed, whole or in
+    /// part). A copy skips holes only where none of its clusters is touched. A lost
+    /// connection restarts the bulk pass from the start, so "in the bulk pass" alone does
+    /// not mean "never copied".
     touched: DirtyBitmap,
     /// Where the current pass stands.
     cursor: usize,
@@ -525,6 +563,9 @@ pub struct MirrorMachine {
     reached_ready: bool,
     /// Dirty bytes sampled over the last rate window, for auto mode.
     backlog_hist: VecDeque<(Instant, u64)>,
+    /// When the target last answered (or the connection last came up), for the reply
+    /// timeout.
+    last_answer: Instant,
 }
 
 fn clusters_of(offset: u64, len: u64, granularity: u64, clusters: usize) -> (usize, usize) {
@@ -557,6 +598,9 @@ impl MirrorMachine {
                 buffer_bytes: cfg.buffer_bytes,
                 io_size: cfg.io_size,
             });
+        }
+        if cfg.reply_timeout.is_zero() {
+            return Err(ConfigError::ReplyTimeout);
         }
         let clusters =
             usize::try_from(size.div_ceil(g)).map_err(|_| ConfigError::TooManyClusters {
@@ -593,6 +637,7 @@ impl MirrorMachine {
             latencies: VecDeque::new(),
             reached_ready: false,
             backlog_hist: VecDeque::new(),
+            last_answer: now,
             cfg,
         })
     }
@@ -757,6 +802,9 @@ impl MirrorMachine {
         }
         let id = WriteId(self.next_id);
         self.next_id += 1;
+        // Whether it claims its clusters, waits, or is released by a switch to background,
+        // the driver may write it to the target.
+        self.touched.set_range(first..first + count);
         let free = self.busy.count_range(first..first + count) == 0
             && !self.overlaps_pending(first, count, None);
         self.writes.insert(
@@ -831,6 +879,7 @@ impl MirrorMachine {
         if !on_target || !claimed {
             self.mark_dirty(c.first, c.count, now);
         } else {
+            self.last_answer = self.last_answer.max(now);
             self.stats.blocking_writes += 1;
             let (_, len) = self.range(c.first, c.count);
             self.stats.blocking_write_bytes += len;
@@ -930,6 +979,7 @@ impl MirrorMachine {
         let Some(o) = self.take_op(op) else {
             return;
         };
+        self.last_answer = self.last_answer.max(now);
         let (_, len) = self.range(o.first, o.count);
         self.stats.bytes_copied += outcome.data;
         self.stats.bytes_holes += outcome.holes;
@@ -969,10 +1019,11 @@ impl MirrorMachine {
     }
 
     /// The flush landed.
-    pub fn handle_flushed(&mut self, op: OpId, _now: Instant) {
+    pub fn handle_flushed(&mut self, op: OpId, now: Instant) {
         if self.take_op(op).is_none() {
             return;
         }
+        self.last_answer = self.last_answer.max(now);
         let clean = self.dirty.is_clear() && self.copies_in_flight == 0;
         match self.phase {
             // Nothing was dirty or in flight when the flush was sent, and it succeeded:
@@ -1083,6 +1134,9 @@ impl MirrorMachine {
             return;
         }
         self.stats.reconnects += 1;
+        // Writes still claimed from the old connection fail soon; they must not count
+        // against the new one.
+        self.last_answer = self.last_answer.max(now);
         self.events.push_back(MirrorEvent::Reconnected {
             attempts,
             down_for: now.saturating_duration_since(since),
@@ -1158,7 +1212,7 @@ impl MirrorMachine {
             && self.copy_bytes_in_flight + self.cfg.io_size <= self.cfg.buffer_bytes
     }
 
-    fn start_copy(&mut self, first: usize, count: usize, first_copy: bool) -> Action {
+    fn start_copy(&mut self, first: usize, count: usize, first_copy: bool, now: Instant) -> Action {
         let op = OpId(self.next_id);
         self.next_id += 1;
         self.dirty.clear_range(first..first + count);
@@ -1172,11 +1226,14 @@ impl MirrorMachine {
                 kind: OpKind::Copy { first: first_copy },
                 first,
                 count,
+                since: now,
             },
         );
         let target_zero = first_copy
             && self.cfg.target_is_zero
             && self.touched.count_range(first..first + count) == 0;
+        // From now on the target may hold data here, whatever becomes of this copy.
+        self.touched.set_range(first..first + count);
         Action::Copy {
             op,
             offset,
@@ -1185,7 +1242,7 @@ impl MirrorMachine {
         }
     }
 
-    fn start_flush(&mut self) -> Action {
+    fn start_flush(&mut self, now: Instant) -> Action {
         let op = OpId(self.next_id);
         self.next_id += 1;
         self.ops.insert(
@@ -1194,6 +1251,7 @@ impl MirrorMachine {
                 kind: OpKind::Flush,
                 first: 0,
                 count: 0,
+                since: now,
             },
         );
         Action::Flush { op }
@@ -1206,6 +1264,9 @@ impl MirrorMachine {
     /// What to do next at `now`; `None` when nothing is to be done until something is
     /// reported (a completion, a write, a call).
     pub fn poll_action(&mut self, now: Instant) -> Option<Action> {
+        if let Some(s) = self.poll_timeout(now) {
+            return Some(Action::HangUp(s));
+        }
         self.maybe_auto_switch(now);
         match self.phase.clone() {
             Phase::Bulk => self.copy_pass(true, now),
@@ -1214,17 +1275,17 @@ impl MirrorMachine {
                 if self.flush_in_flight() {
                     None
                 } else {
-                    Some(self.start_flush())
+                    Some(self.start_flush(now))
                 }
             }
-            Phase::Ready => self.copy_anywhere(),
+            Phase::Ready => self.copy_anywhere(now),
             Phase::Completing => {
-                if let Some(a) = self.copy_anywhere() {
+                if let Some(a) = self.copy_anywhere(now) {
                     return Some(a);
                 }
                 let clean = self.dirty.is_clear() && self.copies_in_flight == 0;
                 if clean && self.writes.is_empty() && !self.flush_in_flight() {
-                    return Some(self.start_flush());
+                    return Some(self.start_flush(now));
                 }
                 None
             }
@@ -1258,8 +1319,57 @@ impl MirrorMachine {
         }
     }
 
+    /// When the target counts as hung if it answers nothing more: [`reply_timeout`] after
+    /// the later of its last answer and the oldest request in flight. `None` with nothing
+    /// in flight, or no connection to time out.
+    ///
+    /// [`reply_timeout`]: MirrorConfig::reply_timeout
+    pub fn reply_deadline(&self) -> Option<Instant> {
+        if self.phase.is_finished() || matches!(self.phase, Phase::Reconnecting { .. }) {
+            return None;
+        }
+        let oldest = self
+            .ops
+            .values()
+            .map(|o| o.since)
+            .chain(
+                self.writes
+                    .values()
+                    .filter(|c| c.state == ClaimState::Claimed)
+                    .map(|c| c.since),
+            )
+            .min()?;
+        Some(oldest.max(self.last_answer) + self.cfg.reply_timeout)
+    }
+
+    /// Checks the reply timeout at `now`. Past [`reply_deadline`](Self::reply_deadline)
+    /// the target is hung: the connection counts as lost (as with
+    /// [`handle_connection_lost`](Self::handle_connection_lost)) and the answer says so; the
+    /// driver must then hang up at once, as for [`Action::HangUp`], which
+    /// [`poll_action`](Self::poll_action) returns in the same case. A driver whose thread
+    /// that polls may itself be stuck sending to the hung target calls this from the
+    /// thread that waits for replies.
+    pub fn poll_timeout(&mut self, now: Instant) -> Option<Stalled> {
+        let deadline = self.reply_deadline()?;
+        if now < deadline {
+            return None;
+        }
+        let claimed = self
+            .writes
+            .values()
+            .filter(|c| c.state == ClaimState::Claimed)
+            .count();
+        let stalled = Stalled {
+            waited: now.saturating_duration_since(deadline - self.cfg.reply_timeout),
+            unanswered: self.ops.len() + claimed,
+        };
+        self.events.push_back(MirrorEvent::TargetStalled(stalled));
+        self.handle_connection_lost(now);
+        Some(stalled)
+    }
+
     /// Copies wherever something is dirty (ready and completing: no passes any more).
-    fn copy_anywhere(&mut self) -> Option<Action> {
+    fn copy_anywhere(&mut self, now: Instant) -> Option<Action> {
         if !self.can_start_copy() {
             return None;
         }
@@ -1268,7 +1378,7 @@ impl MirrorMachine {
             .or_else(|| self.find_run(0, self.cursor.min(self.clusters)));
         let (c, n) = run?;
         self.cursor = c + n;
-        Some(self.start_copy(c, n, false))
+        Some(self.start_copy(c, n, false, now))
     }
 
     /// The bulk pass and the iterations: copies in cluster order from the cursor; at the
@@ -1278,7 +1388,7 @@ impl MirrorMachine {
         if self.can_start_copy() {
             if let Some((c, n)) = self.find_run(self.cursor, self.clusters) {
                 self.cursor = c + n;
-                return Some(self.start_copy(c, n, first_copy));
+                return Some(self.start_copy(c, n, first_copy, now));
             }
             self.cursor = self.clusters;
         }

@@ -20,7 +20,7 @@ mod source;
 
 pub use machine::{
     Action, ConfigError, CopyMode, CopyOutcome, Failure, MirrorConfig, MirrorEvent, MirrorMachine,
-    MirrorStats, OpId, Phase, Rates, StateError, WriteId, WriteStart,
+    MirrorStats, OpId, Phase, Rates, Stalled, StateError, WriteId, WriteStart,
 };
 pub use persistent::{BitmapFileError, BitmapInfo, PersistentBitmap};
 pub use source::{BlockBackend, MEMORY_BLOCK, MemoryDisk};
@@ -144,7 +144,7 @@ pub enum MirrorError {
         source: Arc<io::Error>,
     },
     /// The target stayed unreachable for the whole reconnection window.
-    #[error("the mirror target {target} stayed unreachable for {window:?} ({attempts} attempts to reconnect){}", last.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default())]
+    #[error("the mirror target {target} stayed unreachable for {window:?} ({attempts} attempts to reconnect){}{}", last.as_ref().map(|e| format!("; last error: {e}")).unwrap_or_default(), if *hung_open > 0 { format!("; {hung_open} connections to it stopped answering and were never closed by it (copying again on new ones could let their old writes land last)") } else { String::new() })]
     TargetUnreachable {
         /// Target address and export.
         target: String,
@@ -154,6 +154,9 @@ pub enum MirrorError {
         attempts: u32,
         /// The last attempt's error.
         last: Option<ClientError>,
+        /// Connections hung up for the reply timeout that the target had still not
+        /// closed at the end.
+        hung_open: usize,
     },
     /// The target came back smaller than the source.
     #[error("target {target} came back with {target_size} bytes, the source needs {source_size}")]
@@ -210,6 +213,10 @@ impl std::fmt::Display for Cancelled {
     }
 }
 
+/// Longest wait, per reconnection attempt, for the target to close connections hung up
+/// for the reply timeout.
+const DRAIN_SLICE: Duration = Duration::from_secs(1);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -232,6 +239,10 @@ struct Inner {
     last_connect_error: Option<ClientError>,
     /// The phase when `cancel` was called.
     cancelled_in: Option<Phase>,
+    /// Connections hung up because the target stopped answering, until the target closes
+    /// them: a server that wakes up may still carry out the writes it holds, so nothing is
+    /// copied on a new connection before they are closed.
+    hung: Vec<Arc<ClientPool>>,
 }
 
 struct Shared {
@@ -272,19 +283,23 @@ impl Shared {
             .clone()
     }
 
+    /// Retires the connections in use: reports about them are stale from now on.
+    fn retire(&self, st: &mut Inner) -> Option<Arc<ClientPool>> {
+        st.generation += 1;
+        self.target
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .map(|(_, pool)| pool)
+    }
+
     /// A connection of `generation` failed: unless it was replaced already, hang it up
     /// and let the machine requeue what was in flight.
     fn lost(&self, st: &mut Inner, generation: u64, why: &ClientError) {
         if generation != st.generation {
             return;
         }
-        st.generation += 1;
-        let old = self
-            .target
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some((_, pool)) = old {
+        if let Some(pool) = self.retire(st) {
             // Nothing of the old connections may be sent after the ranges are copied
             // again on new ones.
             pool.abort();
@@ -292,6 +307,55 @@ impl Shared {
         warn!("mirror target {}: connection lost: {why}", self.name);
         st.m.handle_connection_lost(Instant::now());
         self.changed.notify_all();
+    }
+
+    /// The machine found the target hung (it requeued what was in flight already): hang
+    /// up, failing whatever waits on it, and keep the connections until the target
+    /// closes them.
+    fn stalled(&self, st: &mut Inner, s: Stalled) {
+        warn!(
+            "mirror target {}: no answer for {:?} with {} requests waiting; hanging up",
+            self.name, s.waited, s.unanswered
+        );
+        if let Some(pool) = self.retire(st) {
+            pool.hang_up_draining();
+            st.hung.push(pool);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits for `t`, checking the machine's reply timeout meanwhile: the thread that
+    /// submits may be stuck sending to a target that stopped reading, so this one must
+    /// be the one to notice.
+    fn watch<T>(&self, t: Ticket<T>) -> Result<T, ClientError> {
+        loop {
+            let deadline = lock(&self.state).m.reply_deadline();
+            // No deadline: the connection is lost or replaced already, and the ticket
+            // fails or completes without waiting on the target.
+            let Some(deadline) = deadline else {
+                return t.wait();
+            };
+            if t.wait_until(deadline) {
+                return t.wait();
+            }
+            let mut st = lock(&self.state);
+            if let Some(s) = st.m.poll_timeout(Instant::now()) {
+                self.stalled(&mut st, s);
+            }
+        }
+    }
+
+    /// Before connecting again: whether every connection hung up for the reply timeout is
+    /// closed by the target now, waiting at most until `deadline`.
+    fn hung_closed(&self, deadline: Instant) -> bool {
+        let hung = std::mem::take(&mut lock(&self.state).hung);
+        let open: Vec<_> = hung
+            .into_iter()
+            .filter(|p| !p.wait_closed(deadline))
+            .collect();
+        let closed = open.is_empty();
+        lock(&self.state).hung.extend(open);
+        closed
     }
 
     fn fail_op(&self, st: &mut Inner, op: OpId, e: MirrorError) {
@@ -438,6 +502,7 @@ impl Mirror {
                 generation: 0,
                 last_connect_error: None,
                 cancelled_in: None,
+                hung: Vec::new(),
             }),
             changed: Condvar::new(),
             source,
@@ -478,7 +543,7 @@ fn complete_loop(s: &Shared, rx: mpsc::Receiver<Pending>) {
             } => {
                 let mut first_err = None;
                 for t in tickets {
-                    if let Err(e) = t.wait() {
+                    if let Err(e) = s.watch(t) {
                         first_err.get_or_insert(e);
                     }
                 }
@@ -507,7 +572,7 @@ fn complete_loop(s: &Shared, rx: mpsc::Receiver<Pending>) {
                 op,
                 ticket,
             } => {
-                let r = ticket.map(Ticket::wait).unwrap_or(Ok(()));
+                let r = ticket.map(|t| s.watch(t)).unwrap_or(Ok(()));
                 let mut st = lock(&s.state);
                 match r {
                     Ok(()) => st.m.handle_flushed(op, Instant::now()),
@@ -542,15 +607,23 @@ fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
         match action {
             None => {
                 // Woken by completions and writes; the timeout lets auto mode look at the
-                // rates again while nothing happens.
+                // rates again while nothing happens, and the machine check its reply
+                // timeout (a write-blocking write may be all that waits on the target).
                 st.idle = true;
+                let wait =
+                    st.m.reply_deadline()
+                        .map_or(window / 4, |d| {
+                            d.saturating_duration_since(now).min(window / 4)
+                        })
+                        .max(Duration::from_millis(1));
                 let (g, _) = s
                     .changed
-                    .wait_timeout(st, window / 4)
+                    .wait_timeout(st, wait)
                     .unwrap_or_else(PoisonError::into_inner);
                 st = g;
                 st.idle = false;
             }
+            Some(Action::HangUp(stall)) => s.stalled(&mut st, stall),
             Some(Action::WaitUntil(t)) => {
                 let left = t.saturating_duration_since(now);
                 let _ = s
@@ -618,6 +691,17 @@ fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
             }
             Some(Action::Reconnect { attempt }) => {
                 drop(st);
+                // Bounded, so that a cancel or the end of the window is not held up long.
+                let drain_until = Instant::now() + s.opts.config.reply_timeout.min(DRAIN_SLICE);
+                if !s.hung_closed(drain_until) {
+                    info!(
+                        "mirror target {}: hung connections still open, not reconnecting yet (attempt {attempt})",
+                        s.name
+                    );
+                    let mut st = lock(&s.state);
+                    st.m.handle_reconnect_failed(Instant::now());
+                    continue;
+                }
                 info!("mirror target {}: reconnecting (attempt {attempt})", s.name);
                 let r = ClientPool::connect(
                     &s.addr,
@@ -655,12 +739,18 @@ fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
                     st.m.phase().clone()
                 {
                     let last = st.last_connect_error.clone();
+                    let hung_open = st.hung.iter().map(|p| p.clients().len()).sum();
                     st.error.get_or_insert(MirrorError::TargetUnreachable {
                         target: s.name.clone(),
                         window,
                         attempts,
                         last,
+                        hung_open,
                     });
+                }
+                // Hung connections are given up (closing them does not wait for the target).
+                for p in st.hung.drain(..) {
+                    p.abort();
                 }
                 // Completed or cancelled, nothing is in flight: say goodbye. Failed, hang up.
                 let clean = matches!(st.m.phase(), Phase::Completed | Phase::Cancelled);

@@ -19,6 +19,7 @@ fn cfg() -> MirrorConfig {
         reconnect_window: Duration::from_secs(10),
         reconnect_delay: Duration::from_millis(100),
         reconnect_delay_max: Duration::from_millis(400),
+        reply_timeout: Duration::from_secs(5),
         ..MirrorConfig::default()
     }
 }
@@ -98,6 +99,10 @@ fn config_is_checked() {
         },
         MirrorConfig {
             buffer_bytes: G,
+            ..cfg()
+        },
+        MirrorConfig {
+            reply_timeout: Duration::ZERO,
             ..cfg()
         },
     ];
@@ -645,6 +650,156 @@ fn holes_may_be_skipped_only_on_a_first_copy_of_clusters_no_write_touched() {
     assert!(!target_zero, "a re-copy never assumes zeroes");
 }
 
+/// A lost connection restarts the bulk pass: a cluster whose copy landed before the loss
+/// and that a background write dirtied while reconnecting is copied again in the bulk
+/// phase, and must not skip holes (the write may have zeroed what the target holds).
+#[test]
+fn a_bulk_pass_restarted_by_a_loss_zeroes_holes_in_clusters_it_had_copied() {
+    let t0 = Instant::now();
+    let c = MirrorConfig {
+        target_is_zero: true,
+        ..cfg()
+    };
+    let mut m = MirrorMachine::new(16 * G, c, t0).unwrap();
+    let ops = copies(&mut m, t0);
+    assert!(ops.len() > 1);
+    land_all(&mut m, &ops[..1], t0);
+    m.handle_connection_lost(t0);
+    m.note_write(ops[0].1, G, t0);
+    assert_eq!(m.poll_action(t0), Some(Action::Reconnect { attempt: 1 }));
+    m.handle_reconnected(16 * G, t0);
+    assert_eq!(*m.phase(), Phase::Bulk);
+    let mut seen = Vec::new();
+    while let Some(Action::Copy {
+        op,
+        offset,
+        len,
+        target_zero,
+    }) = m.poll_action(t0)
+    {
+        seen.push((offset, target_zero));
+        land_all(&mut m, &[(op, offset, len)], t0);
+    }
+    for &(_, off, _) in &ops {
+        assert!(
+            seen.contains(&(off, false)),
+            "{off} was copied (or was in flight) before the loss: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter().any(|&(o, z)| o >= 8 * G && z),
+        "untouched clusters still skip holes: {seen:?}"
+    );
+}
+
+#[test]
+fn a_target_that_answers_nothing_for_the_reply_timeout_is_hung_up_and_its_copies_requeued() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(16 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    assert_eq!(ops.len(), 4);
+    let dirty = m.dirty_clusters();
+    assert_eq!(m.reply_deadline(), Some(t0 + Duration::from_secs(5)));
+    let almost = t0 + Duration::from_millis(4999);
+    assert_eq!(m.poll_action(almost), None, "not yet");
+    assert_eq!(m.poll_timeout(almost), None);
+    let t1 = t0 + Duration::from_secs(5);
+    assert_eq!(
+        m.poll_action(t1),
+        Some(Action::HangUp(Stalled {
+            waited: Duration::from_secs(5),
+            unanswered: 4
+        }))
+    );
+    assert_eq!(m.ops_in_flight(), 0);
+    assert_eq!(m.dirty_clusters(), dirty + 8, "four copies of two put back");
+    assert_eq!(
+        m.reply_deadline(),
+        None,
+        "nothing to time out while reconnecting"
+    );
+    let ev: Vec<_> = std::iter::from_fn(|| m.poll_event()).collect();
+    let stalled = ev
+        .iter()
+        .position(|e| matches!(e, MirrorEvent::TargetStalled(_)));
+    let lost = ev
+        .iter()
+        .position(|e| *e == MirrorEvent::ConnectionLost { requeued: 8 * G });
+    assert!(stalled.is_some() && stalled < lost, "{ev:?}");
+    // A late answer on the hung connection changes nothing.
+    land_all(&mut m, &ops, t1);
+    assert_eq!(m.dirty_clusters(), dirty + 8);
+    assert_eq!(m.poll_action(t1), Some(Action::Reconnect { attempt: 1 }));
+    m.handle_reconnected(16 * G, t1);
+    assert_eq!(*m.phase(), Phase::Bulk);
+    run_to_ready(&mut m, t1);
+    assert_eq!(m.stats(t1).reconnects, 1);
+}
+
+#[test]
+fn a_slow_target_that_keeps_answering_is_never_timed_out() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(64 * G, cfg(), t0).unwrap();
+    let mut in_flight = copies(&mut m, t0);
+    // One answer every 3 s: the oldest copies wait far longer than the timeout, but the
+    // target is still answering.
+    for k in 1..=8u32 {
+        let now = t0 + Duration::from_secs(3) * k;
+        assert_eq!(m.poll_timeout(now), None, "timed out at {k}");
+        let done = in_flight.remove(0);
+        land_all(&mut m, &[done], now);
+        in_flight.extend(copies(&mut m, now));
+        assert_eq!(m.reply_deadline(), Some(now + Duration::from_secs(5)));
+    }
+    assert_eq!(m.phase(), &Phase::Bulk);
+}
+
+#[test]
+fn a_hung_flush_and_a_hung_write_blocking_write_time_out_too() {
+    let t0 = Instant::now();
+    let mut m = MirrorMachine::new(4 * G, cfg(), t0).unwrap();
+    let ops = copies(&mut m, t0);
+    land_all(&mut m, &ops, t0);
+    let _flush = expect_flush(&mut m, t0);
+    let t1 = t0 + Duration::from_secs(5);
+    assert!(matches!(
+        m.poll_action(t1),
+        Some(Action::HangUp(Stalled { unanswered: 1, .. }))
+    ));
+    assert!(
+        matches!(m.phase(), Phase::Reconnecting { resume, .. } if **resume == Phase::Iterating { pass: 0 }),
+        "{}",
+        m.phase()
+    );
+    assert_eq!(m.poll_action(t1), Some(Action::Reconnect { attempt: 1 }));
+    m.handle_reconnected(4 * G, t1);
+    run_to_ready(&mut m, t1);
+    // Ready and idle: nothing waits, so nothing times out however long it stays so.
+    assert_eq!(m.reply_deadline(), None);
+    assert_eq!(m.poll_action(t1 + Duration::from_secs(3600)), None);
+    // A write-blocking write that the target never answers.
+    m.set_mode(CopyMode::WriteBlocking, t1);
+    let t2 = t1 + Duration::from_secs(3600);
+    let WriteStart::Mirror(id) = m.begin_write(0, 100, t2) else {
+        panic!("the cluster is free")
+    };
+    assert_eq!(m.reply_deadline(), Some(t2 + Duration::from_secs(5)));
+    let t3 = t2 + Duration::from_secs(5);
+    assert_eq!(
+        m.poll_action(t3),
+        Some(Action::HangUp(Stalled {
+            waited: Duration::from_secs(5),
+            unanswered: 1
+        }))
+    );
+    // Hung up, the write fails and leaves its cluster dirty for the new connection.
+    m.end_write(id, false, t3);
+    assert_eq!(m.dirty_clusters(), 1);
+    assert_eq!(m.poll_action(t3), Some(Action::Reconnect { attempt: 1 }));
+    m.handle_reconnected(4 * G, t3);
+    run_to_ready(&mut m, t3);
+}
+
 // The model: bytes of a source and a target, and a driver whose copies read the source at
 // a moment of the script's choosing and land later, in any order.
 
@@ -653,14 +808,22 @@ const MODEL_G: u64 = 512;
 
 #[derive(Debug, Clone)]
 enum Step {
-    Write { offset: u64, len: u64, byte: u8 },
+    Write {
+        offset: u64,
+        len: u64,
+        byte: u8,
+    },
     Poll,
     Read(usize),
     Land(usize),
     FinishWrite(usize),
-    Lose { landed_mask: u8 },
+    Lose {
+        landed_mask: u8,
+    },
     Mode(u8),
     Tick,
+    /// The target answers nothing for the reply timeout.
+    Stall,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -678,6 +841,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => any::<u8>().prop_map(|m| Step::Lose { landed_mask: m }),
         1 => (0..3u8).prop_map(Step::Mode),
         1 => Just(Step::Tick),
+        1 => Just(Step::Stall),
     ]
 }
 
@@ -685,7 +849,22 @@ struct InFlight {
     op: OpId,
     offset: u64,
     len: u64,
+    /// The machine said the target reads as zeroes here: zero bytes are not written.
+    target_zero: bool,
     read: Option<Vec<u8>>,
+}
+
+impl InFlight {
+    /// Puts what was read on the target, skipping zeroes where the machine allowed it
+    /// (byte by byte, more than the driver skips, so a wrong allowance shows).
+    fn land_on(&self, dst: &mut [u8], data: &[u8]) {
+        let d = &mut dst[self.offset as usize..(self.offset + self.len) as usize];
+        for (t, &b) in d.iter_mut().zip(data) {
+            if b != 0 || !self.target_zero {
+                *t = b;
+            }
+        }
+    }
 }
 
 struct Model {
@@ -710,6 +889,11 @@ impl Model {
             buffer_bytes: 8 * MODEL_G,
             mode,
             rate_window: Duration::from_millis(50),
+            // Well inside the reconnection window, which a stall right after a loss (before
+            // the model reconnects) must not use up.
+            reply_timeout: Duration::from_secs(1),
+            // The model's target starts as zeroes, so the first copies may skip them.
+            target_is_zero: true,
             ..MirrorConfig::default()
         };
         let src: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
@@ -742,8 +926,8 @@ impl Model {
             return;
         };
         let c = self.copies.remove(pos);
-        let data = c.read.expect("read");
-        self.dst[c.offset as usize..(c.offset + c.len) as usize].copy_from_slice(&data);
+        let data = c.read.as_deref().expect("read");
+        c.land_on(&mut self.dst, data);
         self.m.handle_copied(c.op, CopyOutcome::default(), self.now);
     }
 
@@ -751,17 +935,33 @@ impl Model {
         while let Some(a) = self.m.poll_action(self.now) {
             match a {
                 Action::Copy {
-                    op, offset, len, ..
+                    op,
+                    offset,
+                    len,
+                    target_zero,
                 } => self.copies.push(InFlight {
                     op,
                     offset,
                     len,
+                    target_zero,
                     read: None,
                 }),
                 Action::Flush { op } => self.flushes.push(op),
                 Action::Reconnect { .. } => {
                     let size = self.m.size();
                     self.m.handle_reconnected(size, self.now)
+                }
+                Action::HangUp(_) => {
+                    // The driver waits for the hung connections to close before copying
+                    // again: what was sent lands (or not) before any new copy. Here every
+                    // other one that was read lands.
+                    for (k, c) in std::mem::take(&mut self.copies).into_iter().enumerate() {
+                        if let (Some(d), 0) = (&c.read, k % 2) {
+                            c.land_on(&mut self.dst, d);
+                        }
+                    }
+                    // Flushes sent on the hung connection are never answered.
+                    self.flushes.clear();
                 }
                 Action::WaitUntil(t) => self.now = t,
                 Action::Done => break,
@@ -809,9 +1009,9 @@ impl Model {
     fn lose(&mut self, landed_mask: u8) {
         // What was read may have landed before the connection went; the rest is lost.
         for (k, c) in std::mem::take(&mut self.copies).into_iter().enumerate() {
-            if let Some(d) = c.read {
+            if let Some(d) = &c.read {
                 if landed_mask & (1 << (k % 8)) != 0 {
-                    self.dst[c.offset as usize..(c.offset + c.len) as usize].copy_from_slice(&d);
+                    c.land_on(&mut self.dst, d);
                 }
             }
         }
@@ -871,6 +1071,10 @@ proptest! {
                     md.m.set_mode(modes[k as usize], now)
                 }
                 Step::Tick => md.now += Duration::from_millis(20),
+                Step::Stall => {
+                    md.now += md.m.config().reply_timeout;
+                    md.poll();
+                }
             }
         }
         md.finish();

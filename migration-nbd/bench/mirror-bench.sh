@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The mirror job against its peers, in one run on one machine:
+#   bulk: a disk with 50 % data and 50 % holes (1 MiB runs) and a fully written one, copied
+#         into our server and into qemu-nbd by the mirror (examples/mirror-bench.rs), by
+#         nbdcopy --flush and by qemu-img convert -n, into the same export;
+#   writer: the mirror of the full disk into our server while a guest writer writes 64 KiB
+#         blocks at 25 % and 75 % of the mirror's own bulk rate (measured in this run), in
+#         background mode (ready only by chance: a pass must end with nothing dirty; given
+#         up after READY_LIMIT s), auto mode and write-blocking mode: time to ready, bytes
+#         copied again, and the latency write-blocking added to the guest's writes.
+# Every file is in /dev/shm so that the disk does not hide the copiers' own cost. Rounds
+# are interleaved (A B C, A B C...) so that load from other processes hits each contender
+# alike; medians are printed.
+#
+# Usage: bench/mirror-bench.sh [SIZE_MIB] [ROUNDS]      (defaults 1024 and 3)
+# Needs: qemu-nbd, qemu-img, nbdcopy, nbdinfo. Builds migration-nbd in release.
+set -euo pipefail
+
+SIZE_MIB=${1:-1024}
+ROUNDS=${2:-3}
+READY_LIMIT=${READY_LIMIT:-20}
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+
+for t in qemu-nbd qemu-img nbdcopy nbdinfo fallocate; do
+    command -v "$t" >/dev/null || { echo "bench: $t not installed" >&2; exit 1; }
+done
+
+(cd "$root" && cargo build --release -q -p migration-nbd --bin migration-nbd --example mirror-bench)
+ours="$root/target/release/migration-nbd"
+mb="$root/target/release/examples/mirror-bench"
+
+shm=$(mktemp -d /dev/shm/mirror-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$shm"
+}
+trap cleanup EXIT
+
+wait_sock() {
+    local deadline=$((SECONDS + 20))
+    until [ -S "$1" ] && nbdinfo --size "nbd+unix:///?socket=$1" >/dev/null 2>&1; do
+        [ $SECONDS -lt $deadline ] || { echo "bench: $1 never came up" >&2; exit 1; }
+        sleep 0.05
+    done
+}
+
+echo "bench: building ${SIZE_MIB} MiB disks in $shm" >&2
+head -c $((SIZE_MIB << 20)) /dev/urandom >"$shm/full.img"
+cp "$shm/full.img" "$shm/half.img"
+for ((m = 1; m < SIZE_MIB; m += 2)); do
+    fallocate -p -o $((m << 20)) -l $((1 << 20)) "$shm/half.img"
+done
+for t in ours qemu; do
+    truncate -s $((SIZE_MIB << 20)) "$shm/tgt-$t.img"
+done
+
+"$ours" serve "$shm/tgt-ours.img" --listen "unix:$shm/ours.sock" 2>/dev/null &
+pids+=($!)
+qemu-nbd -f raw -t --shared=16 --discard=unmap -k "$shm/qemu.sock" "$shm/tgt-qemu.img" &
+pids+=($!)
+for t in ours qemu; do wait_sock "$shm/$t.sock"; done
+uri() { echo "nbd+unix:///?socket=$shm/$1.sock"; }
+
+declare -A res
+add() { res[$1]+="$2 "; }
+median() { # numbers, or "never" for a round not ready in time (then says how many)
+    tr ' ' '\n' | grep . | sort -n | awk '$1 == "never" {n++; next} {a[++k]=$1}
+        END {if (n) print "never " n "/" n + k; else print a[int((k + 1) / 2)]}'
+}
+field() { tr ' ' '\n' | awk -F= -v k="$1" '$1 == k {print $2}'; }
+rate() { # command... -> MiB/s
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" >/dev/null
+    t1=$(date +%s.%N)
+    echo "$SIZE_MIB $t0 $t1" | awk '{printf "%.0f\n", $1 / ($3 - $2)}'
+}
+
+for r in $(seq "$ROUNDS"); do
+    echo "bench: round $r/$ROUNDS" >&2
+    for disk in half full; do
+        for t in ours qemu; do
+            # The order of the three copiers turns with the round.
+            case $((r % 3)) in
+            0) order="mirror nbdcopy qemu-img" ;;
+            1) order="nbdcopy qemu-img mirror" ;;
+            2) order="qemu-img mirror nbdcopy" ;;
+            esac
+            for c in $order; do
+                case $c in
+                mirror) out=$("$mb" "$shm/$disk.img" "$shm/$t.sock")
+                    add "bulk/$disk/$t/mirror" "$(echo "$out" | field rate_mib_s)" ;;
+                nbdcopy) add "bulk/$disk/$t/nbdcopy" "$(rate nbdcopy --flush "$shm/$disk.img" "$(uri "$t")")" ;;
+                qemu-img) add "bulk/$disk/$t/qemu-img" "$(rate qemu-img convert -n -f raw -O raw "$shm/$disk.img" "$(uri "$t")")" ;;
+                esac
+            done
+        done
+    done
+    cmp "$shm/full.img" "$shm/tgt-ours.img"
+    cmp "$shm/full.img" "$shm/tgt-qemu.img"
+done
+
+# Writers at a fraction of this run's bulk rate of the mirror into our server.
+WRITER_CASES=${WRITER_CASES:-"25/bg 75/bg 25/auto 75/auto 25/blocking 75/blocking"}
+bulk=$(echo "${res[bulk/full/ours/mirror]}" | median)
+for r in $(seq "$ROUNDS"); do
+    echo "bench: writer round $r/$ROUNDS" >&2
+    for spec in $WRITER_CASES; do
+        pct=${spec%/*}
+        mode=${spec#*/}
+        cp "$shm/full.img" "$shm/w.img"
+        w=$((bulk * pct / 100 * 1048576))
+        out=$("$mb" "$shm/w.img" "$shm/ours.sock" --writer "$w" --mode "$mode" --ready-limit "$READY_LIMIT")
+        k="writer/$pct%/$mode"
+        if [ "$(echo "$out" | field ready)" = 1 ]; then
+            cmp "$shm/w.img" "$shm/tgt-ours.img"
+            add "$k/ready_s" "$(echo "$out" | field ready_s)"
+            add "$k/p50_ms" "$(echo "$out" | field p50_ms)"
+            add "$k/p99_ms" "$(echo "$out" | field p99_ms)"
+        else
+            add "$k/ready_s" "never"
+        fi
+        add "$k/recopied_mib" "$(echo "$out" | field recopied | awk '{printf "%.0f", $1 / 1048576}')"
+    done
+done
+
+echo
+echo "Mirror, ${SIZE_MIB} MiB, median of $ROUNDS interleaved rounds; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
+printf "%-34s %8s   %s\n" case median rounds
+for disk in half full; do
+    for t in ours qemu; do
+        for c in mirror nbdcopy qemu-img; do
+            k="bulk/$disk/$t/$c"
+            printf "%-34s %8s   %s\n" "$k (MiB/s)" "$(echo "${res[$k]}" | median)" "${res[$k]}"
+        done
+    done
+done
+echo "writer rates are percentages of $bulk MiB/s (bulk/full/ours/mirror); ready limit ${READY_LIMIT} s; p50/p99 -1: no write-blocking write"
+for spec in $WRITER_CASES; do
+    k="writer/${spec%/*}%/${spec#*/}"
+    for f in ready_s recopied_mib p50_ms p99_ms; do
+        printf "%-34s %8s   %s\n" "$k/$f" "$(echo "${res[$k/$f]:-}" | median)" "${res[$k/$f]:-}"
+    done
+done
