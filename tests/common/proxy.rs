@@ -48,6 +48,9 @@ struct State {
     /// The mark at which to hold the source's bytes.
     hold_at: Option<u64>,
     holding: bool,
+    /// A cap on the source's bytes, all connections together: bytes per second, and the
+    /// instant and count it was set at.
+    rate: Option<(u64, Instant, u64)>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -66,8 +69,20 @@ impl Shared {
         self.cv.notify_all();
     }
 
-    /// Before forwarding `n` bytes from the source on connection `id`: waits while held.
+    /// Before forwarding `n` bytes from the source on connection `id`: waits while held,
+    /// and while the bytes would pass the rate cap.
     fn before_forward(&self, id: u64, n: usize) {
+        let wait = {
+            let st = lock(&self.state);
+            st.rate.map(|(bps, since, at)| {
+                let due =
+                    Duration::from_secs_f64((st.forwarded - at + n as u64) as f64 / bps as f64);
+                (since + due).saturating_duration_since(Instant::now())
+            })
+        };
+        if let Some(w) = wait {
+            std::thread::sleep(w);
+        }
         let mut st = lock(&self.state);
         if let Some(h) = st.hold_at {
             if st.forwarded + n as u64 > h {
@@ -148,6 +163,14 @@ impl Proxy {
             shared,
             accept: Some(accept),
         }
+    }
+
+    /// From now on, forwards at most `bytes_per_s` from the source, all connections
+    /// together (a capped link); `None` lifts the cap.
+    pub fn set_rate(&self, bytes_per_s: Option<u64>) {
+        let mut st = lock(&self.shared.state);
+        let at = st.forwarded;
+        st.rate = bytes_per_s.map(|b| (b.max(1), Instant::now(), at));
     }
 
     /// Where to migrate to: `tcp:127.0.0.1:PORT`.

@@ -262,6 +262,40 @@ pub enum TransportKind {
     Unix,
 }
 
+/// How the storage mirror copies (migration-nbd's copy modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MirrorMode {
+    /// Copy in the background; guest writes are re-copied (QEMU's default).
+    #[default]
+    Background,
+    /// Every guest write also goes to the destination before it completes.
+    WriteBlocking,
+    /// Background, switching to write-blocking by itself when the guest writes faster
+    /// than the copy moves data.
+    Auto,
+}
+
+impl MirrorMode {
+    /// The mirror's mode.
+    pub fn copy_mode(self) -> migration_nbd::mirror::CopyMode {
+        match self {
+            MirrorMode::Background => migration_nbd::mirror::CopyMode::Background,
+            MirrorMode::WriteBlocking => migration_nbd::mirror::CopyMode::WriteBlocking,
+            MirrorMode::Auto => migration_nbd::mirror::CopyMode::Auto,
+        }
+    }
+}
+
+/// Which storage copy a migration does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyStorage {
+    /// Every disk whole into a new image on the destination.
+    All,
+    /// Only what was written since the destination's older copy.
+    Incremental,
+}
+
 /// The name clap knows a value by, to pass it on to another process.
 fn value_name(v: &impl ValueEnum) -> String {
     v.to_possible_value()
@@ -437,6 +471,26 @@ pub struct MigrateOptions {
     /// again after a broken connection before it gives the guest up (e.g. 5m, 2s).
     #[arg(long = "recovery-window", value_parser = parse_ms, default_value = "5m")]
     pub recovery_window_ms: u64,
+    /// Copy the VM's disks to the destination (no shared storage): it creates an image of
+    /// each and exports it over NBD, this side mirrors the disk into it until in sync, then
+    /// RAM migrates; the mirror completes in the guest's pause (libvirt's option).
+    #[arg(long, conflicts_with = "copy_storage_inc")]
+    pub copy_storage_all: bool,
+    /// As --copy-storage-all, but the destination holds an older copy of each disk (left
+    /// by an earlier migration) and only what this side wrote since is copied, from the
+    /// bitmap kept beside the image.
+    #[arg(long)]
+    pub copy_storage_inc: bool,
+    /// How the mirror copies: background, write-blocking or auto.
+    #[arg(long, value_enum, default_value_t = MirrorMode::Background)]
+    pub mirror_mode: MirrorMode,
+    /// Bytes per dirty bit of the mirror (a power of two, 512 B to 64 MiB).
+    #[arg(long, value_parser = parse_size, default_value = "64K")]
+    pub mirror_granularity: u64,
+    /// How long the mirror may take to be in sync before the migration is given up (the
+    /// error gives the guest's dirty rate and the copy rate).
+    #[arg(long = "mirror-deadline", value_parser = parse_ms, default_value = "5m")]
+    pub mirror_deadline_ms: u64,
     /// Diagnostics: cancel the migration as soon as it enters this phase (setup,
     /// bulk-copy, iterating, stop-and-copy, awaiting-verdict).
     #[arg(long, hide = true, value_parser = parse_phase)]
@@ -463,8 +517,24 @@ impl Default for MigrateOptions {
             postcopy: false,
             postcopy_after: None,
             recovery_window_ms: DEFAULT_RECOVERY_WINDOW_MS,
+            copy_storage_all: false,
+            copy_storage_inc: false,
+            mirror_mode: MirrorMode::Background,
+            mirror_granularity: 64 << 10,
+            mirror_deadline_ms: 300_000,
             cancel_at: None,
             refuse_resume: false,
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// The storage copy asked for, if any.
+    pub fn copy_storage(&self) -> Option<CopyStorage> {
+        match (self.copy_storage_all, self.copy_storage_inc) {
+            (_, true) => Some(CopyStorage::Incremental),
+            (true, false) => Some(CopyStorage::All),
+            (false, false) => None,
         }
     }
 }
@@ -519,9 +589,33 @@ pub struct DestinationArgs {
     pub prealloc_regions: u32,
     /// The guest's disk image: the one the source runs from (shared storage), opened
     /// before the guest runs here, checked against the size the source's VM has. Needed
-    /// when the incoming VM has a disk, refused when it has none.
+    /// when the incoming VM has a disk, refused when it has none. When the source copies
+    /// its disk (--copy-storage-all), the image to create here (it must not exist; without
+    /// this option one is created in the system's temporary directory); with
+    /// --copy-storage-inc, the older copy an earlier migration left here.
     #[arg(long)]
     pub disk: Option<std::path::PathBuf>,
+    /// Where the NBD server of a storage copy listens (default: beside --listen, a free
+    /// port on the same host, or the socket path with `.nbd` appended).
+    #[arg(long)]
+    pub nbd_listen: Option<String>,
+    /// The address the source is told to reach the NBD server at, where it differs from
+    /// where it listens (NAT, a proxy).
+    #[arg(long)]
+    pub nbd_advertise: Option<String>,
+    /// Diagnostics: copy the disk image to this path when the storage copy finishes (the
+    /// disk as it was at the switch, before the guest runs here), for `qemu-img compare`.
+    #[arg(long, hide = true)]
+    pub snapshot_disk_at_switch: Option<std::path::PathBuf>,
+    /// When a storage copy fails before the guest ran here, keep the image it created
+    /// (it is no base for an incremental copy: partly copied) instead of deleting it.
+    #[arg(long)]
+    pub keep_storage: bool,
+    /// Once the guest runs here and was checked, serve a control socket at this path (as
+    /// `run --control`) instead of running for --run-for: the guest can be migrated on, or
+    /// back, and `quit` ends it.
+    #[arg(long)]
+    pub control: Option<String>,
     /// Print the report as one JSON object (the guest console goes to standard error).
     #[arg(long)]
     pub json: bool,

@@ -17,6 +17,9 @@ use crate::vm::{VmmError, WaitError};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// A storage copy failed on this side.
+    #[error("storage copy")]
+    Copy(#[source] crate::migration::storage::CopyError),
     /// `--guest kvm` where KVM cannot be used.
     #[error("--guest kvm: /dev/kvm is missing or not usable (use --guest software or auto)")]
     KvmUnavailable,

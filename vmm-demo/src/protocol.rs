@@ -340,6 +340,23 @@ pub enum Event {
         /// Fault to page in place, µs.
         latency_us: u64,
     },
+    /// The storage mirror of a disk, before the RAM migration (about every 100 ms).
+    Mirror {
+        /// The disk.
+        disk: String,
+        /// Its size.
+        bytes_total: u64,
+        /// Bytes sent as data so far.
+        bytes_copied: u64,
+        /// Bytes dirty now (to copy, or copy again).
+        dirty_bytes: u64,
+        /// Copy rate over the last window, bytes/s.
+        copy_rate_bps: f64,
+        /// The guest's dirty rate over the last window, bytes/s.
+        dirty_rate_bps: f64,
+        /// Whether write-blocking is in force.
+        write_blocking: bool,
+    },
 }
 
 impl From<&ProgressEvent> for Event {

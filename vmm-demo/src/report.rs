@@ -379,10 +379,30 @@ pub struct MigrationReport {
     pub device_state_bytes: u64,
     /// The storage-policy verdict, when the VM has disks.
     pub storage: Option<String>,
+    /// The storage copy, when the disks were copied (--copy-storage-all/-inc).
+    #[serde(default)]
+    pub storage_copy: Option<StorageCopyReport>,
     /// The post-copy's figures, when the guest moved by post-copy (`bytes_on_wire`
     /// counts its bytes too; `pages`, `iterations` and `passes` are pre-copy's alone).
     #[serde(default)]
     pub postcopy: Option<SourcePostcopyReport>,
+}
+
+/// What a storage copy did (the source's side).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StorageCopyReport {
+    /// `"all"` (every disk whole) or `"inc"` (what changed since the destination's copy).
+    pub kind: String,
+    /// The mirror's copy mode at the start.
+    pub mirror_mode: crate::cli::MirrorMode,
+    /// From the prepare request to every mirror in sync, ms.
+    pub mirror_ms: f64,
+    /// Completing the mirrors inside the guest's pause, ms.
+    pub complete_ms: f64,
+    /// Where the destination exported the disks.
+    pub nbd: String,
+    /// Each disk.
+    pub disks: Vec<crate::migration::storage::DiskCopyReport>,
 }
 
 impl fmt::Display for MigrationReport {
@@ -617,6 +637,13 @@ pub struct DestinationReport {
     /// What the post-copy fault path measured, when the guest came by post-copy.
     #[serde(default)]
     pub postcopy: Option<PostcopyReport>,
+    /// The storage copy, when the source copied its disks here.
+    #[serde(default)]
+    pub storage: Option<DestinationStorageReport>,
+    /// Served on a control socket after the migration in (`--control`): the migration
+    /// that took the guest on from here, if one did.
+    #[serde(default)]
+    pub migrated_away: Option<MigrationReport>,
     /// A post-copy failed after its commit (the source did not come back in time): the
     /// guest ran here and is paused, with pages missing that only the source had.
     #[serde(default)]
@@ -651,8 +678,28 @@ impl DestinationReport {
             postcopy: None,
             paused_after_commit: false,
             disk: None,
+            storage: None,
+            migrated_away: None,
         }
     }
+}
+
+/// What a storage copy did on the destination.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DestinationStorageReport {
+    /// Where the NBD exports were.
+    pub nbd: String,
+    /// The images, in the VM's order.
+    pub images: Vec<String>,
+    /// Whether each was created here (a full copy) or the older copy kept here.
+    pub created: Vec<bool>,
+    /// The exports stopped and the images synced before the guest ran here.
+    pub finished: bool,
+    /// What was done with the images when the migration failed.
+    pub cleanup: Vec<String>,
+    /// The base the guest's writes are recorded against from now on, for a later
+    /// incremental copy back.
+    pub base: Option<String>,
 }
 
 impl fmt::Display for DestinationReport {
@@ -746,7 +793,9 @@ pub struct DemoMigration {
     pub device_state_bytes: u64,
     /// Dirty tracker used.
     pub tracker: String,
-    /// The storage-policy verdict, when the VM has disks.
+    /// The storage-policy verdict, when the VM has disks (`storage_policy` in JSON: the
+    /// report's `storage` is the storage copy's object).
+    #[serde(rename = "storage_policy")]
     pub storage: Option<String>,
     /// Bytes on the wire over the total time, MB/s.
     pub throughput_mb_s: f64,
@@ -868,6 +917,57 @@ pub struct DemoDisk {
     pub sectors_written_on_destination: u64,
 }
 
+/// The demo's storage copy (`--copy-storage-all`/`-inc`): the mirror's headline, summed
+/// over the disks.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DemoStorage {
+    /// `"all"` or `"inc"`.
+    pub kind: String,
+    /// Bytes sent as data.
+    pub bytes_copied: u64,
+    /// Bytes skipped as holes of the source.
+    pub bytes_skipped: u64,
+    /// Bytes sent as zeroes.
+    pub bytes_zeroed: u64,
+    /// Bytes copied again after guest writes.
+    pub bytes_recopied: u64,
+    /// From the prepare request to the mirror in sync, ms.
+    pub mirror_ms: f64,
+    /// Completing the mirror inside the guest's pause, ms.
+    pub complete_ms: f64,
+    /// Automatic switches to write-blocking.
+    pub mode_switches: u32,
+    /// NBD reconnections.
+    pub reconnects: u32,
+    /// The destination's copy of the disk passed its checks (the disk oracle, the hash
+    /// at a pre-copy switch).
+    pub disk_verified: bool,
+}
+
+impl DemoStorage {
+    /// From the source's report; `disk_verified` from the destination's checks.
+    pub fn new(r: &StorageCopyReport, disk_verified: bool) -> DemoStorage {
+        let mut s = DemoStorage {
+            kind: r.kind.clone(),
+            mirror_ms: r.mirror_ms,
+            complete_ms: r.complete_ms,
+            disk_verified,
+            ..DemoStorage::default()
+        };
+        for d in &r.disks {
+            s.bytes_copied += d.bytes_copied;
+            s.bytes_skipped += d
+                .bytes_holes
+                .saturating_sub(d.bytes_zeroed.min(d.bytes_holes));
+            s.bytes_zeroed += d.bytes_zeroed;
+            s.bytes_recopied += d.bytes_recopied;
+            s.mode_switches += d.mode_switches;
+            s.reconnects += d.reconnects;
+        }
+        s
+    }
+}
+
 /// What `vmm-demo demo` reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DemoReport {
@@ -916,6 +1016,9 @@ pub struct DemoReport {
     /// The guest's disk, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<DemoDisk>,
+    /// The storage copy, when the disks were copied rather than shared.
+    #[serde(default)]
+    pub storage: Option<DemoStorage>,
 }
 
 impl fmt::Display for DemoReport {
@@ -1081,6 +1184,7 @@ mod tests {
             max_throttle_pct: 0,
             device_state_bytes: 9000,
             storage: None,
+            storage_copy: None,
             postcopy: None,
         }
     }
@@ -1113,6 +1217,8 @@ mod tests {
             destination_console: ConsoleSummary::default(),
             postcopy: None,
             disk: None,
+
+            storage: None,
         };
         let text = report.to_string();
         let second = text.lines().nth(1).unwrap();
@@ -1155,6 +1261,8 @@ mod tests {
             destination_console: ConsoleSummary::default(),
             postcopy: None,
             disk: None,
+
+            storage: None,
         };
         let j = serde_json::to_string(&report).unwrap();
         let back: DemoReport = serde_json::from_str(&j).unwrap();

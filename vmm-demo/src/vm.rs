@@ -38,7 +38,8 @@ use crate::serial::{Console, Serial};
 use crate::software::SoftVcpu;
 use crate::state::{self, BLOB_VERSION, SoftPosition, VcpuState};
 use crate::virtio_blk::state::{BLK_ID, BlkState};
-use crate::virtio_blk::{BlkDevice, DiskError, DiskImage};
+use crate::virtio_blk::{BlkDevice, DiskError, DiskImage, WriteObservers};
+use migration_nbd::mirror::PersistentBitmap;
 
 /// How long a pause may take before it is reported as failed.
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -233,11 +234,77 @@ pub(crate) struct Disk {
     kick: Option<EventFd>,
     /// KVM: tells the device thread to return.
     stop: Option<EventFd>,
+    /// Who is told of the guest's writes to the image (a storage mirror, the bitmap).
+    observers: WriteObservers,
+    /// The persistent record of the writes since the image's base (for a later
+    /// `--copy-storage-inc`), held open while the VM runs.
+    bitmap: Mutex<Option<Arc<Mutex<PersistentBitmap>>>>,
+}
+
+impl Drop for Disk {
+    // The device is stopped by now: every write it made was recorded, so the bitmap is
+    // complete and is closed as such.
+    fn drop(&mut self) {
+        self.set_bitmap(None);
+    }
 }
 
 impl Disk {
     pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, BlkDevice> {
         self.dev.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        self.lock().disk().path().to_path_buf()
+    }
+
+    fn bytes(&self) -> u64 {
+        self.lock().disk().sectors() * crate::virtio_blk::SECTOR_SIZE
+    }
+
+    /// Opens the image's persistent bitmap if there is one; one that cannot be used (not
+    /// closed cleanly, another size) is left alone, and a later incremental copy says why.
+    fn open_bitmap(&self) {
+        let path = crate::migration::storage::bitmap_path(&self.path());
+        if !path.exists() {
+            return;
+        }
+        match PersistentBitmap::open(&path, self.bytes()) {
+            Ok(b) => self.set_bitmap(Some(b)),
+            Err(e) => tracing::warn!(%e, "not recording writes for an incremental copy"),
+        }
+    }
+
+    /// Replaces the bitmap (closing the old one cleanly); the new one is told of writes.
+    fn set_bitmap(&self, b: Option<PersistentBitmap>) {
+        let mut slot = self.bitmap.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.take() {
+            let key: Arc<dyn crate::virtio_blk::WriteObserver> = old.clone();
+            self.observers.remove(&key);
+            Self::close_bitmap(old);
+        }
+        if let Some(b) = b {
+            let b = Arc::new(Mutex::new(b));
+            self.observers.add(b.clone());
+            *slot = Some(b);
+        }
+    }
+
+    fn close_bitmap(b: Arc<Mutex<PersistentBitmap>>) {
+        match Arc::try_unwrap(b) {
+            Ok(m) => {
+                let b = m.into_inner().unwrap_or_else(|e| e.into_inner());
+                let path = b.path().to_path_buf();
+                if let Err(e) = b.close() {
+                    tracing::warn!(path = %path.display(), %e, "closing the disk's bitmap");
+                }
+            }
+            // Still shared (cannot happen: the observers let go of it first): saved in
+            // use, it is not trusted later, which is the safe side.
+            Err(b) => {
+                let _ = b.lock().unwrap_or_else(|e| e.into_inner()).save();
+            }
+        }
     }
 
     /// The device, once whoever holds it lets go, or why not within `timeout`. For a
@@ -437,6 +504,14 @@ impl Vm {
                         expected: config.disk_sectors,
                     }));
                 }
+                // A guest is about to write it: the image will not be the disk as it was
+                // at any base written beside it (an incremental copy checked it already).
+                let base = crate::migration::storage::base_path(p);
+                if base.exists() {
+                    if let Err(e) = std::fs::remove_file(&base) {
+                        tracing::warn!(path = %base.display(), %e, "removing a stale base");
+                    }
+                }
                 Some(img)
             }
             (Some(p), None) => {
@@ -472,7 +547,14 @@ impl Vm {
         let mem = Arc::new(mem);
         let disk = match (image, workload.mmio_base()) {
             (Some(img), Some(mmio_base)) => {
-                Some(Self::attach_disk(&machine, &mem, img, mmio_base)?)
+                let d = Self::attach_disk(&machine, &mem, img, mmio_base)?;
+                // The writes since the image's base, kept by an earlier VM on it: this one
+                // goes on recording (a VM that arrives by migration starts its own once
+                // the migration succeeded).
+                if !incoming {
+                    d.open_bitmap();
+                }
+                Some(d)
             }
             _ => None,
         };
@@ -523,10 +605,12 @@ impl Vm {
         };
         match machine {
             Machine::Software(_) => Ok(Disk {
+                observers: img.observers().clone(),
                 dev: Arc::new(Mutex::new(BlkDevice::new(mem.clone(), img, None))),
                 mmio_base,
                 kick: None,
                 stop: None,
+                bitmap: Mutex::new(None),
             }),
             Machine::Kvm(k) => {
                 let notify = efd("notify")?;
@@ -552,11 +636,13 @@ impl Vm {
                     source,
                 })?;
                 Ok(Disk {
+                    observers: img.observers().clone(),
                     dev: Arc::new(Mutex::new(BlkDevice::new(mem.clone(), img, Some(irq)))),
                     mmio_base,
                     kick: Some(kick),
                     // The thread gets the other end of these in spawn_threads.
                     stop: Some(efd("stop")?),
+                    bitmap: Mutex::new(None),
                 })
             }
         }
@@ -990,6 +1076,57 @@ macro_rules! accessors {
             /// What the disk's device did, if the VM has a disk.
             pub fn disk_stats(&self) -> Option<crate::virtio_blk::BlkStats> {
                 self.inner.disk.as_ref().map(|d| d.lock().stats())
+            }
+
+            /// Who is told of the guest's writes to its disk, if it has one.
+            pub fn disk_observers(&self) -> Option<crate::virtio_blk::WriteObservers> {
+                self.inner.disk.as_ref().map(|d| d.observers.clone())
+            }
+
+            /// The disk's size in bytes, if the VM has a disk.
+            pub fn disk_bytes(&self) -> Option<u64> {
+                self.inner.disk.as_ref().map(|d| d.bytes())
+            }
+
+            /// The clusters written since the disk image's base, their size, and the base,
+            /// from the bitmap this VM keeps; `None` without one.
+            pub fn disk_bitmap(
+                &self,
+            ) -> Option<(migration_core::bitmap::DirtyBitmap, u64, [u8; 16])> {
+                let d = self.inner.disk.as_ref()?;
+                let slot = d.bitmap.lock().unwrap_or_else(|e| e.into_inner());
+                let b = slot.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+                Some((b.bits().clone(), b.granularity(), b.base()))
+            }
+
+            /// Starts recording the guest's writes since `base` (the disk as it is now, and
+            /// as the migration's other side holds it), replacing a bitmap kept so far.
+            pub fn start_disk_bitmap(
+                &self,
+                base: [u8; 16],
+                granularity: u64,
+            ) -> Result<(), String> {
+                let Some(d) = self.inner.disk.as_ref() else {
+                    return Ok(());
+                };
+                let path = crate::migration::storage::bitmap_path(&d.path());
+                let b = PersistentBitmap::create(&path, d.bytes(), granularity, base)
+                    .map_err(|e| e.to_string())?;
+                d.set_bitmap(Some(b));
+                Ok(())
+            }
+
+            /// Stops recording and closes the bitmap cleanly (a later VM on the image
+            /// trusts it), or with `remove`, deletes it (it counts from a base the image is
+            /// not at any more).
+            pub fn close_disk_bitmap(&self, remove: bool) {
+                let Some(d) = self.inner.disk.as_ref() else {
+                    return;
+                };
+                d.set_bitmap(None);
+                if remove {
+                    let _ = std::fs::remove_file(crate::migration::storage::bitmap_path(&d.path()));
+                }
             }
 
             /// The path of the disk's image, if the VM has a disk.

@@ -1177,7 +1177,11 @@ impl MirrorMachine {
             });
         let r = self.rates(now);
         let losing = r.dirty_rate > r.copy_rate || (stuck && r.dirty_rate > 0.0);
-        if backlog >= self.cfg.io_size && losing {
+        // A small hot set the guest rewrites faster than the link moves it (one cluster,
+        // written on every pass) is never a whole copy of backlog, but it keeps the mirror
+        // from ever being in sync just the same: stuck for a window before ready counts.
+        let hot = stuck && !self.reached_ready;
+        if losing && (backlog >= self.cfg.io_size || hot) {
             self.switch(true, true, now);
         }
     }

@@ -16,7 +16,9 @@ use crate::error::{Error, chain};
 use crate::migration::source::MigrationControl;
 use crate::protocol::MigrateRequest;
 use crate::protocol::RunState;
-use crate::report::{ConsoleSummary, DemoDisk, DemoMigration, DemoPostcopy, DemoReport};
+use crate::report::{
+    ConsoleSummary, DemoDisk, DemoMigration, DemoPostcopy, DemoReport, DemoStorage,
+};
 
 /// Kills and reaps a child process on drop, by its PID.
 struct ChildGuard(Child);
@@ -157,7 +159,17 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     cmd.args(["--placement", a.placement.as_str()])
         .arg("--recovery-window")
         .arg(format!("{}ms", a.options.recovery_window_ms));
-    if let Some(d) = &guest_disk {
+    // Copied (--copy-storage-*), the destination gets an image of its own, which it
+    // creates for a full copy; shared, it opens the source's.
+    let copying = a.options.copy_storage().is_some();
+    let dst_disk = guest_disk.as_ref().map(|d| {
+        if copying {
+            dir.join("destination-disk.raw").display().to_string()
+        } else {
+            d.clone()
+        }
+    });
+    if let Some(d) = &dst_disk {
         cmd.args(["--disk", d]);
     }
     if a.dst_prealloc {
@@ -325,6 +337,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         },
         postcopy: None,
         disk: None,
+        storage: None,
     };
     // A missing report is a problem of its own only after a completed migration: after a
     // failed one, a destination that was never connected is killed before it reports.
@@ -362,7 +375,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
             });
             // The disk: checked on the destination wherever RAM was, with its hash at a
             // pre-copy switch. A guest disk the destination did not report is a failure.
-            if let Some(path) = &guest_disk {
+            if let Some(path) = &dst_disk {
                 let dd = out.destination.as_ref().and_then(|d| d.disk.as_ref());
                 let verified = dst_ok
                     && dd.is_some_and(|k| {
@@ -382,7 +395,17 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
                     sectors_written_on_destination: dd.map_or(0, |k| k.device.sectors_written),
                 });
             }
-            let disk_ok = out.disk.as_ref().is_none_or(|k| k.verified);
+            if let Some(c) = &m.storage_copy {
+                let verified = out.disk.as_ref().is_some_and(|k| k.verified)
+                    && out
+                        .destination
+                        .as_ref()
+                        .and_then(|d| d.storage.as_ref())
+                        .is_some_and(|s| s.finished);
+                out.storage = Some(DemoStorage::new(c, verified));
+            }
+            let disk_ok = out.disk.as_ref().is_none_or(|k| k.verified)
+                && out.storage.as_ref().is_none_or(|s| s.disk_verified);
             let dst_ok = dst_ok && disk_ok;
             let src_ok = out.source.as_ref().is_some_and(|s| s.migrated);
             out.verified = dst_ok && src_ok;

@@ -4,14 +4,19 @@
 
 use std::time::{Duration, Instant};
 
-use migration_core::transport::{Address, Listener};
+use migration_core::transport::{Address, Listener, Stream};
 use migration_core::vm::VmControl;
 use migration_precopy::Placement;
 
+use super::run::control_address;
+use super::server::{ControlState, serve_control};
 use crate::cli::DestinationArgs;
 use crate::error::{Error, chain};
 use crate::migration::destination::{self, ReceiveOptions};
-use crate::report::{DestinationDiskReport, DestinationReport, PostcopyReport};
+use crate::migration::storage::{self, PrepareReply, StorageTarget};
+use crate::report::{
+    DestinationDiskReport, DestinationReport, DestinationStorageReport, PostcopyReport,
+};
 use crate::vm::{PreallocatedRam, Vm};
 
 /// The line on standard error that says where the destination listens (the demo and the
@@ -67,9 +72,210 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     eprintln!("{LISTENING}{local}");
     // The listener stays open: a post-copy source's urgent channel and its connections
     // after a break come through it.
-    let stream = listener
+    let mut stream = listener
         .accept()
         .map_err(listen_err("accepting a migration on"))?;
+    // A storage copy first (--copy-storage-*): the source asks for exports, mirrors its
+    // disks into them, and only then opens the migration stream.
+    let mut copy = None;
+    if storage::is_prelude(&stream, Duration::from_secs(10)).unwrap_or(false) {
+        let (c, next) = prepare_storage(a, &listener, &local, stream, rep)?;
+        copy = Some(c);
+        stream = next;
+    }
+    let r = receive_rest(a, rep, &listener, stream, prealloc, copy.as_mut());
+    if let Some(c) = copy {
+        c.end(r.is_ok() || rep.ran_guest, a.keep_storage, rep);
+    }
+    r
+}
+
+/// The destination's storage copy: its exports, and the connection that asked for them.
+struct DestinationCopy {
+    target: Option<StorageTarget>,
+    /// Open while the source mirrors; its end before the migration stream means the
+    /// source gave up.
+    prepare: Stream,
+    new_base: Option<[u8; 16]>,
+    paths: Vec<std::path::PathBuf>,
+    /// Diagnostics: where to copy the image at the finish.
+    snapshot: Option<std::path::PathBuf>,
+}
+
+impl DestinationCopy {
+    /// Finish (before the guest state is loaded): the exports stop.
+    fn finish(&mut self) -> Result<(), String> {
+        if let Some(t) = self.target.as_mut() {
+            t.finish().map_err(|e| chain(&e))?;
+        }
+        if let (Some(to), Some(from)) = (&self.snapshot, self.paths.first()) {
+            std::fs::copy(from, to)
+                .map_err(|e| format!("copying {} to {}: {e}", from.display(), to.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The migration ended: the guest runs here (`ran`) or not. Not run here, the images
+    /// created for it are deleted (unless `keep`).
+    fn end(mut self, ran: bool, keep: bool, rep: &mut DestinationReport) {
+        let _ = self.prepare.shutdown(std::net::Shutdown::Both);
+        let Some(t) = self.target.take() else { return };
+        if ran {
+            let _ = self.finish_target(t);
+            return;
+        }
+        let said = t.abort(keep);
+        for s in &said {
+            tracing::info!("storage: {s}");
+        }
+        if let Some(r) = rep.storage.as_mut() {
+            r.cleanup = said;
+        }
+    }
+
+    fn finish_target(
+        &self,
+        mut t: StorageTarget,
+    ) -> Result<(), crate::migration::storage::CopyError> {
+        t.finish().map(|_| ())
+    }
+}
+
+/// Prepare: reads the source's request on `prep`, creates or checks the images, exports
+/// them and answers; then waits for the migration stream while the source mirrors (a
+/// source that gives up closes `prep`, and the images go).
+fn prepare_storage(
+    a: &DestinationArgs,
+    listener: &Listener,
+    local: &Address,
+    mut prep: Stream,
+    rep: &mut DestinationReport,
+) -> Result<(DestinationCopy, Stream), Error> {
+    let req = storage::read_request(&mut prep).map_err(Error::Copy)?;
+    let nbd_bind = match &a.nbd_listen {
+        Some(l) => l.parse().map_err(|source| Error::Address {
+            option: "--nbd-listen",
+            source,
+        })?,
+        None => nbd_beside(local),
+    };
+    let scratch = std::env::temp_dir();
+    let target =
+        match StorageTarget::prepare(&req, std::slice::from_ref(&a.disk), &scratch, &nbd_bind) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = storage::reply(&mut prep, &PrepareReply::Refused { reason: chain(&e) });
+                return Err(Error::Copy(e));
+            }
+        };
+    let mut reply = target.reply();
+    if let (Some(adv), PrepareReply::Ready { nbd, .. }) = (&a.nbd_advertise, &mut reply) {
+        *nbd = adv.clone();
+    }
+    prepared(a, listener, prep, req, target, reply, rep)
+}
+
+/// Where the NBD server listens by default: beside the migration listener.
+fn nbd_beside(local: &Address) -> Address {
+    match local {
+        Address::Unix(p) => {
+            let mut n = p.as_os_str().to_owned();
+            n.push(".nbd");
+            Address::Unix(n.into())
+        }
+        Address::Tcp { host, .. } => Address::Tcp {
+            host: host.clone(),
+            port: 0,
+        },
+    }
+}
+
+/// The exports are up: answers the source, then waits for its migration stream.
+fn prepared(
+    a: &DestinationArgs,
+    listener: &Listener,
+    prep: Stream,
+    req: storage::PrepareRequest,
+    target: StorageTarget,
+    reply: PrepareReply,
+    rep: &mut DestinationReport,
+) -> Result<(DestinationCopy, Stream), Error> {
+    let (nbd, created) = match &reply {
+        PrepareReply::Ready { nbd, exports } => {
+            (nbd.clone(), exports.iter().map(|e| e.created).collect())
+        }
+        PrepareReply::Refused { .. } => unreachable!("a prepared target is ready"),
+    };
+    let paths = target.paths();
+    rep.storage = Some(DestinationStorageReport {
+        nbd,
+        images: paths.iter().map(|p| p.display().to_string()).collect(),
+        created,
+        ..DestinationStorageReport::default()
+    });
+    let mut copy = DestinationCopy {
+        target: Some(target),
+        prepare: prep,
+        new_base: req.new_base.as_deref().and_then(storage::parse_base),
+        paths,
+        snapshot: a.snapshot_disk_at_switch.clone(),
+    };
+    if let Err(e) = storage::reply(&mut copy.prepare, &reply) {
+        copy.end(false, a.keep_storage, rep);
+        return Err(Error::Copy(e));
+    }
+    loop {
+        match listener.accept_timeout(Duration::from_millis(200)) {
+            Ok(Some(s)) => return Ok((copy, s)),
+            Ok(None) => {}
+            Err(e) => {
+                copy.end(false, a.keep_storage, rep);
+                return Err(Error::Listen {
+                    what: "accepting a migration on",
+                    address: a.listen.clone(),
+                    source: e,
+                });
+            }
+        }
+        if peer_closed(&copy.prepare) {
+            copy.end(false, a.keep_storage, rep);
+            return Err(Error::Copy(crate::migration::storage::CopyError::Message(
+                "the source closed the storage connection before migrating: it gave up".into(),
+            )));
+        }
+    }
+}
+
+/// Whether the peer of `s` closed it (nothing more will come).
+fn peer_closed(s: &Stream) -> bool {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut b = [0u8; 1];
+    // SAFETY: a one-byte peek into a stack buffer on a socket we hold, without waiting.
+    let n = unsafe {
+        libc::recv(
+            s.as_fd().as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+        || (n < 0 && {
+            let e = std::io::Error::last_os_error();
+            e.kind() != std::io::ErrorKind::WouldBlock
+                && e.kind() != std::io::ErrorKind::Interrupted
+        })
+}
+
+/// Receives the migration on `stream` and runs the guest.
+fn receive_rest(
+    a: &DestinationArgs,
+    rep: &mut DestinationReport,
+    listener: &Listener,
+    stream: Stream,
+    prealloc: Option<PreallocatedRam>,
+    mut copy: Option<&mut DestinationCopy>,
+) -> Result<(), Error> {
     let opts = ReceiveOptions {
         idle_timeout: a.idle_timeout,
         // Preallocated RAM has every page in place already: nothing to fault in or
@@ -90,7 +296,8 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
     // The image is opened (never written) before anything of the guest arrives: a VM
     // whose disk does not match the source's (no --disk, another size) is refused here,
     // and the source resumes.
-    let disk = a.disk.as_deref();
+    let copied_disk = copy.as_ref().and_then(|c| c.paths.first().cloned());
+    let disk = copied_disk.as_deref().or(a.disk.as_deref());
     let built = match prealloc {
         Some(ram) => Vm::new_incoming_on_with_disk(&info.config, info.guest, console, ram, disk),
         None => {
@@ -104,14 +311,36 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
         }
         Err(e) => return Err(accepted.refuse(e).into()),
     };
-    let got = accepted.receive(&vm, &listener, &opts);
+    let got = match copy.as_deref_mut() {
+        Some(c) => {
+            let mut finish = || c.finish();
+            accepted.receive_with(&vm, listener, &opts, &mut finish)
+        }
+        None => accepted.receive(&vm, listener, &opts),
+    };
     // A post-copy runs the guest at its commit: if it failed after that, the guest ran.
     if let Err(e) = &got {
         rep.ran_guest = e.paused_after_commit();
     }
     let got = got?;
-    drop(listener);
     rep.ran_guest = true;
+    if let Some(c) = copy {
+        if let Some(r) = rep.storage.as_mut() {
+            r.finished = true;
+        }
+        // From now on the guest's writes are recorded against the base the source left
+        // its image at: a later incremental copy back moves only those.
+        if let Some(base) = c.new_base {
+            match vm.handle().start_disk_bitmap(base, 64 << 10) {
+                Ok(()) => {
+                    if let Some(r) = rep.storage.as_mut() {
+                        r.base = Some(crate::migration::storage::base_hex(base));
+                    }
+                }
+                Err(e) => tracing::warn!(%e, "no bitmap of the writes from here on"),
+            }
+        }
+    }
     rep.migration_mode = Some(got.mode);
     rep.hash_checked = got.oracle.as_ref().is_some_and(|b| b.ram_hash.is_some());
     rep.passes_at_switchover = match &got.oracle {
@@ -165,11 +394,22 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
             source,
         })?;
     }
-    let ran = match a.passes {
+    let ran = match (&a.control, a.passes) {
+        (Some(path), _) => match serve_until_done(&vm, path, rep)? {
+            // Gone on to another destination: this copy is stale, and checked no more.
+            true => {
+                rep.passes_at_end = vm.passes();
+                rep.console_lines = vm.console_lines().0;
+                vm.handle().close_disk_bitmap(true);
+                rep.verified = true;
+                return Ok(());
+            }
+            false => Ok(()),
+        },
         // Each vCPU from its own count: vCPUs run at their own pace, and one far ahead of
         // another has done the slowest's share of passes already.
-        Some(n) => wait_for_more_passes(&vm, &rep.passes_at_switchover, n),
-        None => {
+        (None, Some(n)) => wait_for_more_passes(&vm, &rep.passes_at_switchover, n),
+        (None, None) => {
             std::thread::sleep(a.run_for);
             Ok(())
         }
@@ -221,8 +461,39 @@ fn receive_and_run(a: &DestinationArgs, rep: &mut DestinationReport) -> Result<(
             at_end: rep.passes_at_end.clone(),
         });
     }
+    vm.handle().close_disk_bitmap(false);
     rep.verified = true;
     Ok(())
+}
+
+/// Serves a control socket at `path` for the guest that runs here (as `run --control`)
+/// until it is migrated away (true) or asked to quit (false).
+fn serve_until_done(vm: &Vm, path: &str, rep: &mut DestinationReport) -> Result<bool, Error> {
+    use crate::protocol::RunState;
+    let control = ControlState::new();
+    let disks = vm
+        .disk_path()
+        .map(|p| {
+            vec![crate::migration::DiskArg {
+                path: p.display().to_string(),
+                cache: None,
+            }]
+        })
+        .unwrap_or_default();
+    serve_control(&control_address(path)?, vm.handle(), disks, control.clone())?;
+    loop {
+        match control.state() {
+            RunState::Migrated => {
+                rep.migrated_away = control.last_migration();
+                return Ok(true);
+            }
+            RunState::Migrating => {}
+            RunState::Running if !vm.failures().is_empty() => return Ok(false),
+            _ if control.quit_requested() => return Ok(false),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Waits until every vCPU `i` has done `n` passes more than `from[i]`; fails if a vCPU

@@ -46,6 +46,27 @@ impl Progress {
             Event::Throttle { percent } => {
                 b.println(format!("auto-converge: throttle {percent} %"))
             }
+            Event::Mirror {
+                disk,
+                bytes_total,
+                bytes_copied,
+                dirty_bytes,
+                copy_rate_bps,
+                write_blocking,
+                ..
+            } => {
+                b.set_message(format!("mirror {disk}"));
+                b.set_length(bytes_total / 4096);
+                b.set_position(bytes_total.saturating_sub(*dirty_bytes) / 4096);
+                if *write_blocking {
+                    b.set_message(format!("mirror {disk} (write-blocking)"));
+                }
+                b.set_prefix(format!(
+                    "{} MiB copied, {:.1} MB/s",
+                    bytes_copied >> 20,
+                    copy_rate_bps / 1e6
+                ));
+            }
             _ => {}
         }
     }

@@ -15,7 +15,7 @@ use crate::report::RunReport;
 use crate::vm::Vm;
 
 /// The control socket's address: `unix:PATH`, or a bare path.
-fn control_address(s: &str) -> Result<Address, Error> {
+pub(crate) fn control_address(s: &str) -> Result<Address, Error> {
     if s.starts_with("unix:") {
         s.parse().map_err(|source| Error::Address {
             option: "--control",
@@ -157,6 +157,10 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
         .map(|i| passes[i as usize] as f64 * w.share(i).len() as f64)
         .sum();
     let (console_lines, console_dropped) = vm.console_lines();
+    // The record of the disk's writes for a later incremental copy: complete, unless the
+    // disk went on without this VM (migrated away on shared storage: the writes there
+    // are not in it; a storage copy removed it already).
+    vm.handle().close_disk_bitmap(status == RunState::Migrated);
     let ram_hash = vm.ram_hash().map_err(|source| Error::Oracle {
         when: "hashing RAM at the end",
         source,

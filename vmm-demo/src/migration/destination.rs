@@ -219,12 +219,26 @@ impl Accepted {
         listener: &Listener,
         o: &ReceiveOptions,
     ) -> Result<Received, ReceiveError> {
+        self.receive_with(vm, listener, o, &mut || Ok(()))
+    }
+
+    /// [`receive`](Self::receive), calling `before_load` once the source's device state
+    /// arrived, before it is loaded (and before any check of the disk): where a storage
+    /// copy stops its NBD exports.
+    pub fn receive_with(
+        self,
+        vm: &Vm,
+        listener: &Listener,
+        o: &ReceiveOptions,
+        before_load: &mut (dyn FnMut() -> Result<(), String> + Send),
+    ) -> Result<Received, ReceiveError> {
         let mem = vm.memory().clone();
         let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());
         let oracle = Mutex::new(None);
         let mut dvm = DestinationVm {
             vm,
             oracle: &oracle,
+            before_load,
         };
         let mut disk_at_switch = None;
         let mut verify = |_: &[DeviceState]| {
@@ -296,6 +310,9 @@ impl Accepted {
 struct DestinationVm<'a> {
     vm: &'a Vm,
     oracle: &'a Mutex<Option<OracleBlob>>,
+    /// Called before the device state is loaded: a storage copy's finish (the source
+    /// completed its mirrors before its state left it).
+    before_load: &'a mut (dyn FnMut() -> Result<(), String> + Send),
 }
 
 impl VmControl for DestinationVm<'_> {
@@ -312,6 +329,7 @@ impl VmControl for DestinationVm<'_> {
         self.vm.handle().save_device_state()
     }
     fn load_device_state(&mut self, states: &[DeviceState]) -> Result<(), VmError> {
+        (self.before_load)().map_err(|e| VmError::new(VmOp::LoadState, e).for_device("disk0"))?;
         let mut rest = Vec::with_capacity(states.len());
         for s in states {
             if s.id != ORACLE_ID {

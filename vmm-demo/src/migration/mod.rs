@@ -103,6 +103,7 @@ pub fn check_storage(
     disks: &[DiskArg],
     allow_unsafe: bool,
     same_host: bool,
+    copied: bool,
 ) -> Result<Option<String>, StorageError> {
     if disks.is_empty() {
         return Ok(None);
@@ -115,6 +116,8 @@ pub fn check_storage(
         let mut spec = DiskSpec::named(format!("disk{i}"));
         spec.path = Some(d.path.clone());
         spec.cache = d.cache;
+        // Copied by the storage mirror: the destination gets a disk of its own.
+        spec.copied = copied;
         plan.disks.push(spec);
     }
     let report = migration_storage_policy::check_plan(&plan).map_err(StorageError::Check)?;
@@ -166,14 +169,17 @@ mod tests {
             path: path.display().to_string(),
             cache: None,
         }];
-        let ok = check_storage(&d, false, true).unwrap().unwrap();
+        let ok = check_storage(&d, false, true, false).unwrap().unwrap();
         assert!(ok.contains("safe"), "{ok}");
-        assert!(check_storage(&d, false, false).is_err());
+        assert!(check_storage(&d, false, false, false).is_err());
+        // Copied to the destination, a local image is safe whatever the host.
+        let ok = check_storage(&d, false, false, true).unwrap().unwrap();
+        assert!(ok.contains("safe"), "{ok}");
     }
 
     #[test]
     fn no_disk_is_safe_and_an_unsafe_disk_is_refused_unless_overridden() {
-        assert!(matches!(check_storage(&[], false, false), Ok(None)));
+        assert!(matches!(check_storage(&[], false, false, false), Ok(None)));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("disk.raw");
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
@@ -182,13 +188,15 @@ mod tests {
             cache: Some(CacheMode::Writeback),
         }];
         // A local image is not shared with any destination: unsafe without storage copy.
-        let e = check_storage(&d, false, false).unwrap_err().to_string();
+        let e = check_storage(&d, false, false, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("refusing to migrate") && e.contains("--unsafe"),
             "{e}"
         );
         assert!(e.contains("disk0"), "{e}");
-        let ok = check_storage(&d, true, false).unwrap().unwrap();
+        let ok = check_storage(&d, true, false, false).unwrap().unwrap();
         assert!(ok.contains("overridden by --unsafe"), "{ok}");
     }
 }

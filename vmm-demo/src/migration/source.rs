@@ -10,7 +10,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -26,13 +26,19 @@ use migration_core::vm::{VmControl, VmError, VmOp};
 use migration_postcopy::source::{self as postcopy, Mode, Outcome, Switch};
 use migration_precopy::{LimitPolicy, SourceError, SourceOptions, SourceOutcome};
 
+use super::storage::{
+    self, CopyError, DiskCopyReport, DiskRequest, MirrorSettings, PrepareReply, PrepareRequest,
+    SourceDisk, StorageSource,
+};
 use super::{
     DiskArg, ORACLE_ID, ORACLE_VERSION, OracleBlob, StorageError, check_storage, same_host,
 };
-use crate::cli::{MigrateOptions, PostcopyAfter};
+use crate::cli::{CopyStorage, MigrateOptions, PostcopyAfter};
 use crate::error::chain;
 use crate::protocol::Event;
+use crate::report::StorageCopyReport;
 use crate::report::{MigrationMode, MigrationReport, PassReport, SourcePostcopyReport};
+use crate::virtio_blk::{WriteObserver, WriteObservers};
 use crate::vm::{GuestKind, VmHandle};
 
 pub use migration_precopy::CancelToken;
@@ -52,6 +58,10 @@ pub enum MigrateError {
     /// The destination address does not parse.
     #[error("destination")]
     Address(#[source] AddressError),
+    /// The storage copy failed before the RAM migration (the guest runs here on its disk;
+    /// the destination deletes what it created).
+    #[error("copying the disks")]
+    Copy(#[source] CopyError),
     /// The options contradict each other.
     #[error("{0}")]
     Options(String),
@@ -345,6 +355,8 @@ struct SourceVm<'a> {
     control: &'a MigrationControl,
     /// Bytes of device state saved last.
     state_bytes: u64,
+    /// The storage copy, whose mirrors complete inside the pause.
+    copy: &'a mut Option<StorageCopy>,
 }
 
 impl VmControl for SourceVm<'_> {
@@ -364,6 +376,13 @@ impl VmControl for SourceVm<'_> {
         self.vm.set_throttle(percent)
     }
     fn save_device_state(&mut self) -> Result<Vec<DeviceState>, VmError> {
+        // The guest is paused and its disk flushed: the mirrors catch up with the last
+        // writes and stop, and the destination's images equal the disks before any state
+        // leaves (the destination stops its exports when it reads the state).
+        if let Some(c) = self.copy.as_mut() {
+            c.complete()
+                .map_err(|e| VmError::new(VmOp::SaveState, chain(&e)).for_device("disk0"))?;
+        }
         let mut states = self.vm.save_device_state()?;
         // At a switch to post-copy the destination cannot compare a hash (it lacks pages):
         // the blob carries the pass counters alone, and the pause does not hash RAM.
@@ -398,6 +417,207 @@ impl VmControl for SourceVm<'_> {
     }
     fn load_device_state(&mut self, _: &[DeviceState]) -> Result<(), VmError> {
         Err(VmError::new(VmOp::LoadState, "this is the source"))
+    }
+}
+
+/// The writes made while the mirror's own seam is being put in place, to replay into it:
+/// a write between the mirror's start and its seam's would be lost otherwise.
+#[derive(Default)]
+struct WriteLog(Mutex<Vec<(u64, u64)>>);
+
+impl WriteObserver for WriteLog {
+    fn wrote(&self, offset: u64, len: u64) {
+        lock(&self.0).push((offset, len));
+    }
+}
+
+/// A storage copy from the prepare request to the end of the migration.
+struct StorageCopy {
+    kind: CopyStorage,
+    mode: crate::cli::MirrorMode,
+    mirrors: Option<StorageSource>,
+    /// Open until the migration ends: its end tells the destination this side gave up.
+    _prepare: Stream,
+    nbd: String,
+    observers: WriteObservers,
+    seams: Vec<Arc<dyn WriteObserver>>,
+    image: std::path::PathBuf,
+    /// The base both sides hold after a success.
+    base: [u8; 16],
+    mirror_time: Duration,
+    complete_time: Duration,
+    disks: Vec<DiskCopyReport>,
+}
+
+impl StorageCopy {
+    /// Prepare and perform: asks the destination for exports, mirrors the disk into them
+    /// and waits until the mirror is in sync (the guest runs and writes meanwhile).
+    fn start(
+        vm: &VmHandle,
+        to: &Address,
+        kind: CopyStorage,
+        o: &MigrateOptions,
+        cancel: &CancelToken,
+        events: &mut dyn FnMut(&Event),
+    ) -> Result<StorageCopy, MigrateError> {
+        let no_disk = || MigrateError::Options("a storage copy needs a VM with a disk".into());
+        let image = vm.disk_path().ok_or_else(no_disk)?;
+        let size = vm.disk_bytes().ok_or_else(no_disk)?;
+        let observers = vm.disk_observers().ok_or_else(no_disk)?;
+        // From here on every write is logged, until the mirror's seam takes over.
+        let log = Arc::new(WriteLog::default());
+        let log_key: Arc<dyn WriteObserver> = observers.add(log.clone());
+        let started = Instant::now();
+        let r = (|| {
+            let inc = match kind {
+                CopyStorage::All => None,
+                CopyStorage::Incremental => Some(vm.disk_bitmap().ok_or_else(|| {
+                    MigrateError::Copy(CopyError::Image {
+                        path: image.clone(),
+                        why: format!(
+                            "no record of the writes since an earlier migration ({} missing, or \
+                             not closed cleanly): copy it whole (--copy-storage-all)",
+                            storage::bitmap_path(&image).display()
+                        ),
+                    })
+                })?),
+            };
+            let base = *uuid::Uuid::new_v4().as_bytes();
+            let granularity = inc.as_ref().map_or(o.mirror_granularity, |(_, g, _)| *g);
+            let mut prepare =
+                transport::connect_retry(to, Duration::from_secs(10)).map_err(|source| {
+                    MigrateError::Connect {
+                        to: to.clone(),
+                        source,
+                    }
+                })?;
+            let req = PrepareRequest {
+                disks: vec![DiskRequest {
+                    id: "disk0".into(),
+                    size,
+                    base: inc.as_ref().map(|(_, _, b)| storage::base_hex(*b)),
+                }],
+                new_base: Some(storage::base_hex(base)),
+            };
+            let reply = storage::request(&mut prepare, &req).map_err(MigrateError::Copy)?;
+            let nbd = match &reply {
+                PrepareReply::Ready { nbd, .. } => nbd.clone(),
+                PrepareReply::Refused { reason } => {
+                    return Err(MigrateError::Copy(CopyError::Refused(reason.clone())));
+                }
+            };
+            tracing::info!(%nbd, ?kind, "storage: mirroring the disk");
+            let settings = MirrorSettings {
+                mode: o.mirror_mode.copy_mode(),
+                granularity,
+                deadline: Duration::from_millis(o.mirror_deadline_ms),
+                ..MirrorSettings::default()
+            };
+            let disks = [SourceDisk {
+                id: "disk0".into(),
+                path: image.clone(),
+                incremental: inc.map(|(bits, _, b)| (bits, b)),
+            }];
+            let mut mirrors =
+                StorageSource::start(&disks, &reply, &settings).map_err(MigrateError::Copy)?;
+            let seams: Vec<Arc<dyn WriteObserver>> = mirrors
+                .handles()
+                .into_iter()
+                .map(|h| observers.add(Arc::new(h)))
+                .collect();
+            observers.remove(&log_key);
+            for &(off, len) in lock(&log.0).iter() {
+                for s in &seams {
+                    s.wrote(off, len);
+                }
+            }
+            let mut copy = StorageCopy {
+                kind,
+                mode: o.mirror_mode,
+                mirrors: None,
+                _prepare: prepare,
+                nbd,
+                observers: observers.clone(),
+                seams,
+                image: image.clone(),
+                base,
+                mirror_time: Duration::ZERO,
+                complete_time: Duration::ZERO,
+                disks: Vec::new(),
+            };
+            let ready = mirrors.wait_ready(settings.deadline, &mut |stats| {
+                for (disk, s) in stats {
+                    events(&Event::Mirror {
+                        disk: disk.clone(),
+                        bytes_total: s.size,
+                        bytes_copied: s.bytes_copied,
+                        dirty_bytes: s.dirty_bytes,
+                        copy_rate_bps: s.rates.copy_rate,
+                        dirty_rate_bps: s.rates.dirty_rate,
+                        write_blocking: s.write_blocking,
+                    });
+                }
+                !cancel.is_cancelled()
+            });
+            copy.mirrors = Some(mirrors);
+            if let Err(e) = ready {
+                copy.abandon();
+                return Err(MigrateError::Copy(e));
+            }
+            copy.mirror_time = started.elapsed();
+            tracing::info!(after = ?copy.mirror_time, "storage: the disk is in sync");
+            Ok(copy)
+        })();
+        observers.remove(&log_key);
+        r
+    }
+
+    /// Inside the pause: the mirrors complete.
+    fn complete(&mut self) -> Result<(), CopyError> {
+        let Some(m) = self.mirrors.take() else {
+            return Ok(());
+        };
+        let t = Instant::now();
+        self.disks = m.complete(self.kind == CopyStorage::Incremental)?;
+        self.complete_time = t.elapsed();
+        self.remove_seams();
+        Ok(())
+    }
+
+    fn remove_seams(&mut self) {
+        for s in self.seams.drain(..) {
+            self.observers.remove(&s);
+        }
+    }
+
+    /// The migration failed: the mirrors stop (the source disk is untouched).
+    fn abandon(&mut self) {
+        self.remove_seams();
+        if let Some(m) = self.mirrors.take() {
+            m.cancel();
+        }
+    }
+
+    /// The migration succeeded: this side's image is the disk as it was at the switch,
+    /// which the destination holds too, at the new base; the bitmap kept since an older
+    /// base means nothing any more.
+    fn succeeded(mut self, vm: &VmHandle) -> StorageCopyReport {
+        self.remove_seams();
+        vm.close_disk_bitmap(true);
+        if let Err(e) = storage::write_base(&self.image, self.base) {
+            tracing::warn!(%e, "writing the base beside the image: a later incremental copy will be refused");
+        }
+        StorageCopyReport {
+            kind: match self.kind {
+                CopyStorage::All => "all".into(),
+                CopyStorage::Incremental => "inc".into(),
+            },
+            mirror_mode: self.mode,
+            mirror_ms: ms(self.mirror_time),
+            complete_ms: ms(self.complete_time),
+            nbd: self.nbd.clone(),
+            disks: std::mem::take(&mut self.disks),
+        }
     }
 }
 
@@ -486,6 +706,7 @@ fn report(
         max_throttle_pct: s.max_throttle_pct,
         device_state_bytes: s.device_state_bytes,
         storage: None,
+        storage_copy: None,
         postcopy: None,
     }
 }
@@ -521,8 +742,34 @@ pub fn migrate_vm(
     events: &mut dyn FnMut(&Event),
 ) -> Result<MigrationReport, MigrateError> {
     let to = ctl.address();
-    // A destination on this host opens the very image this side does (shared storage).
-    let storage = check_storage(disks, o.unsafe_storage, same_host(&to))?;
+    let copy_kind = o.copy_storage();
+    // A destination on this host opens the very image this side does (shared storage),
+    // unless the disk is copied to it.
+    let storage = check_storage(disks, o.unsafe_storage, same_host(&to), copy_kind.is_some())?;
+    let mut copy = match copy_kind {
+        Some(kind) => Some(StorageCopy::start(vm, &to, kind, o, &ctl.cancel, events)?),
+        None => None,
+    };
+    let mut r = migrate_ram(vm, ctl, o, storage, &mut copy, events);
+    match (&mut r, copy) {
+        (Ok(rep), Some(c)) => rep.storage_copy = Some(c.succeeded(vm)),
+        // The destination deletes what it created when this side goes away.
+        (Err(_), Some(mut c)) => c.abandon(),
+        (_, None) => {}
+    }
+    r
+}
+
+/// The RAM migration, after the storage copy is in sync if there is one.
+fn migrate_ram(
+    vm: &VmHandle,
+    ctl: &MigrationControl,
+    o: &MigrateOptions,
+    storage: Option<String>,
+    copy: &mut Option<StorageCopy>,
+    events: &mut dyn FnMut(&Event),
+) -> Result<MigrationReport, MigrateError> {
+    let to = ctl.address();
     let tracker = tracker_for(vm)?;
     let tracker_name = tracker.name().to_string();
     let stream = transport::connect_retry(&to, Duration::from_secs(10)).map_err(|source| {
@@ -540,6 +787,7 @@ pub fn migrate_vm(
         refuse_resume: o.refuse_resume,
         control: ctl,
         state_bytes: 0,
+        copy,
     };
     let mem = vm.memory().clone();
     let ram = GuestRam::with_layout(&*mem, vm.ram_layout().clone());

@@ -44,6 +44,11 @@ pub const MAX_MESSAGE: u32 = 64 << 10;
 pub struct PrepareRequest {
     /// One entry per disk, in the VM's order.
     pub disks: Vec<DiskRequest>,
+    /// The base both sides hold once the migration succeeded (hex): the destination
+    /// records the guest's writes from then on against it, for a later incremental copy
+    /// back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new_base: Option<String>,
 }
 
 /// One disk to receive.
@@ -119,6 +124,9 @@ pub enum CopyError {
         #[source]
         source: io::Error,
     },
+    /// Cancelled while the mirrors caught up.
+    #[error("cancelled while the disks were mirrored")]
+    Cancelled,
     /// A mirror job failed.
     #[error("mirroring {disk}: {source}")]
     Mirror {
@@ -650,11 +658,12 @@ impl StorageSource {
     }
 
     /// Waits until every mirror is ready (or `deadline` passes, with the rates in the
-    /// error), calling `progress` about every 100 ms with the stats of each disk.
+    /// error), calling `progress` about every 100 ms with the stats of each disk; `progress`
+    /// returning false (a cancel) ends the wait with [`CopyError::Cancelled`].
     pub fn wait_ready(
         &mut self,
         deadline: Duration,
-        progress: &mut dyn FnMut(&[DiskStats]),
+        progress: &mut dyn FnMut(&[DiskStats]) -> bool,
     ) -> Result<(), CopyError> {
         let until = Instant::now() + deadline;
         for i in 0..self.jobs.len() {
@@ -669,7 +678,28 @@ impl StorageSource {
                             .iter()
                             .map(|(i, j)| (i.clone(), j.stats()))
                             .collect();
-                        progress(&stats);
+                        if !progress(&stats) {
+                            return Err(CopyError::Cancelled);
+                        }
+                    }
+                    // The last slice timed out: the whole wait did.
+                    Err(MirrorError::ReadyDeadline {
+                        phase,
+                        dirty_bytes,
+                        dirty_rate,
+                        copy_rate,
+                        ..
+                    }) => {
+                        return Err(CopyError::Mirror {
+                            disk: id.clone(),
+                            source: Box::new(MirrorError::ReadyDeadline {
+                                waited: self.started.elapsed(),
+                                phase,
+                                dirty_bytes,
+                                dirty_rate,
+                                copy_rate,
+                            }),
+                        });
                     }
                     Err(source) => {
                         return Err(CopyError::Mirror {

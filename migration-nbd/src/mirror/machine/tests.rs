@@ -421,6 +421,44 @@ fn auto_mode_stays_background_when_the_copy_keeps_up() {
 }
 
 #[test]
+fn auto_mode_switches_when_one_hot_cluster_is_rewritten_faster_than_it_is_copied() {
+    let t0 = Instant::now();
+    let c = MirrorConfig {
+        mode: CopyMode::Auto,
+        ..cfg()
+    };
+    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    // The bulk pass goes through; then one cluster is written again while each copy of
+    // it is on the wire (a slow link), so the mirror is never clean.
+    let mut now = t0;
+    for step in 0..60u64 {
+        now = t0 + Duration::from_millis(100 * step);
+        let mut ops = Vec::new();
+        while let Some(a) = m.poll_action(now) {
+            match a {
+                Action::Flush { op } => m.handle_flushed(op, now),
+                Action::Copy {
+                    op, offset, len, ..
+                } => ops.push((op, offset, len)),
+                other => panic!("{other:?}"),
+            }
+        }
+        m.note_write(5 * G, 512, now);
+        land_all(&mut m, &ops, now);
+        if m.is_write_blocking() {
+            break;
+        }
+    }
+    assert!(!m.reached_ready());
+    assert!(
+        m.is_write_blocking(),
+        "a hot cluster keeps the mirror from being in sync: {:?}",
+        m.stats(now)
+    );
+    assert_eq!(m.stats(now).mode_switches, 1);
+}
+
+#[test]
 fn a_lost_connection_requeues_what_was_in_flight_and_reconnects_with_backoff() {
     let t0 = Instant::now();
     let mut m = MirrorMachine::new(8 * G, cfg(), t0).unwrap();

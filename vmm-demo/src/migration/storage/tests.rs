@@ -24,6 +24,7 @@ fn disk_request(base: Option<String>) -> PrepareRequest {
             size: SIZE,
             base,
         }],
+        new_base: None,
     }
 }
 
@@ -51,9 +52,8 @@ fn a_full_copy_creates_an_image_mirrors_into_it_and_finishes_equal() {
         incremental: None,
     }];
     let mut source = StorageSource::start(&disks, &reply, &settings()).unwrap();
-    let mut calls = 0;
     source
-        .wait_ready(Duration::from_secs(20), &mut |_| calls += 1)
+        .wait_ready(Duration::from_secs(20), &mut |_| true)
         .unwrap();
     assert!(source.ready_after().is_some());
     // A guest write after ready is mirrored too.
@@ -154,7 +154,7 @@ fn an_incremental_copy_moves_only_the_clusters_written_since_the_base() {
     }];
     let mut source = StorageSource::start(&disks, &target.reply(), &settings()).unwrap();
     source
-        .wait_ready(Duration::from_secs(20), &mut |_| {})
+        .wait_ready(Duration::from_secs(20), &mut |_| true)
         .unwrap();
     let rep = source.complete(true).unwrap();
     assert_eq!(rep[0].bytes_copied + rep[0].bytes_zeroed, g, "{rep:?}");
