@@ -1217,7 +1217,6 @@ mod tests {
             destination_console: ConsoleSummary::default(),
             postcopy: None,
             disk: None,
-
             storage: None,
         };
         let text = report.to_string();
@@ -1261,7 +1260,6 @@ mod tests {
             destination_console: ConsoleSummary::default(),
             postcopy: None,
             disk: None,
-
             storage: None,
         };
         let j = serde_json::to_string(&report).unwrap();
