@@ -861,3 +861,90 @@ fn a_data_run_is_looked_up_once_and_holes_punched_in_it_later_are_copied_as_zero
     );
     assert!(read_all(&tgt) == src.inner.contents(), "target differs");
 }
+
+/// A peer that accepts connections and never says a word (a hung or stopped server, or
+/// something else listening there): the kernel completes the accept by itself.
+fn silent_listener(sock: &Path) -> Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> {
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    // Left running: it holds what it accepted until the test process ends.
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            h.lock().unwrap().push(c);
+        }
+    });
+    held
+}
+
+fn quick_connect(mut o: MirrorOptions) -> MirrorOptions {
+    o.client.connect_timeout = Some(Duration::from_millis(300));
+    o
+}
+
+/// Starting a mirror against a peer that accepts and never answers fails with the
+/// handshake timeout instead of waiting forever.
+#[test]
+fn starting_against_a_silent_peer_fails_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let held = silent_listener(&sock);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = sock.clone();
+    std::thread::spawn(move || {
+        let r = Mirror::start(
+            open(&src),
+            &Address::Unix(s),
+            quick_connect(opts(CopyMode::Background)),
+        );
+        tx.send(r.map(|_| ())).unwrap();
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("Mirror::start still waiting on a silent peer");
+    let e = r.expect_err("a silent peer is no target");
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, MirrorError::Connect { source: migration_nbd::ClientError::Handshake { source, .. }, .. }
+            if matches!(**source, migration_nbd::NegotiationError::TimedOut { .. })),
+        "{e:?}"
+    );
+    assert!(
+        msg.contains("did not finish the negotiation within 300ms"),
+        "{msg}"
+    );
+    assert_eq!(held.lock().unwrap().len(), 1, "it did connect");
+}
+
+/// A target replaced, while the mirror reconnects, by a peer that accepts and never
+/// answers: each reconnection gives up after the connect timeout, and the job fails at
+/// the end of its reconnection window, saying why, instead of hanging in a handshake.
+#[test]
+fn reconnecting_to_a_silent_peer_times_out_and_the_window_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let (h, _) = our_server(dir.path(), DISK, &sock);
+    let mut o = quick_connect(opts(CopyMode::Background));
+    o.config.reconnect_window = Duration::from_millis(1500);
+    let job = Mirror::start(open(&src), &Address::Unix(sock.clone()), o).unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    h.shutdown();
+    let held = silent_listener(&sock);
+    job.handle().note_write(0, 1);
+    let p = job.wait_finished_for(Duration::from_secs(20));
+    assert!(
+        matches!(p, Phase::Failed(_)),
+        "still {p} with a silent peer"
+    );
+    let e = job.error().expect("an error");
+    let msg = e.to_string();
+    assert!(matches!(e, MirrorError::TargetUnreachable { .. }), "{e:?}");
+    assert!(
+        msg.contains("did not finish the negotiation within 300ms"),
+        "{msg}"
+    );
+    assert!(!held.lock().unwrap().is_empty(), "it tried the silent peer");
+}
