@@ -413,6 +413,10 @@ pub struct MirrorStats {
     pub bytes_zeroed: u64,
     /// Bytes copied again after their first copy (dirtied, or lost with a connection).
     pub bytes_recopied: u64,
+    /// Bytes of clean clusters guest writes made dirty since the start: the dirty rate the
+    /// mirror sees, in whole clusters (a 4 KiB write dirties a whole 64 KiB cluster;
+    /// writes into clusters not copied yet or already dirty add nothing).
+    pub bytes_dirtied: u64,
     /// Bytes dirty now.
     pub dirty_bytes: u64,
     /// Bytes of copies in flight now.
@@ -759,8 +763,9 @@ impl MirrorMachine {
         let newly = count - self.dirty.count_range(first..first + count);
         self.dirty.set_range(first..first + count);
         if newly > 0 {
-            self.dirty_rate
-                .add(now, newly as u64 * self.cfg.granularity);
+            let bytes = newly as u64 * self.cfg.granularity;
+            self.stats.bytes_dirtied += bytes;
+            self.dirty_rate.add(now, bytes);
         }
     }
 
@@ -1382,8 +1387,14 @@ impl MirrorMachine {
     }
 
     /// The bulk pass and the iterations: copies in cluster order from the cursor; at the
-    /// end of a pass, flushing if nothing is dirty, else another pass (unless every dirty
-    /// cluster is held by a write, which is waited for rather than spun on).
+    /// end of a pass, flushing if nothing is dirty or in flight, else another pass (unless
+    /// every dirty cluster is held by a write, which is waited for rather than spun on).
+    ///
+    /// A pass whose cursor reached the end starts the next one at once when a cluster
+    /// behind it is dirty and free, even with copies still in flight, as QEMU's mirror
+    /// wraps its dirty iterator: waiting for the copies in flight first left the dirtied
+    /// clusters waiting a round trip each pass, and under a steady writer the moment with
+    /// nothing dirty and nothing in flight, the only one that can be ready, came later.
     fn copy_pass(&mut self, first_copy: bool, now: Instant) -> Option<Action> {
         if self.can_start_copy() {
             if let Some((c, n)) = self.find_run(self.cursor, self.clusters) {
@@ -1392,7 +1403,13 @@ impl MirrorMachine {
             }
             self.cursor = self.clusters;
         }
-        if self.cursor < self.clusters || self.copies_in_flight > 0 {
+        if self.cursor < self.clusters {
+            return None;
+        }
+        if self.copies_in_flight > 0 {
+            if self.can_start_copy() && self.find_run(0, self.clusters).is_some() {
+                return self.next_pass(now);
+            }
             return None;
         }
         let pass = match self.phase {
@@ -1405,6 +1422,14 @@ impl MirrorMachine {
         }
         // Every dirty cluster held by a write: its end will call again.
         self.find_run(0, self.clusters)?;
+        self.next_pass(now)
+    }
+
+    fn next_pass(&mut self, now: Instant) -> Option<Action> {
+        let pass = match self.phase {
+            Phase::Iterating { pass } => pass,
+            _ => 0,
+        };
         self.cursor = 0;
         self.stats.passes += 1;
         self.set_phase(Phase::Iterating { pass: pass + 1 });

@@ -194,19 +194,23 @@ fn a_write_during_a_recopy_and_during_the_flush_starts_another_pass() {
     // During the re-copy, the same cluster again and another one.
     m.note_write(0, 1, now);
     m.note_write(3 * G, 1, now);
-    assert_eq!(
-        copies(&mut m, now),
-        vec![],
-        "both wait for the next pass: one is in flight, the other behind the cursor"
-    );
-    land_all(&mut m, &re, now);
+    // The pass's cursor is at the end: the free one starts the next pass at once, the
+    // one in flight waits for its copy to land.
     let re2 = copies(&mut m, now);
     assert_eq!(*m.phase(), Phase::Iterating { pass: 2 });
     assert_eq!(
         re2.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
-        vec![(0, G), (3 * G, G)]
+        vec![(3 * G, G)]
+    );
+    land_all(&mut m, &re, now);
+    let re3 = copies(&mut m, now);
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 3 });
+    assert_eq!(
+        re3.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(0, G)]
     );
     land_all(&mut m, &re2, now);
+    land_all(&mut m, &re3, now);
     let f = expect_flush(&mut m, now);
     // A write while the flush is in flight: ready (nothing was dirty when it was sent),
     // and the write is copied from the ready phase.
@@ -220,6 +224,38 @@ fn a_write_during_a_recopy_and_during_the_flush_starts_another_pass() {
             .collect::<Vec<_>>(),
         vec![(2 * G, G)]
     );
+}
+
+/// QEMU's readiness rule: ready (after a flush) at the first moment nothing is dirty and
+/// nothing is in flight, wherever the pass's cursor stands. A cluster dirtied behind the
+/// cursor is copied while the copies ahead of it are still in flight, not after they all
+/// landed: that wait was a round trip per pass in which a steady writer dirtied more.
+#[test]
+fn a_cluster_dirtied_behind_the_cursor_is_copied_at_once_and_ready_follows_when_all_landed() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), now).unwrap();
+    // A write into a cluster not copied yet dirties nothing new.
+    m.note_write(7 * G, 1, now);
+    assert_eq!(m.stats(now).bytes_dirtied, 0);
+    let bulk = copies(&mut m, now);
+    assert_eq!(bulk.len(), 4, "the whole disk in flight: {bulk:?}");
+    land_all(&mut m, &bulk[..1], now);
+    m.note_write(0, 1, now);
+    let again = copies(&mut m, now);
+    assert_eq!(
+        again.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(0, G)],
+        "copied while three bulk copies are still in flight"
+    );
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 1 });
+    land_all(&mut m, &bulk[1..], now);
+    assert_eq!(m.poll_action(now), None, "the re-copy is still in flight");
+    land_all(&mut m, &again, now);
+    let f = expect_flush(&mut m, now);
+    m.handle_flushed(f, now);
+    assert_eq!(*m.phase(), Phase::Ready);
+    let st = m.stats(now);
+    assert_eq!((st.passes, st.bytes_dirtied, st.bytes_recopied), (1, G, G));
 }
 
 #[test]
