@@ -320,6 +320,13 @@ fn auto_mode_switches_to_write_blocking_under_a_writer_faster_than_a_capped_link
     let job = Mirror::start(source.clone(), &Address::Unix(sock), o).unwrap();
     let w = Writers::start(&job, source, 3, Duration::ZERO);
     job.wait_ready(Duration::from_secs(20)).unwrap();
+    // The rate filter lets a first burst through at full speed, and a loaded machine may
+    // run the writers late: the bulk copy can be ready before they outrun the link. They
+    // outrun it from then on, and auto mode switches in the ready phase too: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while job.stats().mode_switches == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let n = w.stop();
     let stats = job.complete().unwrap();
     drop(k);
