@@ -88,7 +88,7 @@ rate() { # command... -> MiB/s
 }
 
 for r in $(seq "$ROUNDS"); do
-    echo "bench: round $r/$ROUNDS, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+    echo "bench: bulk round $r/$ROUNDS, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
     for disk in half full; do
         for t in ours qemu; do
             # The order of the three copiers turns with the round.
@@ -114,6 +114,21 @@ for r in $(seq "$ROUNDS"); do
     cmp "$shm/full.img" "$shm/tgt-qemu.img"
 done
 
+bulk_table() {
+    printf "%-48s %8s   %s\n" case median rounds
+    for disk in half full; do
+        for t in ours qemu; do
+            for c in mirror qemu-mirror nbdcopy qemu-img; do
+                k="bulk/$disk/$t/$c"
+                printf "%-48s %8s   %s\n" "$k (MiB/s)" "$(echo "${res[$k]}" | median)" "${res[$k]}"
+            done
+        done
+    done
+}
+# Kept on stderr as soon as known, should a writer case end the run.
+echo "bench: bulk done, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+bulk_table >&2
+
 # Writers at a fraction of this run's bulk rate of the mirror into our server.
 # A case is PCT/WHO-MODE[/BLOCK/GRANULARITY]: WHO-MODE is ours-bg, ours-auto,
 # ours-blocking, qemu-background or qemu-write-blocking.
@@ -129,14 +144,21 @@ for r in $(seq "$ROUNDS"); do
         gran=${gran:-65536}
         cp "$shm/full.img" "$shm/w.img"
         w=$((bulk * pct / 100 * 1048576))
+        k="writer/$spec"
+        # A case that fails is reported as such; the run goes on.
         case $who in
         ours-*) out=$("$mb" "$shm/w.img" "$shm/ours.sock" --writer "$w" --mode "${who#ours-}" \
-                --block "$block" --granularity "$gran" --ready-limit "$READY_LIMIT") ;;
+                --block "$block" --granularity "$gran" --ready-limit "$READY_LIMIT") || out=failed ;;
         qemu-*) out=$(python3 "$qm" "$shm/w.img" "$shm/ours.sock" --mode "${who#qemu-}" \
                 --writer "$w" --writer-cmd "$mb" --block "$block" --granularity "$gran" \
-                --ready-limit "$READY_LIMIT") ;;
+                --ready-limit "$READY_LIMIT") || out=failed ;;
         esac
-        k="writer/$spec"
+        if [ "$out" = failed ]; then
+            echo "bench: writer case $spec failed" >&2
+            add "$k/ready_s" failed
+            continue
+        fi
+        echo "bench: $spec: $out" >&2
         secs=$(echo "$out" | field ready_s)
         add "$k/reached_mib_s" "$(echo "$out" | field written | awk -v s="$secs" '{printf "%.0f", $1 / s / 1048576}')"
         if [ "$(echo "$out" | field ready)" = 1 ]; then
@@ -155,15 +177,7 @@ done
 
 echo
 echo "Mirror, ${SIZE_MIB} MiB, median of $ROUNDS interleaved rounds; $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-printf "%-48s %8s   %s\n" case median rounds
-for disk in half full; do
-    for t in ours qemu; do
-        for c in mirror qemu-mirror nbdcopy qemu-img; do
-            k="bulk/$disk/$t/$c"
-            printf "%-48s %8s   %s\n" "$k (MiB/s)" "$(echo "${res[$k]}" | median)" "${res[$k]}"
-        done
-    done
-done
+bulk_table
 echo "writer rates are percentages of $bulk MiB/s (bulk/full/ours/mirror); reached_mib_s: what the writer wrote until ready (or the limit); dirtied_mib_s: clusters the mirror saw made dirty (ours); ready limit ${READY_LIMIT} s; p50/p99 -1: no write-blocking write"
 for spec in $WRITER_CASES $WRITER_SMALL_CASES; do
     k="writer/$spec"

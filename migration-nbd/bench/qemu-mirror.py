@@ -20,6 +20,7 @@ would miss its writes). Past --ready-limit the job is cancelled and ready=0 prin
 import argparse
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -39,20 +40,30 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"qemu-mirror: no QMP socket at {path}")
                 time.sleep(0.02)
-        self.f = self.s.makefile("rwb", buffering=0)
+        # Lines read by hand over the raw socket: a file object over it is unusable after
+        # one read timed out, and waiting for an event needs a timeout.
+        self.buf = b""
         self.events = []
         greeting = self.read()
         assert "QMP" in greeting, greeting
         self.cmd("qmp_capabilities")
 
-    def read(self):
-        line = self.f.readline()
-        if not line:
-            raise SystemExit("qemu-mirror: qemu-storage-daemon closed QMP")
+    def read(self, deadline=None):
+        """The next message, or None if none came by the deadline."""
+        while b"\n" not in self.buf:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.s], [], [], left)[0]:
+                    return None
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise SystemExit("qemu-mirror: qemu-storage-daemon closed QMP")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
         return json.loads(line)
 
     def cmd(self, command, /, **args):
-        self.f.write(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
+        self.s.sendall(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
         while True:
             m = self.read()
             if "event" in m:
@@ -68,16 +79,9 @@ class Qmp:
             for i, e in enumerate(self.events):
                 if e["event"] in names:
                     return self.events.pop(i)
-            left = deadline - time.monotonic()
-            if left <= 0:
+            m = self.read(deadline)
+            if m is None:
                 return None
-            self.s.settimeout(left)
-            try:
-                m = self.read()
-            except (socket.timeout, TimeoutError):
-                return None
-            finally:
-                self.s.settimeout(None)
             if "event" in m:
                 self.events.append(m)
 
