@@ -87,7 +87,9 @@ rate() { # command... -> MiB/s
     echo "$SIZE_MIB $t0 $t1" | awk '{printf "%.0f\n", $1 / ($3 - $2)}'
 }
 
-for r in $(seq "$ROUNDS"); do
+# BULK_MIB=N skips the bulk cases and scales the writers from N MiB/s (an earlier run's
+# bulk/full/ours/mirror), for writer cases run apart.
+for r in $(seq "$([ -n "${BULK_MIB:-}" ] && echo 0 || echo "$ROUNDS")"); do
     echo "bench: bulk round $r/$ROUNDS, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
     for disk in half full; do
         for t in ours qemu; do
@@ -120,7 +122,7 @@ bulk_table() {
         for t in ours qemu; do
             for c in mirror qemu-mirror nbdcopy qemu-img; do
                 k="bulk/$disk/$t/$c"
-                printf "%-48s %8s   %s\n" "$k (MiB/s)" "$(echo "${res[$k]}" | median)" "${res[$k]}"
+                printf "%-48s %8s   %s\n" "$k (MiB/s)" "$(echo "${res[$k]:-}" | median)" "${res[$k]:-}"
             done
         done
     done
@@ -134,7 +136,7 @@ bulk_table >&2
 # ours-blocking, qemu-background or qemu-write-blocking.
 WRITER_CASES=${WRITER_CASES:-"25/ours-bg 25/qemu-background 25/ours-auto 25/ours-blocking 25/qemu-write-blocking 75/ours-bg 75/qemu-background 75/ours-auto 75/ours-blocking 75/qemu-write-blocking"}
 WRITER_SMALL_CASES=${WRITER_SMALL_CASES:-"25/ours-bg/4096/65536 25/ours-bg/4096/4096 25/qemu-background/4096/65536 25/qemu-background/4096/4096"}
-bulk=$(echo "${res[bulk/full/ours/mirror]}" | median)
+bulk=${BULK_MIB:-$(echo "${res[bulk/full/ours/mirror]}" | median)}
 mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1048576}'; }
 for r in $(seq "$ROUNDS"); do
     echo "bench: writer round $r/$ROUNDS, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
