@@ -3,7 +3,9 @@
 //! transport, re-exported here.
 
 use std::io;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use migration_core::transport;
 pub use migration_core::transport::{Address, Listener, Stream};
@@ -63,6 +65,35 @@ pub fn connect(addr: &Address) -> io::Result<Stream> {
     let s = transport::connect(addr)?;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// As [`connect`], a TCP connect giving up after `timeout` (every address the host name
+/// resolves to shares it). A unix connect does not wait for the server, so it has none.
+pub fn connect_within(addr: &Address, timeout: Option<Duration>) -> io::Result<Stream> {
+    let (Some(timeout), Address::Tcp { host, port }) = (timeout, addr) else {
+        return connect(addr);
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    for sa in (host.as_str(), *port).to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&sa, left) {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(Stream::Tcp(s));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {addr}: no answer within {timeout:?}"),
+        )
+    }))
 }
 
 /// An NBD URI: where the server is and which export to use.

@@ -289,7 +289,7 @@ impl FileBackend {
     }
 
     /// Whether `pos` is in a hole, and where that run ends (not clamped).
-    fn run_at(&self, pos: u64, end: u64) -> io::Result<(bool, u64)> {
+    pub(crate) fn run_at(&self, pos: u64, end: u64) -> io::Result<(bool, u64)> {
         match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
             Ok(data) if data > pos => Ok((true, data)),
             Ok(_) => match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(pos)) {

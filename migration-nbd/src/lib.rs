@@ -31,11 +31,11 @@ pub mod server;
 pub mod transmission;
 pub(crate) mod wire;
 
-pub use addr::{Address, Listener, NbdUri, Stream, connect};
+pub use addr::{Address, Listener, NbdUri, Stream, connect, connect_within};
 pub use client::{
     BlockExtent, Client, ClientError, ClientOptions, ClientPool, ClientRequest, ClientSession,
-    ConnectionLost, NegotiationError, ProtocolError, Reply, ReplyStep, Submitted, Ticket,
-    Violation, ZeroFlags,
+    ConnectionLost, DEFAULT_CONNECT_TIMEOUT, NegotiationError, ProtocolError, Reply, ReplyStep,
+    Submitted, Ticket, Violation, ZeroFlags,
 };
 pub use handshake::BlockSize;
 pub use server::{ConnectionError, ExportConfig, Server, ServerConfig, ServerError, ServerHandle};

@@ -320,6 +320,13 @@ fn auto_mode_switches_to_write_blocking_under_a_writer_faster_than_a_capped_link
     let job = Mirror::start(source.clone(), &Address::Unix(sock), o).unwrap();
     let w = Writers::start(&job, source, 3, Duration::ZERO);
     job.wait_ready(Duration::from_secs(20)).unwrap();
+    // The rate filter lets a first burst through at full speed, and a loaded machine may
+    // run the writers late: the bulk copy can be ready before they outrun the link. They
+    // outrun it from then on, and auto mode switches in the ready phase too: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while job.stats().mode_switches == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let n = w.stop();
     let stats = job.complete().unwrap();
     drop(k);
@@ -755,4 +762,196 @@ fn an_incremental_mirror_copies_only_what_changed_since_the_base() {
     assert!(w.stop() > 0);
     job.complete().unwrap();
     assert_same(&src, &tgt);
+}
+
+/// A source that counts its allocation look-ups and, when the bulk copy reads at
+/// [`Shifting::GATE`], stops there until the test has changed allocations inside the data
+/// run the mirror has just looked up.
+struct Shifting {
+    inner: MemoryDisk,
+    runs: std::sync::atomic::AtomicUsize,
+    at_gate: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    go: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Shifting {
+    const GATE: u64 = 2 << 20;
+}
+
+impl BlockBackend for Shifting {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        if offset == Self::GATE {
+            if let Some(tx) = self.at_gate.lock().unwrap().take() {
+                tx.send(()).unwrap();
+                let rx = self.go.lock().unwrap().take().unwrap();
+                rx.recv().unwrap();
+            }
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn extents(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> std::io::Result<Vec<migration_nbd::backend::Extent>> {
+        self.inner.extents(offset, len)
+    }
+    fn run_at(&self, offset: u64) -> std::io::Result<migration_nbd::backend::Extent> {
+        self.runs.fetch_add(1, Ordering::Relaxed);
+        self.inner.run_at(offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(data, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The mirror looks a data run up once, not once per copy (that made a fully written
+/// disk's bulk copy quadratic on tmpfs), and what it remembers stays right when the
+/// source's allocation changes under it: inside the remembered run, a guest trims a range
+/// (and says so) and the file system deallocates one that held zeroes (telling no one);
+/// the target, full of other bytes at the start, must end equal to the source.
+#[test]
+fn a_data_run_is_looked_up_once_and_holes_punched_in_it_later_are_copied_as_zeroes() {
+    const SIZE: u64 = 32 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    std::fs::write(dir.path().join("target.img"), vec![0x55u8; SIZE as usize]).unwrap();
+    let (_h, tgt) = our_server(dir.path(), SIZE, &sock);
+    let inner = MemoryDisk::new(SIZE as usize);
+    inner.write_at(&pattern(9, SIZE as usize), 0).unwrap();
+    // Allocated, but zeroes: what a file system may turn into a hole by itself.
+    inner.write_at(&vec![0u8; 1 << 20], 10 << 20).unwrap();
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel();
+    let src = Arc::new(Shifting {
+        inner,
+        runs: Default::default(),
+        at_gate: Mutex::new(Some(gate_tx)),
+        go: Mutex::new(Some(go_rx)),
+    });
+    let mut o = opts(CopyMode::Background);
+    o.config.target_is_zero = false;
+    let job = Mirror::start(src.clone(), &Address::Unix(sock), o).unwrap();
+    gate_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the bulk copy reached the gate");
+    let looked_up = src.runs.load(Ordering::Relaxed);
+    src.inner.write_zeroes(8 << 20, 512 << 10).unwrap();
+    job.handle().note_write(8 << 20, 512 << 10);
+    src.inner.write_zeroes(10 << 20, 1 << 20).unwrap();
+    assert!(
+        src.inner.run_at(10 << 20).unwrap().hole,
+        "the deallocation made a hole"
+    );
+    go_tx.send(()).unwrap();
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    let stats = job.complete().unwrap();
+    assert_eq!(looked_up, 1, "three copies into one data run, one look-up");
+    // 32 copies of 1 MiB; the data runs are at most 16 MiB (MemoryDisk's look-up bound),
+    // and the trim and the hole split them: a handful of look-ups, not one per copy.
+    let runs = src.runs.load(Ordering::Relaxed);
+    assert!(runs <= 8, "{runs} look-ups for 32 copies");
+    // The deallocated MiB was still known as data: read, found zero, zeroed on the target.
+    assert_eq!(
+        (stats.bytes_holes, stats.bytes_zeroed),
+        (0, 1 << 20),
+        "{stats:?}"
+    );
+    assert!(read_all(&tgt) == src.inner.contents(), "target differs");
+}
+
+/// A peer that accepts connections and never says a word (a hung or stopped server, or
+/// something else listening there): the kernel completes the accept by itself.
+fn silent_listener(sock: &Path) -> Arc<Mutex<Vec<std::os::unix::net::UnixStream>>> {
+    let _ = std::fs::remove_file(sock);
+    let l = std::os::unix::net::UnixListener::bind(sock).unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = held.clone();
+    // Left running: it holds what it accepted until the test process ends.
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            h.lock().unwrap().push(c);
+        }
+    });
+    held
+}
+
+fn quick_connect(mut o: MirrorOptions) -> MirrorOptions {
+    o.client.connect_timeout = Some(Duration::from_millis(300));
+    o
+}
+
+/// Starting a mirror against a peer that accepts and never answers fails with the
+/// handshake timeout instead of waiting forever.
+#[test]
+fn starting_against_a_silent_peer_fails_after_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let held = silent_listener(&sock);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let s = sock.clone();
+    std::thread::spawn(move || {
+        let r = Mirror::start(
+            open(&src),
+            &Address::Unix(s),
+            quick_connect(opts(CopyMode::Background)),
+        );
+        tx.send(r.map(|_| ())).unwrap();
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("Mirror::start still waiting on a silent peer");
+    let e = r.expect_err("a silent peer is no target");
+    let msg = e.to_string();
+    assert!(
+        matches!(&e, MirrorError::Connect { source: migration_nbd::ClientError::Handshake { source, .. }, .. }
+            if matches!(**source, migration_nbd::NegotiationError::TimedOut { .. })),
+        "{e:?}"
+    );
+    assert!(
+        msg.contains("did not finish the negotiation within 300ms"),
+        "{msg}"
+    );
+    assert_eq!(held.lock().unwrap().len(), 1, "it did connect");
+}
+
+/// A target replaced, while the mirror reconnects, by a peer that accepts and never
+/// answers: each reconnection gives up after the connect timeout, and the job fails at
+/// the end of its reconnection window, saying why, instead of hanging in a handshake.
+#[test]
+fn reconnecting_to_a_silent_peer_times_out_and_the_window_ends_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = source_file(dir.path());
+    let sock = dir.path().join("s.sock");
+    let (h, _) = our_server(dir.path(), DISK, &sock);
+    let mut o = quick_connect(opts(CopyMode::Background));
+    o.config.reconnect_window = Duration::from_millis(1500);
+    let job = Mirror::start(open(&src), &Address::Unix(sock.clone()), o).unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    h.shutdown();
+    let held = silent_listener(&sock);
+    job.handle().note_write(0, 1);
+    let p = job.wait_finished_for(Duration::from_secs(20));
+    assert!(
+        matches!(p, Phase::Failed(_)),
+        "still {p} with a silent peer"
+    );
+    let e = job.error().expect("an error");
+    let msg = e.to_string();
+    assert!(matches!(e, MirrorError::TargetUnreachable { .. }), "{e:?}");
+    assert!(
+        msg.contains("did not finish the negotiation within 300ms"),
+        "{msg}"
+    );
+    assert!(!held.lock().unwrap().is_empty(), "it tried the silent peer");
 }

@@ -97,6 +97,16 @@ pub enum NegotiationError {
     /// The server sent bytes after the end of the negotiation, before any request.
     #[error("{0} unexpected bytes after negotiation")]
     TrailingBytes(usize),
+    /// The server did not finish the negotiation within
+    /// [`ClientOptions::connect_timeout`](crate::ClientOptions::connect_timeout): it accepted
+    /// the connection but is hung, stopped, or not an NBD server.
+    #[error(
+        "the server accepted the connection but did not finish the negotiation within {after:?} (hung, stopped, or not an NBD server?)"
+    )]
+    TimedOut {
+        /// The timeout.
+        after: std::time::Duration,
+    },
 }
 
 /// Why a connection stopped serving requests.

@@ -27,7 +27,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tracing::debug;
@@ -43,6 +43,9 @@ use crate::wire::BlockSize;
 /// much, copied once more).
 const INPUT_CHUNK: usize = 16 * 1024;
 
+/// Default [`ClientOptions::connect_timeout`]: 30 s, as the mirror's reply timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Client settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientOptions {
@@ -55,6 +58,11 @@ pub struct ClientOptions {
     /// Refuse, before sending, requests the server would reject (past the end, not
     /// offered, unaligned...). Off only to test how servers answer them.
     pub strict: bool,
+    /// Longest time from connecting to the end of the negotiation (`None`: no limit). A
+    /// server that accepts and never answers (hung, stopped, or not an NBD server) would
+    /// otherwise hold the caller forever: the kernel completes the accept by itself.
+    /// TCP's connect counts against it; a unix connect does not wait.
+    pub connect_timeout: Option<Duration>,
 }
 
 impl Default for ClientOptions {
@@ -64,6 +72,7 @@ impl Default for ClientOptions {
             block_status: true,
             max_in_flight: 64,
             strict: true,
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
         }
     }
 }
@@ -322,6 +331,7 @@ fn negotiate(
     stream: &mut Stream,
     opts: &ClientOptions,
     export: &str,
+    deadline: Option<Instant>,
 ) -> Result<ClientNegotiated, NegotiationError> {
     let io = |during| move |source| NegotiationError::Io { during, source };
     let mut wants = ClientWants::new(export);
@@ -338,9 +348,30 @@ fn negotiate(
         }
         match step? {
             ClientStep::NeedMore => {
-                let n = stream
-                    .read_buf(&mut input, 4096)
-                    .map_err(io("reading an option reply"))?;
+                // Each read waits only for what is left of the whole timeout, so that a
+                // server answering a byte at a time cannot stretch it.
+                if let (Some(d), Some(t)) = (deadline, opts.connect_timeout) {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(NegotiationError::TimedOut { after: t });
+                    }
+                    stream
+                        .set_read_timeout(Some(left))
+                        .map_err(io("setting the negotiation timeout"))?;
+                }
+                let n = match stream.read_buf(&mut input, 4096) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                        ) && deadline.is_some() =>
+                    {
+                        return Err(NegotiationError::TimedOut {
+                            after: opts.connect_timeout.unwrap_or_default(),
+                        });
+                    }
+                    r => r.map_err(io("reading an option reply"))?,
+                };
                 if n == 0 {
                     return Err(NegotiationError::Closed);
                 }
@@ -352,6 +383,13 @@ fn negotiate(
     if !input.is_empty() {
         return Err(NegotiationError::TrailingBytes(input.len()));
     }
+    // The reply reader blocks for as long as the connection lives (the mirror has its own
+    // reply timeout on top).
+    if deadline.is_some() {
+        stream
+            .set_read_timeout(None)
+            .map_err(io("clearing the negotiation timeout"))?;
+    }
     Ok(negotiated)
 }
 
@@ -362,11 +400,14 @@ impl Client {
         export: &str,
         opts: &ClientOptions,
     ) -> Result<Client, ClientError> {
-        let stream = crate::addr::connect(addr).map_err(|e| ClientError::Connect {
-            addr: addr.to_string(),
-            source: Arc::new(e),
+        let start = Instant::now();
+        let stream = crate::addr::connect_within(addr, opts.connect_timeout).map_err(|e| {
+            ClientError::Connect {
+                addr: addr.to_string(),
+                source: Arc::new(e),
+            }
         })?;
-        Client::over(stream, export, opts)
+        Client::negotiate_over(stream, export, opts, start)
     }
 
     /// Connects to the server and export an NBD URI names.
@@ -375,16 +416,23 @@ impl Client {
     }
 
     /// Negotiates `export` over an already connected socket.
-    pub fn over(
+    /// [`ClientOptions::connect_timeout`] bounds the negotiation from this call on.
+    pub fn over(stream: Stream, export: &str, opts: &ClientOptions) -> Result<Client, ClientError> {
+        Client::negotiate_over(stream, export, opts, Instant::now())
+    }
+
+    fn negotiate_over(
         mut stream: Stream,
         export: &str,
         opts: &ClientOptions,
+        start: Instant,
     ) -> Result<Client, ClientError> {
         let hs_err = |e: NegotiationError| ClientError::Handshake {
             export: export.to_string(),
             source: Arc::new(e),
         };
-        let negotiated = negotiate(&mut stream, opts, export).map_err(hs_err)?;
+        let deadline = opts.connect_timeout.map(|t| start + t);
+        let negotiated = negotiate(&mut stream, opts, export, deadline).map_err(hs_err)?;
         let io = |during| move |source| hs_err(NegotiationError::Io { during, source });
         let reader_stream = stream.try_clone().map_err(io("cloning the socket"))?;
         let control = stream.try_clone().map_err(io("cloning the socket"))?;

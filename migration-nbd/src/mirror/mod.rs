@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::addr::Address;
+use crate::backend::Extent;
 use crate::client::{ClientError, ClientOptions, ClientPool, Ticket, ZeroFlags};
 
 /// Where the mirror writes and how.
@@ -381,6 +382,7 @@ impl Shared {
         (offset, len): (u64, u64),
         target_zero: bool,
         buf: &mut Vec<u8>,
+        known: &mut KnownData,
     ) -> Result<Pending, CopyFailure> {
         let src_err = |source| {
             CopyFailure::Source(MirrorError::Source {
@@ -403,37 +405,49 @@ impl Shared {
             Ok(())
         };
         while pos < end {
-            let extents = self.source.extents(pos, end - pos).map_err(src_err)?;
-            if extents.is_empty() {
-                break;
-            }
-            for e in extents {
-                let n = e.length.min(end - e.offset);
-                if e.hole {
-                    outcome.holes += n;
+            let e = match known.data_at(pos) {
+                Some(e) => e,
+                None => {
+                    let e = self.source.run_at(pos).map_err(src_err)?;
+                    // A backend's answer that does not start here or is empty: data.
+                    let e = if e.offset == pos && e.length > 0 {
+                        e
+                    } else {
+                        Extent {
+                            offset: pos,
+                            length: end - pos,
+                            hole: false,
+                        }
+                    };
+                    known.remember(e);
+                    e
+                }
+            };
+            let n = e.length.min(end - e.offset);
+            if e.hole {
+                outcome.holes += n;
+                if !target_zero {
+                    outcome.zeroed += n;
+                    zero(e.offset, n, &mut tickets).map_err(CopyFailure::Client)?;
+                }
+            } else {
+                buf.resize(n as usize, 0);
+                self.source.read_at(buf, e.offset).map_err(src_err)?;
+                if is_zero(buf) {
                     if !target_zero {
                         outcome.zeroed += n;
                         zero(e.offset, n, &mut tickets).map_err(CopyFailure::Client)?;
                     }
                 } else {
-                    buf.resize(n as usize, 0);
-                    self.source.read_at(buf, e.offset).map_err(src_err)?;
-                    if is_zero(buf) {
-                        if !target_zero {
-                            outcome.zeroed += n;
-                            zero(e.offset, n, &mut tickets).map_err(CopyFailure::Client)?;
-                        }
-                    } else {
-                        outcome.data += n;
-                        tickets.push(
-                            client
-                                .submit_write(e.offset, buf, false)
-                                .map_err(CopyFailure::Client)?,
-                        );
-                    }
+                    outcome.data += n;
+                    tickets.push(
+                        client
+                            .submit_write(e.offset, buf, false)
+                            .map_err(CopyFailure::Client)?,
+                    );
                 }
-                pos = e.offset + n;
             }
+            pos = e.offset + n;
         }
         Ok(Pending::Copy {
             generation,
@@ -443,6 +457,38 @@ impl Shared {
             tickets,
             outcome,
         })
+    }
+}
+
+/// Where the source was last seen holding data, so that a run is looked up once and not
+/// once per copy: on tmpfs `SEEK_HOLE` walks the page cache up to the next hole, the end
+/// of the file on a fully written disk, which made the bulk copy quadratic in its size.
+///
+/// Only data is remembered, never holes. A data run that has become a hole since (a trim,
+/// a file system that deallocated zeroes) reads as zeroes and is copied as zeroes: right.
+/// A remembered hole that a guest write filled since would be skipped by a copy handed
+/// out after the write was noted, and the write lost.
+#[derive(Debug, Default)]
+struct KnownData {
+    start: u64,
+    end: u64,
+}
+
+impl KnownData {
+    /// The rest of the remembered data run, if `pos` is in it.
+    fn data_at(&self, pos: u64) -> Option<Extent> {
+        (self.start <= pos && pos < self.end).then(|| Extent {
+            offset: pos,
+            length: self.end - pos,
+            hole: false,
+        })
+    }
+
+    fn remember(&mut self, e: Extent) {
+        if !e.hole {
+            self.start = e.offset;
+            self.end = e.offset.saturating_add(e.length);
+        }
     }
 }
 
@@ -592,6 +638,7 @@ fn complete_loop(s: &Shared, rx: mpsc::Receiver<Pending>) {
 /// The job's main loop: asks the machine what to do and does it.
 fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
     let mut buf = Vec::new();
+    let mut known = KnownData::default();
     let window = s.opts.config.rate_window;
     loop {
         let mut st = lock(&s.state);
@@ -643,7 +690,14 @@ fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
                     // Lost meanwhile: the machine requeued it.
                     continue;
                 };
-                match s.copy((g, &pool), op, (offset, len), target_zero, &mut buf) {
+                match s.copy(
+                    (g, &pool),
+                    op,
+                    (offset, len),
+                    target_zero,
+                    &mut buf,
+                    &mut known,
+                ) {
                     Ok(p) => {
                         let _ = tx.send(p);
                     }

@@ -17,12 +17,40 @@ pub trait BlockBackend: Send + Sync {
     /// marked, covering the range or a prefix of it. A backend that cannot tell says
     /// "data" for everything.
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+    /// The run `offset` (below the size) is in, from `offset`: a hole or data for at
+    /// least one byte, up to where the run ends or less. The mirror asks once per run,
+    /// not once per copy, and keeps where a data run ends (see the driver), so a backend
+    /// whose look-up costs the same however far the run goes (`SEEK_HOLE` walks to the
+    /// run's end whatever range is asked) should answer with the whole run. The default
+    /// takes the first run of [`extents`](Self::extents) over at most [`RUN_WINDOW`] bytes.
+    fn run_at(&self, offset: u64) -> io::Result<Extent> {
+        let len = self.size().saturating_sub(offset).min(RUN_WINDOW);
+        Ok(first_run(offset, len, self.extents(offset, len)?))
+    }
     /// Writes `data` at `offset`.
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()>;
     /// Makes `[offset, offset + len)` read as zeroes, as a hole where it can.
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Persists what was written.
     fn flush(&self) -> io::Result<()>;
+}
+
+/// Longest run the default [`BlockBackend::run_at`] (and [`MemoryDisk`]) looks at in one
+/// call: 16 MiB, so that a look-up whose cost grows with the range stays bounded.
+pub const RUN_WINDOW: u64 = 16 << 20;
+
+/// The first run of `extents` as asked at `offset` over `len` bytes. An answer that does
+/// not start at `offset` or is empty says "data" for the range: copying data is always
+/// right, skipping it never is.
+fn first_run(offset: u64, len: u64, extents: Vec<Extent>) -> Extent {
+    match extents.first() {
+        Some(e) if e.offset == offset && e.length > 0 => *e,
+        _ => Extent {
+            offset,
+            length: len.max(1),
+            hole: false,
+        },
+    }
 }
 
 impl BlockBackend for FileBackend {
@@ -36,6 +64,18 @@ impl BlockBackend for FileBackend {
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         FileBackend::extents(self, offset, len, 1024)
+    }
+
+    fn run_at(&self, offset: u64) -> io::Result<Extent> {
+        // The whole run: SEEK_HOLE costs as much for a short range as for the rest of
+        // the file (tmpfs walks its pages up to the next hole).
+        let size = FileBackend::size(self);
+        let (hole, next) = FileBackend::run_at(self, offset, size)?;
+        Ok(Extent {
+            offset,
+            length: next.clamp(offset + 1, size.max(offset + 1)) - offset,
+            hole,
+        })
     }
 
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
@@ -143,6 +183,24 @@ impl BlockBackend for MemoryDisk {
         Ok(out)
     }
 
+    fn run_at(&self, offset: u64) -> io::Result<Extent> {
+        let (start, _) = self.check(offset, 1)?;
+        let g = self.lock();
+        let b = MEMORY_BLOCK as usize;
+        let first = start / b;
+        let hole = !g.allocated[first];
+        let last = ((start as u64).saturating_add(RUN_WINDOW) as usize).div_ceil(b);
+        let end_block = (first + 1..last.min(g.allocated.len()))
+            .find(|&i| g.allocated[i] == hole)
+            .unwrap_or(last.min(g.allocated.len()));
+        let end = (end_block * b).min(self.size as usize);
+        Ok(Extent {
+            offset,
+            length: (end - start) as u64,
+            hole,
+        })
+    }
+
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let (start, end) = self.check(offset, data.len() as u64)?;
         let mut g = self.lock();
@@ -197,6 +255,17 @@ mod tests {
         assert!(buf[1..5001].iter().all(|&b| b == 7));
         assert_eq!(buf[5001], 0);
         let ext = disk.extents(0, size).unwrap();
+        // The run at an offset starts there and says what the extents say.
+        let run = disk.run_at(8192).unwrap();
+        assert!(!run.hole && run.offset == 8192, "{run:?}");
+        assert!(
+            run.length >= 5000 && run.offset + run.length <= size,
+            "{run:?}"
+        );
+        let run = disk.run_at(0).unwrap();
+        assert!(run.hole && run.offset == 0 && (1..=8192).contains(&run.length));
+        let run = disk.run_at(size - 1).unwrap();
+        assert!(run.hole && run.length == 1, "{run:?}");
         let data: Vec<_> = ext.iter().filter(|e| !e.hole).collect();
         assert_eq!(data.len(), 1, "{ext:?}");
         assert!(data[0].offset <= 8192 && data[0].offset + data[0].length >= 13192);

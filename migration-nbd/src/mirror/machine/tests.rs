@@ -222,6 +222,37 @@ fn a_write_during_a_recopy_and_during_the_flush_starts_another_pass() {
     );
 }
 
+/// QEMU's readiness rule: ready (after a flush) once nothing is dirty and nothing is in
+/// flight. No pass over the whole disk has to end clean: a cluster dirtied behind the
+/// cursor during the bulk pass makes a pass of its own, and ready follows it.
+#[test]
+fn ready_follows_the_first_moment_nothing_is_dirty_or_in_flight_without_a_clean_whole_pass() {
+    let now = Instant::now();
+    let mut m = MirrorMachine::new(8 * G, cfg(), now).unwrap();
+    // A write into a cluster not copied yet dirties nothing new.
+    m.note_write(7 * G, 1, now);
+    assert_eq!(m.stats(now).bytes_dirtied, 0);
+    let bulk = copies(&mut m, now);
+    assert_eq!(bulk.len(), 4, "the whole disk in flight: {bulk:?}");
+    land_all(&mut m, &bulk[..1], now);
+    m.note_write(0, 1, now);
+    assert_eq!(m.stats(now).bytes_dirtied, G);
+    land_all(&mut m, &bulk[1..], now);
+    let again = copies(&mut m, now);
+    assert_eq!(
+        again.iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(),
+        vec![(0, G)],
+        "the pass after the bulk one copies the one dirtied cluster"
+    );
+    assert_eq!(*m.phase(), Phase::Iterating { pass: 1 });
+    land_all(&mut m, &again, now);
+    let f = expect_flush(&mut m, now);
+    m.handle_flushed(f, now);
+    assert_eq!(*m.phase(), Phase::Ready);
+    let st = m.stats(now);
+    assert_eq!((st.passes, st.bytes_dirtied, st.bytes_recopied), (1, G, G));
+}
+
 #[test]
 fn a_write_blocking_write_waits_for_the_bulk_copy_of_its_cluster_and_is_not_overtaken() {
     let now = Instant::now();
