@@ -413,9 +413,9 @@ fn a_cut_during_the_mirror_is_survived() {
 /// during the RAM migration (after the mirror was in sync): the guest runs on here with
 /// its disk verified.
 #[test]
-fn a_cancel_during_the_mirror_and_a_destination_killed_during_ram_leave_the_guest_here() {
+fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_here() {
     let guest = guest_for(
-        "a_cancel_during_the_mirror_and_a_destination_killed_during_ram_leave_the_guest_here",
+        "a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_here",
     );
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("src.raw");
@@ -445,6 +445,29 @@ fn a_cancel_during_the_mirror_and_a_destination_killed_during_ram_leave_the_gues
     assert!(cleanup.iter().any(|c| c.contains("deleted")), "{cleanup:?}");
     assert!(!c1.path().join("dst.raw").exists());
     drop(proxy);
+
+    // Killed while the disk is mirrored: the mirror cannot reach it again, the migration
+    // fails, the guest runs on.
+    let c3 = tempfile::tempdir().unwrap();
+    let (mut dst, proxy) = proxied_destination(c3.path(), &[]);
+    proxy.set_rate(Some(50_000));
+    let pid = dst.proc.child.id();
+    let mut killed = false;
+    let e = src
+        .migrate(&dst.addr, copy_options(false), &mut |e| {
+            if !killed && matches!(e, Event::Mirror { .. }) {
+                killed = true;
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        })
+        .expect_err("the destination is gone");
+    assert!(killed, "no mirror event before the end: {e}");
+    // Only once its window passed does the mirror give the target up, and it says so.
+    assert!(e.to_string().contains("mirroring disk0"), "{e}");
+    dst.proc.kill();
+    drop(proxy);
+    let p = src.wait_passes_beyond(0);
+    src.wait_passes_beyond(p + 1);
 
     let c2 = tempfile::tempdir().unwrap();
     let dst_img = c2.path().join("dst.raw").display().to_string();
