@@ -98,7 +98,12 @@ fn run_prints_the_guest_console_and_a_summary() {
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("vcpu0 pass 1\n"), "{stdout}");
-    assert!(stdout.contains("vcpu0 pass 2\n"), "{stdout}");
+    // `--passes 2` pauses the guest as soon as its counter reads 2: the line it prints
+    // after counting may not be out yet (seen in CI), so the summary says the passes.
+    assert!(
+        stdout.contains("vcpu0: 2 passes") || stdout.contains("vcpu0 pass 2\n"),
+        "{stdout}"
+    );
     let summary = stdout.lines().last().unwrap();
     assert!(summary.starts_with("verified"), "{stdout}");
 }
