@@ -956,9 +956,8 @@ impl DemoStorage {
         };
         for d in &r.disks {
             s.bytes_copied += d.bytes_copied;
-            s.bytes_skipped += d
-                .bytes_holes
-                .saturating_sub(d.bytes_zeroed.min(d.bytes_holes));
+            // Holes of a copy onto a target that reads as zeroes are not sent at all.
+            s.bytes_skipped += d.bytes_holes.saturating_sub(d.bytes_zeroed);
             s.bytes_zeroed += d.bytes_zeroed;
             s.bytes_recopied += d.bytes_recopied;
             s.mode_switches += d.mode_switches;

@@ -330,7 +330,7 @@ impl DestinationMachine {
             Step::Wait => {
                 let w = self.waiting.as_ref().expect("waiting");
                 if now >= w.deadline {
-                    return self.give_up();
+                    return self.give_up(now);
                 }
                 return DestinationAction::Accept { until: w.deadline };
             }
@@ -365,7 +365,7 @@ impl DestinationMachine {
     }
 
     /// The window passed with no working attempt.
-    fn give_up(&mut self) -> DestinationAction {
+    fn give_up(&mut self, now: Instant) -> DestinationAction {
         let w = self.waiting.take().expect("waiting");
         // Half an attempt: nothing to keep.
         for id in [w.main, w.urgent].into_iter().flatten() {
@@ -392,19 +392,8 @@ impl DestinationMachine {
                 ),
             ))));
         }
-        self.poll_pending_or(DestinationAction::Done)
-    }
-
-    /// A queued action without an event first, else `then`.
-    fn poll_pending_or(&mut self, then: DestinationAction) -> DestinationAction {
-        if let Some(a) = self.pending.pop_front() {
-            return a;
-        }
-        if then == DestinationAction::Done && self.step == Step::Pause {
-            self.awaiting = true;
-            return DestinationAction::Pause;
-        }
-        then
+        // The drops first, then the pause or the end.
+        self.poll(now)
     }
 
     fn drop_conn(&mut self, id: ConnId) {
@@ -636,13 +625,13 @@ impl DestinationMachine {
         }
     }
 
-    fn on_attempt(&mut self, r: io::Result<(ConnId, HeaderFlags)>, _now: Instant) {
+    fn on_attempt(&mut self, r: io::Result<(ConnId, HeaderFlags)>, now: Instant) {
         let (id, flags) = match r {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(%e, "accepting the source's connection");
                 self.pending.push_back(DestinationAction::Sleep {
-                    until: _now + ACCEPT_RETRY,
+                    until: now + ACCEPT_RETRY,
                 });
                 return;
             }

@@ -119,9 +119,14 @@ impl DestinationCopy {
     /// created for it are deleted (unless `keep`).
     fn end(mut self, ran: bool, keep: bool, rep: &mut DestinationReport) {
         let _ = self.prepare.shutdown(std::net::Shutdown::Both);
-        let Some(t) = self.target.take() else { return };
+        let Some(mut t) = self.target.take() else {
+            return;
+        };
         if ran {
-            let _ = self.finish_target(t);
+            // Finished before the guest's state was loaded; this only syncs again.
+            if let Err(e) = t.finish() {
+                tracing::warn!(%e, "storage: syncing the images at the end");
+            }
             return;
         }
         let said = t.abort(keep);
@@ -131,13 +136,6 @@ impl DestinationCopy {
         if let Some(r) = rep.storage.as_mut() {
             r.cleanup = said;
         }
-    }
-
-    fn finish_target(
-        &self,
-        mut t: StorageTarget,
-    ) -> Result<(), crate::migration::storage::CopyError> {
-        t.finish().map(|_| ())
     }
 }
 

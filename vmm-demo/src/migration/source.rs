@@ -604,7 +604,12 @@ impl StorageCopy {
     fn succeeded(mut self, vm: &VmHandle) -> StorageCopyReport {
         self.remove_seams();
         vm.close_disk_bitmap(true);
-        if let Err(e) = storage::write_base(&self.image, self.base) {
+        if let Some(m) = self.mirrors.take() {
+            // Never completed in a pause (cannot happen: every switch saves the state):
+            // the destination's copy is not known equal, so no base is written.
+            tracing::error!("a migration succeeded with its mirror never completed");
+            m.cancel();
+        } else if let Err(e) = storage::write_base(&self.image, self.base) {
             tracing::warn!(%e, "writing the base beside the image: a later incremental copy will be refused");
         }
         StorageCopyReport {
