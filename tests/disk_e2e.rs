@@ -170,6 +170,10 @@ fn hybrid_with_a_shared_disk_over_tcp() {
             &path,
             "--postcopy-after",
             "1",
+            // A capped link, so that pre-copy cannot converge in its first pass even
+            // when a loaded machine slows the guest.
+            "--bandwidth",
+            "50M",
             "--downtime-limit",
             "1ms",
             "--transport",
