@@ -162,6 +162,114 @@ fn copy_storage_all_by_hybrid_over_tcp() {
     assert_copied(&r, MigrationMode::Hybrid);
 }
 
+/// The software guest even where KVM is available (its vCPU drives the same virtio-blk
+/// model), on a disk half prefilled with the seeded pattern (pieces 1 and 3 of four),
+/// over a unix socket: the oracle on the destination finds both pieces and the holes.
+#[test]
+fn copy_storage_all_of_a_prefilled_disk_by_precopy_over_a_unix_socket_with_the_software_guest() {
+    let r = demo_with(
+        GuestKind::Software,
+        &[
+            "--mem",
+            "32M",
+            "--working-set",
+            "1M",
+            "--disk-size",
+            "4M",
+            "--disk-prefill",
+            "50",
+            "--copy-storage-all",
+            "--transport",
+            "unix",
+            "--passes-after",
+            "3",
+        ],
+    );
+    assert_eq!(r.guest, Some(GuestKind::Software), "{r:#?}");
+    assert_copied(&r, MigrationMode::Precopy);
+    let s = r.storage.as_ref().unwrap();
+    assert!(
+        s.bytes_copied >= 2 << 20,
+        "both prefilled pieces went: {s:#?}"
+    );
+    let k = r.disk.as_ref().unwrap();
+    assert!(
+        k.untouched_bytes_checked >= 2 << 20,
+        "the prefilled pieces were checked: {k:#?}"
+    );
+}
+
+/// Post-copy over TCP with the mirror in background mode, on a fully prefilled disk: the
+/// mirror copies every byte before the switch, and the working set starts as the pattern.
+#[test]
+fn copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp() {
+    let guest = guest_for("copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp");
+    let r = demo_with(
+        guest,
+        &[
+            "--mem",
+            "64M",
+            "--working-set",
+            "8M",
+            "--order",
+            "scattered",
+            "--disk-size",
+            "4M",
+            "--disk-prefill",
+            "100",
+            "--copy-storage-all",
+            "--postcopy",
+            "--transport",
+            "tcp",
+            "--passes-after",
+            "3",
+        ],
+    );
+    assert_copied(&r, MigrationMode::Postcopy);
+    let s = r.storage.as_ref().unwrap();
+    assert!(s.bytes_copied >= DISK, "the whole disk went: {s:#?}");
+    assert_eq!(s.bytes_skipped, 0, "{s:#?}");
+    let k = r.disk.as_ref().unwrap();
+    assert_eq!(
+        k.untouched_bytes_checked,
+        DISK - DISK_WS * 512,
+        "every byte outside the working set was checked: {k:#?}"
+    );
+}
+
+/// Hybrid over a unix socket with the mirror in auto mode.
+#[test]
+fn copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket() {
+    let guest = guest_for("copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket");
+    let r = demo_with(
+        guest,
+        &[
+            "--mem",
+            "32M",
+            "--working-set",
+            "4M",
+            "--order",
+            "scattered",
+            "--disk-size",
+            "4M",
+            "--copy-storage-all",
+            "--mirror-mode",
+            "auto",
+            "--postcopy-after",
+            "1",
+            "--bandwidth",
+            "50M",
+            "--downtime-limit",
+            "1ms",
+            "--transport",
+            "unix",
+            "--passes-after",
+            "3",
+        ],
+    );
+    assert_copied(&r, MigrationMode::Hybrid);
+}
+
 fn vm_with_disk(guest: GuestKind, image: &Path) -> Vec<String> {
     let mut vm = guest_args(guest);
     vm.extend(
@@ -457,8 +565,13 @@ fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_he
     proxy.set_rate(Some(50_000));
     let pid = dst.proc.child.id();
     let mut killed = false;
+    let options = MigrateOptions {
+        mirror_reconnect_window_ms: 2_000,
+        ..copy_options(false)
+    };
+    let started = Instant::now();
     let e = src
-        .migrate(&dst.addr, copy_options(false), &mut |e| {
+        .migrate(&dst.addr, options, &mut |e| {
             if !killed && matches!(e, Event::Mirror { .. }) {
                 killed = true;
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
@@ -468,6 +581,10 @@ fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_he
     assert!(killed, "no mirror event before the end: {e}");
     // Only once its window passed does the mirror give the target up, and it says so.
     assert!(e.to_string().contains("mirroring disk0"), "{e}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "gave up before the reconnect window passed: {e}"
+    );
     dst.proc.kill();
     drop(proxy);
     let p = src.wait_passes_beyond(0);

@@ -337,6 +337,13 @@ pub struct VmArgs {
     /// split among the vCPUs; 0 for no disk I/O.
     #[arg(long, default_value_t = 64)]
     pub disk_working_set: u64,
+    /// Percentage of the disk outside its working set that starts with a pattern made from
+    /// --seed, in 1 MiB pieces spread evenly over the disk (50: every other piece), the
+    /// rest zero: what the disk oracle expects there. `demo --disk-size` writes it into the
+    /// image it creates; an image given with --disk must hold it already (as one the demo
+    /// kept, or `vmm-demo prefill` made).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub disk_prefill: u8,
     /// Least time the software vCPU spends per page, in nanoseconds (0: as fast as it
     /// can; about 5000 matches the KVM guest under nested virtualisation).
     #[arg(long, default_value_t = 0)]
@@ -357,6 +364,7 @@ impl VmArgs {
             ("--guest", value_name(&self.guest)),
             ("--software-page-ns", self.software_page_ns.to_string()),
             ("--disk-working-set", self.disk_working_set.to_string()),
+            ("--disk-prefill", self.disk_prefill.to_string()),
         ]
         .into_iter()
         .flat_map(|(k, v)| [k.to_string(), v])
@@ -376,6 +384,7 @@ impl VmArgs {
             // Filled in by the command that opens the disk image (see `commands::disk`).
             disk_sectors: 0,
             disk_working_set: 0,
+            disk_prefill_percent: self.disk_prefill,
         }
     }
 }
@@ -491,6 +500,10 @@ pub struct MigrateOptions {
     /// error gives the guest's dirty rate and the copy rate).
     #[arg(long = "mirror-deadline", value_parser = parse_ms, default_value = "5m")]
     pub mirror_deadline_ms: u64,
+    /// How long the mirror keeps trying to reach the destination's NBD server again after
+    /// a lost connection before the migration is given up (the guest runs on here).
+    #[arg(long = "mirror-reconnect-window", value_parser = parse_ms, default_value = "30s")]
+    pub mirror_reconnect_window_ms: u64,
     /// Diagnostics: cancel the migration as soon as it enters this phase (setup,
     /// bulk-copy, iterating, stop-and-copy, awaiting-verdict).
     #[arg(long, hide = true, value_parser = parse_phase)]
@@ -522,6 +535,7 @@ impl Default for MigrateOptions {
             mirror_mode: MirrorMode::Background,
             mirror_granularity: 64 << 10,
             mirror_deadline_ms: 300_000,
+            mirror_reconnect_window_ms: 30_000,
             cancel_at: None,
             refuse_resume: false,
         }
@@ -650,8 +664,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub disk: Vec<String>,
     /// Create a sparse raw image of this size (K, M, G suffixes; a multiple of 512) in the
-    /// demo's scratch directory as the guest's disk, shared by both processes, removed at
-    /// the end.
+    /// demo's scratch directory as the guest's disk, shared by both processes (unless a
+    /// --copy-storage flag copies it), removed at the end; --disk-prefill of it written.
     #[arg(long, value_parser = parse_size, conflicts_with = "disk")]
     pub disk_size: Option<u64>,
     /// Cache mode of the disks (QEMU's names; QEMU's default writeback when absent).
@@ -670,6 +684,23 @@ pub struct DemoArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `vmm-demo make-disk`: create a raw image for the guest's disk.
+#[derive(Debug, Clone, Args)]
+pub struct MakeDiskArgs {
+    /// Where to create it (refused if the file exists).
+    pub path: std::path::PathBuf,
+    /// Its size (K, M, G suffixes; a multiple of 512).
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Percentage of it to fill with the pattern made from --seed (in 1 MiB pieces spread
+    /// evenly), the rest left a hole: give the VM the same --disk-prefill and --seed.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub prefill: u8,
+    /// Seed of the pattern.
+    #[arg(long, default_value_t = VmConfig::default().seed)]
+    pub seed: u64,
 }
 
 #[cfg(test)]

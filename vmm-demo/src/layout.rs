@@ -173,6 +173,11 @@ pub struct VmConfig {
     /// the first ones of the disk. 0: the guest does no disk I/O.
     #[serde(default)]
     pub disk_working_set: u64,
+    /// Percentage of the disk outside its working set that holds a seeded pattern from
+    /// the start (see `disk_oracle::prefill`), the rest zero; 0 for a disk that starts
+    /// zero (as descriptions from before the fill leave it).
+    #[serde(default)]
+    pub disk_prefill_percent: u8,
 }
 
 impl Default for VmConfig {
@@ -187,6 +192,7 @@ impl Default for VmConfig {
             order: Order::Sequential,
             disk_sectors: 0,
             disk_working_set: 0,
+            disk_prefill_percent: 0,
         }
     }
 }
@@ -230,6 +236,9 @@ pub enum ConfigError {
     /// A share would cross more region boundaries than a control block has room for.
     #[error("vCPU {0}'s share needs more segments than its control block holds")]
     Segments(u32),
+    /// The disk's prefilled share is not a percentage.
+    #[error("a disk prefill of {0} %: it is 0 to 100")]
+    DiskPrefill(u8),
     /// The disk working set does not fit the disk or the vCPUs.
     #[error(
         "disk working set of {sectors} sectors on a disk of {disk_sectors}: it must be 0 or at least one sector per vCPU, at most the disk, and needs a disk and a RAM working set"
@@ -346,6 +355,9 @@ impl Workload {
                 sectors: dws,
                 disk_sectors: config.disk_sectors,
             });
+        }
+        if config.disk_prefill_percent > 100 {
+            return Err(ConfigError::DiskPrefill(config.disk_prefill_percent));
         }
         let (dper, dextra) = (dws / n_vcpus(config), dws % n_vcpus(config));
         let mut disk_shares = Vec::with_capacity(vcpus);

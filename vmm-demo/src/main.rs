@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use vmm_demo::cli::{DemoArgs, DestinationArgs, MigrateArgs, RunArgs};
+use vmm_demo::cli::{DemoArgs, DestinationArgs, MakeDiskArgs, MigrateArgs, RunArgs};
 use vmm_demo::error::{Error, chain};
 use vmm_demo::protocol::RunState;
 use vmm_demo::{commands, exit};
@@ -43,6 +43,10 @@ enum Command {
     /// Start a source and a destination as two processes on this host, migrate the guest
     /// from one to the other, verify it and print a summary.
     Demo(DemoArgs),
+    /// Create a sparse raw image for the guest's disk, optionally with part of it holding
+    /// the seeded pattern the disk oracle knows (`--disk-prefill`), and print what it
+    /// wrote.
+    MakeDisk(MakeDiskArgs),
 }
 
 /// Prints `v` as one JSON line; false (and why on standard error) if it cannot be.
@@ -159,6 +163,22 @@ fn main() -> ExitCode {
                     }
                     _ => ExitCode::FAILURE,
                 }
+            }
+        },
+        Command::MakeDisk(args) => match commands::make_disk(&args) {
+            Ok(written) => {
+                println!(
+                    "{}: {} bytes, {written} of them prefilled ({} %, seed {:#x})",
+                    args.path.display(),
+                    args.size,
+                    args.prefill,
+                    args.seed
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                fail("make-disk", &e);
+                ExitCode::FAILURE
             }
         },
         Command::Demo(args) => match commands::demo::demo(&args) {

@@ -452,6 +452,10 @@ pub struct DiskRunReport {
     pub working_set_sectors: u64,
     /// Working-set sectors the disk oracle checked.
     pub sectors_checked: u64,
+    /// Bytes outside the working set the oracle read and found as they started (zero, or
+    /// the `--disk-prefill` pattern).
+    #[serde(default)]
+    pub untouched_bytes_checked: u64,
     /// Per vCPU: pass and sectors of this pass written.
     pub verdicts: Vec<crate::disk_oracle::DiskVerdict>,
     /// The device's counters.
@@ -478,6 +482,10 @@ pub struct DestinationDiskReport {
     pub sectors_checked_after_postcopy: Option<u64>,
     /// Working-set sectors checked after the guest ran here.
     pub sectors_checked: u64,
+    /// Bytes outside the working set found as they started in that last check (zero, or
+    /// the `--disk-prefill` pattern).
+    #[serde(default)]
+    pub untouched_bytes_checked: u64,
     /// Per vCPU at the end: pass and sectors of this pass written.
     pub verdicts: Vec<crate::disk_oracle::DiskVerdict>,
     /// What the device did here.
@@ -910,6 +918,10 @@ pub struct DemoDisk {
     pub verified: bool,
     /// Working-set sectors the disk oracle checked at the end, on the destination.
     pub sectors_checked: u64,
+    /// Bytes outside the working set found there as they started (zero, or the
+    /// `--disk-prefill` pattern).
+    #[serde(default)]
+    pub untouched_bytes_checked: u64,
     /// The destination's image hash equalled the source's at the switch; none where
     /// there was no check at the switch (post-copy, --no-hash-check).
     pub hash_at_switch_equal: Option<bool>,
@@ -1116,10 +1128,16 @@ impl fmt::Display for DemoReport {
         if let Some(k) = &self.disk {
             writeln!(
                 f,
-                "disk {} (shared): verified {}, {} working-set sectors checked on the destination, {} written there; hash at the switch: {}",
+                "disk {} ({}): verified {}, {} working-set sectors and {} bytes outside them checked on the destination, {} sectors written there; hash at the switch: {}",
                 k.path,
+                if self.storage.is_some() {
+                    "copied"
+                } else {
+                    "shared"
+                },
                 k.verified,
                 k.sectors_checked,
+                k.untouched_bytes_checked,
                 k.sectors_written_on_destination,
                 match k.hash_at_switch_equal {
                     Some(true) => "equal to the source's",

@@ -1287,6 +1287,7 @@ mod tests {
                     order: if scattered { Order::Scattered } else { Order::Sequential },
                     disk_sectors: ws % 1000,
                     disk_working_set: seed % 100,
+                    disk_prefill_percent: (seed % 101) as u8,
                 },
             };
             prop_assert_eq!(MachineInfo::from_bytes(&m.to_bytes()).unwrap(), m.clone());

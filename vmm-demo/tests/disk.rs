@@ -12,7 +12,23 @@ use vmm_demo::virtio_blk::DiskImage;
 use vmm_demo::{Console, Vm, VmConfig};
 
 fn run_with_disk(guest: &str, image: &std::path::Path) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_vmm-demo"))
+    let out = run_with_disk_and(guest, image, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {stdout}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn run_with_disk_and(
+    guest: &str,
+    image: &std::path::Path,
+    extra: &[&str],
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vmm-demo"))
         .args([
             "run",
             "--mem",
@@ -34,16 +50,59 @@ fn run_with_disk(guest: &str, image: &std::path::Path) -> serde_json::Value {
             "--disk",
         ])
         .arg(image)
+        .args(extra)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+/// `make-disk --prefill` writes the seeded pattern; `run` checks it when told the same
+/// prefill and seed, and finds the disk wrong when told it started zero.
+#[test]
+fn a_prefilled_disk_is_checked_against_the_fill_the_vm_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.raw");
+    let make = |path: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_vmm-demo"))
+            .args(["make-disk", "--size", "3M", "--prefill", "50", "--seed", "7"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let out = make(&image);
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    // Three 1 MiB pieces, the middle one prefilled.
+    assert!(stdout.contains("1048576 of them prefilled"), "{stdout}");
+    let again = make(&image);
+    assert!(!again.status.success(), "made over an existing image");
     assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {stdout}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&again.stderr).contains("disk.raw"),
+        "{again:?}"
     );
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+
+    let out = run_with_disk_and(
+        "software",
+        &image,
+        &["--disk-prefill", "50", "--seed", "7"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["verified"], true, "{j}");
+    assert!(
+        j["disk"]["untouched_bytes_checked"].as_u64().unwrap() >= 1 << 20,
+        "{j}"
+    );
+
+    // Told nothing of the fill: the pattern outside the working set is not zero.
+    let out = run_with_disk_and("software", &image, &["--seed", "7"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["verified"], false, "{j}");
+    let err = j["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("sector 2048") && err.contains("initial content (zero)"),
+        "{err}"
+    );
 }
 
 #[test]

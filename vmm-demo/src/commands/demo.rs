@@ -135,7 +135,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
     let mut disks = a.disk.clone();
     if let Some(bytes) = a.disk_size {
         let path = dir.join("disk.raw");
-        crate::virtio_blk::DiskImage::create_sparse(&path, bytes).map_err(Error::Disk)?;
+        super::create_disk(&path, bytes, a.vm.disk_prefill, a.vm.seed)?;
         disks.insert(0, path.display().to_string());
     }
     let guest_disk = disks
@@ -391,6 +391,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
                     created: a.disk_size.is_some(),
                     verified,
                     sectors_checked: dd.map_or(0, |k| k.sectors_checked),
+                    untouched_bytes_checked: dd.map_or(0, |k| k.untouched_bytes_checked),
                     hash_at_switch_equal: dd.and_then(|k| k.hash_at_switch_equal),
                     sectors_written_on_destination: dd.map_or(0, |k| k.device.sectors_written),
                 });

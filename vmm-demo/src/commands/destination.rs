@@ -359,6 +359,7 @@ fn receive_rest(
         hash_at_switch_equal: got.disk_at_switch.map(|d| d.hash_equal),
         sectors_checked_after_postcopy: None,
         sectors_checked: 0,
+        untouched_bytes_checked: 0,
         verdicts: Vec::new(),
         device: Default::default(),
     });
@@ -435,6 +436,7 @@ fn receive_rest(
         let device = vm.disk_stats().unwrap_or_default();
         if let Some(r) = rep.disk.as_mut() {
             r.sectors_checked = d.sectors_checked;
+            r.untouched_bytes_checked = d.untouched_bytes_checked;
             r.verdicts = d.vcpus;
             r.device = device;
         }

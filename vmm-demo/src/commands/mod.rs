@@ -51,6 +51,31 @@ pub fn guest_disk(
     Ok(Some(path))
 }
 
+/// Creates the sparse image `args` describe and writes its prefill; returns the bytes
+/// prefilled. An image half made is removed.
+pub fn make_disk(args: &crate::cli::MakeDiskArgs) -> Result<u64, Error> {
+    create_disk(&args.path, args.size, args.prefill, args.seed)
+}
+
+/// A new sparse image at `path` of `bytes`, `percent` % prefilled from `seed`
+/// ([`crate::disk_oracle::prefill`]); returns the bytes prefilled. Removed again if the
+/// prefill fails, so that no half-made image is left to be taken for a whole one.
+pub fn create_disk(
+    path: &std::path::Path,
+    bytes: u64,
+    percent: u8,
+    seed: u64,
+) -> Result<u64, Error> {
+    use crate::virtio_blk::DiskImage;
+    DiskImage::create_sparse(path, bytes).map_err(Error::Disk)?;
+    let filled =
+        DiskImage::open(path).and_then(|img| crate::disk_oracle::prefill(&img, percent, seed));
+    if filled.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    filled.map_err(Error::Disk)
+}
+
 /// Where the guest's console goes: nowhere with `quiet`, standard error when standard
 /// output carries JSON, else standard output.
 fn console(quiet: bool, json: bool) -> Console {

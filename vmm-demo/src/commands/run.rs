@@ -146,6 +146,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, Error> {
             sectors: config.disk_sectors,
             working_set_sectors: config.disk_working_set,
             sectors_checked: r.sectors_checked,
+            untouched_bytes_checked: r.untouched_bytes_checked,
             verdicts: r.vcpus,
             device: vm.disk_stats().unwrap_or_default(),
         }),

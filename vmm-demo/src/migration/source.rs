@@ -511,7 +511,7 @@ impl StorageCopy {
                 mode: o.mirror_mode.copy_mode(),
                 granularity,
                 deadline: Duration::from_millis(o.mirror_deadline_ms),
-                ..MirrorSettings::default()
+                reconnect_window: Duration::from_millis(o.mirror_reconnect_window_ms),
             };
             let disks = [SourceDisk {
                 id: "disk0".into(),
