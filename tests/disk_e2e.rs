@@ -11,80 +11,13 @@
 
 mod common;
 
-use common::{Destination, Source, demo_json, guest_args, guest_for};
+use common::{Destination, Source, assert_disk_migrated, demo_with, guest_args, guest_for};
 use vmm_demo::cli::MigrateOptions;
-use vmm_demo::report::{DemoReport, MigrationMode};
+use vmm_demo::report::MigrationMode;
 use vmm_demo::virtio_blk::DiskImage;
-use vmm_demo::{GuestKind, PAGE_SIZE};
 
 /// Sectors each pass writes (the demo's default `--disk-working-set`).
 const DISK_WS: u64 = 64;
-
-fn demo_with(guest: GuestKind, extra: &[&str]) -> (DemoReport, serde_json::Value) {
-    let mut a = guest_args(guest);
-    a.extend(extra.iter().map(|s| s.to_string()));
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    demo_json(&a)
-}
-
-/// Checks a demo of a guest with a disk that moved by `mode`: verified, RAM and disk; the
-/// disk oracle checked every working-set sector on the destination, the guest wrote its
-/// disk there and made passes there; at a pre-copy switch the disk hashes were equal.
-fn assert_disk_migrated(r: &DemoReport, v: &serde_json::Value, mode: MigrationMode) {
-    assert!(r.verified, "not verified: {r:#?}");
-    assert_eq!(r.mode, mode, "{r:#?}");
-    let k = r.disk.as_ref().expect("the demo's disk report");
-    assert!(k.verified, "{k:#?}");
-    assert_eq!(k.sectors_checked, DISK_WS, "{k:#?}");
-    assert!(k.sectors_written_on_destination > 0, "{k:#?}");
-    assert_eq!(v["disk"]["verified"], true, "{v:#}");
-    let d = r.destination.as_ref().expect("the destination's report");
-    let dd = d.disk.as_ref().expect("the destination's disk report");
-    assert_eq!(dd.device.errors, 0, "{dd:#?}");
-    assert_eq!(dd.sectors_checked, DISK_WS, "{dd:#?}");
-    match mode {
-        MigrationMode::Precopy => {
-            assert_eq!(k.hash_at_switch_equal, Some(true), "{k:#?}");
-            assert_eq!(dd.sectors_checked_at_switch, Some(DISK_WS), "{dd:#?}");
-            assert!(d.hash_checked, "{d:#?}");
-        }
-        _ => {
-            assert_eq!(k.hash_at_switch_equal, None, "{k:#?}");
-            assert_eq!(dd.sectors_checked_after_postcopy, Some(DISK_WS), "{dd:#?}");
-            let p = d.postcopy.as_ref().expect("the post-copy report");
-            assert_eq!(
-                p.pages.precopied + p.pages.pushed + p.pages.requested,
-                r.mem_bytes / PAGE_SIZE,
-                "every page came once: {p:#?}"
-            );
-        }
-    }
-    // The guest went on here (the demo waits for 3 more passes of every vCPU), and its
-    // disk is at the passes it made here.
-    let base = d.passes_at_switchover.iter().copied().min().unwrap();
-    for (i, x) in dd.verdicts.iter().enumerate() {
-        // The disk oracle read the same pass counter as the RAM oracle, at the end.
-        assert_eq!(x.pass, d.passes_at_end[i], "{dd:#?}");
-        assert!(x.pass >= base + 3, "{d:#?}");
-    }
-    let first = r
-        .destination_console
-        .first_pass
-        .expect("the guest printed passes on the destination");
-    // The console may drop lines when its reader is slower than the guest: the passes
-    // above are the measure, the console only shows the guest printed there.
-    assert!(r.destination_console.last_pass.unwrap() >= first, "{r:#?}");
-    // The storage check allowed the local image: both processes are on this host.
-    let storage = r
-        .migration
-        .as_ref()
-        .and_then(|m| m.storage.as_deref())
-        .unwrap_or_default();
-    assert!(
-        storage.contains("safe") && !storage.contains("--unsafe"),
-        "{storage}"
-    );
-}
 
 #[test]
 fn precopy_with_a_shared_disk_over_tcp() {
@@ -106,7 +39,7 @@ fn precopy_with_a_shared_disk_over_tcp() {
             "3",
         ],
     );
-    assert_disk_migrated(&r, &v, MigrationMode::Precopy);
+    assert_disk_migrated(&r, &v, DISK_WS, MigrationMode::Precopy);
     assert!(r.disk.as_ref().unwrap().created);
     // The demo's scratch directory, and the image in it, are gone.
     assert!(!std::path::Path::new(&r.disk.as_ref().unwrap().path).exists());
@@ -138,7 +71,7 @@ fn pure_postcopy_with_a_shared_disk_over_a_unix_socket() {
             "3",
         ],
     );
-    assert_disk_migrated(&r, &v, MigrationMode::Postcopy);
+    assert_disk_migrated(&r, &v, DISK_WS, MigrationMode::Postcopy);
     let p = r.destination.as_ref().unwrap().postcopy.as_ref().unwrap();
     assert!(p.faults > 0 && p.pages.requested > 0, "{p:#?}");
     // Which threads besides the vCPUs waited (the device thread, when it touched a page
@@ -182,7 +115,7 @@ fn hybrid_with_a_shared_disk_over_tcp() {
             "3",
         ],
     );
-    assert_disk_migrated(&r, &v, MigrationMode::Hybrid);
+    assert_disk_migrated(&r, &v, DISK_WS, MigrationMode::Hybrid);
     let k = r.disk.as_ref().unwrap();
     assert!(!k.created && k.path == path, "{k:#?}");
     // The image holds the destination's last writes: sector 0 is vCPU 0's, at the pass it

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm_demo::cli::MigrateOptions;
 use vmm_demo::protocol::{Event, MigrateRequest, RunState, StatusReply};
-use vmm_demo::report::{DemoReport, DestinationReport, MigrationReport, RunReport};
+use vmm_demo::report::{DemoReport, DestinationReport, MigrationMode, MigrationReport, RunReport};
 use vmm_demo::{ClientError, ControlClient, GuestKind};
 
 /// The `vmm-demo` binary of this build profile, built once per test run.
@@ -152,6 +152,76 @@ pub fn demo_json(args: &[&str]) -> (DemoReport, Value) {
 /// [`demo_run`]'s typed report alone.
 pub fn demo(args: &[&str]) -> DemoReport {
     demo_run(args).0
+}
+
+/// [`demo_json`] of a guest of `guest` (its [`guest_args`]) with `extra` options.
+pub fn demo_with(guest: GuestKind, extra: &[&str]) -> (DemoReport, Value) {
+    let mut a = guest_args(guest);
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    demo_json(&a)
+}
+
+/// Checks a demo of a guest with a disk (whose working set is `disk_ws` sectors) that
+/// moved by `mode`, shared or copied: verified, RAM and disk; the disk oracle checked
+/// every working-set sector on the destination, the guest wrote its disk there and made
+/// passes there; at a pre-copy switch the disk hashes were equal; the storage policy
+/// allowed the disk.
+pub fn assert_disk_migrated(r: &DemoReport, v: &Value, disk_ws: u64, mode: MigrationMode) {
+    assert!(r.verified, "not verified: {r:#?}");
+    assert_eq!(r.mode, mode, "{r:#?}");
+    let k = r.disk.as_ref().expect("the demo's disk report");
+    assert!(k.verified, "{k:#?}");
+    assert_eq!(k.sectors_checked, disk_ws, "{k:#?}");
+    assert!(k.sectors_written_on_destination > 0, "{k:#?}");
+    assert_eq!(v["disk"]["verified"], true, "{v:#}");
+    let d = r.destination.as_ref().expect("the destination's report");
+    let dd = d.disk.as_ref().expect("the destination's disk report");
+    assert_eq!(dd.device.errors, 0, "{dd:#?}");
+    assert_eq!(dd.sectors_checked, disk_ws, "{dd:#?}");
+    match mode {
+        MigrationMode::Precopy => {
+            assert_eq!(k.hash_at_switch_equal, Some(true), "{k:#?}");
+            assert_eq!(dd.sectors_checked_at_switch, Some(disk_ws), "{dd:#?}");
+            assert!(d.hash_checked, "{d:#?}");
+        }
+        _ => {
+            assert_eq!(k.hash_at_switch_equal, None, "{k:#?}");
+            assert_eq!(dd.sectors_checked_after_postcopy, Some(disk_ws), "{dd:#?}");
+            let p = d.postcopy.as_ref().expect("the post-copy report");
+            assert_eq!(
+                p.pages.precopied + p.pages.pushed + p.pages.requested,
+                r.mem_bytes / vmm_demo::PAGE_SIZE,
+                "every page came once: {p:#?}"
+            );
+        }
+    }
+    // The guest went on here (the demo waits for 3 more passes of every vCPU), and its
+    // disk is at the passes it made here.
+    let base = d.passes_at_switchover.iter().copied().min().unwrap();
+    for (i, x) in dd.verdicts.iter().enumerate() {
+        // The disk oracle read the same pass counter as the RAM oracle, at the end.
+        assert_eq!(x.pass, d.passes_at_end[i], "{dd:#?}");
+        assert!(x.pass >= base + 3, "{d:#?}");
+    }
+    let first = r
+        .destination_console
+        .first_pass
+        .expect("the guest printed passes on the destination");
+    // The console may drop lines when its reader is slower than the guest: the passes
+    // above are the measure, the console only shows the guest printed there.
+    assert!(r.destination_console.last_pass.unwrap() >= first, "{r:#?}");
+    // The storage check allowed the local image: both processes are on this host, or
+    // the disk is copied.
+    let storage = r
+        .migration
+        .as_ref()
+        .and_then(|m| m.storage.as_deref())
+        .unwrap_or_default();
+    assert!(
+        storage.contains("safe") && !storage.contains("--unsafe"),
+        "{storage}"
+    );
 }
 
 /// A source (`run --control`) for the tests that drive the control socket themselves.

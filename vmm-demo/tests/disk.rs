@@ -23,11 +23,7 @@ fn run_with_disk(guest: &str, image: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
-fn run_with_disk_and(
-    guest: &str,
-    image: &std::path::Path,
-    extra: &[&str],
-) -> std::process::Output {
+fn run_with_disk_and(guest: &str, image: &std::path::Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vmm-demo"))
         .args([
             "run",
@@ -63,7 +59,15 @@ fn a_prefilled_disk_is_checked_against_the_fill_the_vm_is_told() {
     let image = dir.path().join("disk.raw");
     let make = |path: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_vmm-demo"))
-            .args(["make-disk", "--size", "3M", "--prefill", "50", "--seed", "7"])
+            .args([
+                "make-disk",
+                "--size",
+                "3M",
+                "--prefill",
+                "50",
+                "--seed",
+                "7",
+            ])
             .arg(path)
             .output()
             .unwrap()
@@ -80,11 +84,7 @@ fn a_prefilled_disk_is_checked_against_the_fill_the_vm_is_told() {
         "{again:?}"
     );
 
-    let out = run_with_disk_and(
-        "software",
-        &image,
-        &["--disk-prefill", "50", "--seed", "7"],
-    );
+    let out = run_with_disk_and("software", &image, &["--disk-prefill", "50", "--seed", "7"]);
     assert!(out.status.success(), "{out:?}");
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["verified"], true, "{j}");
