@@ -258,6 +258,13 @@ fn vm_with_disk(guest: GuestKind, image: &Path) -> Vec<String> {
     vm
 }
 
+/// The phase the source's error reply says the migration failed in.
+fn failed_phase(e: &vmm_demo::ClientError) -> String {
+    e.reply()
+        .and_then(|r| r.failed_phase.clone())
+        .unwrap_or_else(|| panic!("no failed phase in {e:?}"))
+}
+
 fn copy_options(inc: bool) -> MigrateOptions {
     MigrateOptions {
         copy_storage_all: !inc,
@@ -430,6 +437,7 @@ fn a_guest_writing_faster_than_a_capped_link_needs_auto_mode() {
         .expect_err("a background mirror cannot keep up");
     let text = e.to_string();
     assert!(text.contains("dirty") && text.contains("copy"), "{text}");
+    assert_eq!(failed_phase(&e), "storage-mirror", "{text}");
     let (st, dr) = dst.report();
     assert!(!st.success() && !dr.ran_guest, "{dr:#?}");
     assert!(
@@ -528,6 +536,7 @@ fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_he
         .expect_err("cancelled");
     assert!(cancelled, "no mirror event before the end: {e}");
     assert!(e.to_string().contains("cancelled"), "{e}");
+    assert_eq!(failed_phase(&e), "storage-mirror", "{e}");
     let (st, dr) = dst.report();
     assert!(!st.success() && !dr.ran_guest, "{dr:#?}");
     let cleanup = &dr.storage.as_ref().unwrap().cleanup;
@@ -558,6 +567,7 @@ fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_he
     assert!(killed, "no mirror event before the end: {e}");
     // Only once its window passed does the mirror give the target up, and it says so.
     assert!(e.to_string().contains("mirroring disk0"), "{e}");
+    assert_eq!(failed_phase(&e), "storage-mirror", "{e}");
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "gave up before the reconnect window passed: {e}"
@@ -575,7 +585,19 @@ fn a_cancel_or_a_kill_during_the_mirror_and_a_kill_during_ram_leave_the_guest_he
         bandwidth: Some(5_000_000),
         ..copy_options(false)
     };
-    src.migrate_killing_destination(&mut dst, options);
+    let e = src.migrate_killing_destination(&mut dst, options);
+    // The RAM migration failed, not the storage copy: the mirror was in sync.
+    let phase = failed_phase(&e);
+    assert!(
+        [
+            "bulk-copy",
+            "iterating",
+            "stop-and-copy",
+            "awaiting-verdict"
+        ]
+        .contains(&phase.as_str()),
+        "{phase}: {e}"
+    );
     let p = src.wait_passes_beyond(0);
     src.wait_passes_beyond(p + 2);
     let (r, _) = src.quit_status();

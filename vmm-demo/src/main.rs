@@ -72,6 +72,8 @@ fn fail(command: &str, e: &dyn std::error::Error) {
 struct Failed {
     error: String,
     verified: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed_phase: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -134,20 +136,26 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
+                let reply = match &e {
+                    Error::Control(c) => c.reply(),
+                    _ => None,
+                };
+                let failed_phase = reply.and_then(|r| r.failed_phase.clone());
                 if args.json {
                     print_json(
                         &Failed {
                             error: chain(&e),
                             verified: false,
+                            failed_phase: failed_phase.clone(),
                         },
                         "migrate",
                     );
                 }
                 fail("migrate", &e);
-                let status = match &e {
-                    Error::Control(c) => c.reply().and_then(|r| r.status.as_ref()),
-                    _ => None,
-                };
+                if let Some(phase) = &failed_phase {
+                    eprintln!("vmm-demo migrate: failed in phase {phase}");
+                }
+                let status = reply.and_then(|r| r.status.as_ref());
                 match status {
                     Some(RunState::Paused { reason }) => {
                         eprintln!(
@@ -198,6 +206,7 @@ fn main() -> ExitCode {
                         &Failed {
                             error: chain(&e),
                             verified: false,
+                            failed_phase: None,
                         },
                         "demo",
                     );

@@ -277,6 +277,10 @@ pub struct ErrorReply {
     /// with the reason.
     #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RunState>,
+    /// For a failed migration, the phase it failed in (`storage-mirror`, `bulk-copy`,
+    /// ...: see `MigrateError::failed_phase`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_phase: Option<String>,
 }
 
 impl ErrorReply {
@@ -286,6 +290,7 @@ impl ErrorReply {
             class,
             desc: desc.into(),
             status: None,
+            failed_phase: None,
         }
     }
 }
@@ -578,6 +583,7 @@ mod tests {
             class: ErrorClass::MigrationFailed,
             desc: "cancelled".into(),
             status: Some(RunState::Running),
+            failed_phase: None,
         };
         let line =
             serde_json::to_string(&ServerLine::<Done>::Reply(Reply::Error(err.clone()))).unwrap();

@@ -1011,6 +1011,10 @@ pub struct DemoReport {
     pub verified: bool,
     /// What went wrong, with its causes.
     pub error: Option<String>,
+    /// The phase a failed migration failed in, as the source names it (`storage-mirror`,
+    /// `bulk-copy`, `postcopy-switch`, ...); none when it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_phase: Option<String>,
     /// The source's exit status.
     pub source_exit: Option<String>,
     /// The destination's exit status.
@@ -1047,7 +1051,14 @@ impl fmt::Display for DemoReport {
             }
         )?;
         let Some(m) = self.migration.as_ref().filter(|_| self.error.is_none()) else {
-            writeln!(f, "FAILED: {}", self.error.as_deref().unwrap_or("?"))?;
+            match &self.failed_phase {
+                Some(phase) => writeln!(
+                    f,
+                    "FAILED in {phase}: {}",
+                    self.error.as_deref().unwrap_or("?")
+                )?,
+                None => writeln!(f, "FAILED: {}", self.error.as_deref().unwrap_or("?"))?,
+            }
             return match self.source.as_ref() {
                 Some(s) => match &s.status {
                     RunState::Paused { reason } => write!(
@@ -1227,6 +1238,7 @@ mod tests {
             migration: Some(d),
             verified: true,
             error: None,
+            failed_phase: None,
             source_exit: None,
             destination_exit: None,
             source: None,
@@ -1270,6 +1282,7 @@ mod tests {
             migration: None,
             verified: false,
             error: Some("refused".into()),
+            failed_phase: Some("storage-policy".into()),
             source_exit: Some("exit status: 0".into()),
             destination_exit: None,
             source: None,
@@ -1282,6 +1295,11 @@ mod tests {
         let j = serde_json::to_string(&report).unwrap();
         let back: DemoReport = serde_json::from_str(&j).unwrap();
         assert_eq!(back, report);
-        assert!(report.to_string().contains("FAILED: refused"));
+        assert!(
+            report
+                .to_string()
+                .contains("FAILED in storage-policy: refused"),
+            "{report}"
+        );
     }
 }

@@ -326,6 +326,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
         migration: None,
         verified: false,
         error: None,
+        failed_phase: None,
         source_exit: source_exit.map(|s| s.to_string()),
         destination_exit: destination_exit.map(|s| s.to_string()),
         source: None,
@@ -431,6 +432,7 @@ pub fn demo(a: &DemoArgs) -> Result<DemoReport, Error> {
             for m in &missing {
                 tracing::debug!("{m}");
             }
+            out.failed_phase = e.reply().and_then(|r| r.failed_phase.clone());
             problems.insert(0, chain(&e));
         }
     }

@@ -230,6 +230,7 @@ fn migrate(
         class: ErrorClass::MigrationFailed,
         desc: chain(&e),
         status: Some(state.state()),
+        failed_phase: Some(migration_core::stats::Phase::Setup.to_string()),
     })?;
     let ctl = Arc::new(ctl);
     {
@@ -274,6 +275,7 @@ fn migrate(
                 class: ErrorClass::MigrationFailed,
                 desc: chain(&e),
                 status: Some(st.clone()),
+                failed_phase: Some(e.failed_phase()),
             })
         }
     }

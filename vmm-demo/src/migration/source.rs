@@ -102,7 +102,65 @@ pub enum MigrateError {
     },
 }
 
+/// The device id under which the storage copy's completion fails in the pause.
+const STORAGE_DEVICE: &str = "disk0";
+
 impl MigrateError {
+    /// The phase the migration failed in, as the reports name it: `storage-policy`,
+    /// `setup` (options, tracker, connection), `storage-prepare` (the destination's images
+    /// and exports), `storage-mirror` (the disks catching up), a RAM migration phase
+    /// (`bulk-copy`, `iterating`, `stop-and-copy`, `awaiting-verdict`), `storage-complete`
+    /// (the mirror completing in the pause), `postcopy-switch` (before the commit) or
+    /// `postcopy` (after it).
+    pub fn failed_phase(&self) -> String {
+        fn precopy(e: &SourceError) -> String {
+            match e {
+                SourceError::Connection { phase, .. }
+                | SourceError::ReturnPath { phase, .. }
+                | SourceError::Protocol { phase, .. }
+                | SourceError::Cancelled { phase } => phase.to_string(),
+                SourceError::NotConverged(_) => Phase::Iterating.to_string(),
+                SourceError::DestinationFailed { .. } | SourceError::VerdictTimeout(_) => {
+                    Phase::AwaitingVerdict.to_string()
+                }
+                SourceError::Vm(v) => vm(v),
+                SourceError::ResumeFailed { error, .. }
+                | SourceError::ThrottleNotLifted { error, .. } => precopy(error),
+                SourceError::Setup(_) | SourceError::Encoder(_) => Phase::Setup.to_string(),
+                _ => "ram-migration".into(),
+            }
+        }
+        fn vm(v: &VmError) -> String {
+            match (v.op, v.device.as_deref()) {
+                (VmOp::SaveState, Some(STORAGE_DEVICE)) => "storage-complete".into(),
+                (VmOp::Pause | VmOp::SaveState, _) => Phase::StopAndCopy.to_string(),
+                _ => "ram-migration".into(),
+            }
+        }
+        match self {
+            MigrateError::Storage(_) => "storage-policy".into(),
+            MigrateError::Address(_)
+            | MigrateError::Options(_)
+            | MigrateError::NoVmFd
+            | MigrateError::Tracker(_)
+            | MigrateError::Connect { .. } => Phase::Setup.to_string(),
+            MigrateError::Copy(CopyError::Mirror { .. } | CopyError::Cancelled) => {
+                Phase::StorageMirror.to_string()
+            }
+            MigrateError::Copy(_) => "storage-prepare".into(),
+            MigrateError::Engine { source, .. } => precopy(source),
+            MigrateError::Postcopy { source, .. } => match &**source {
+                postcopy::SourceError::Precopy(e) => precopy(e),
+                postcopy::SourceError::Vm(v) if v.device.as_deref() == Some(STORAGE_DEVICE) => {
+                    vm(v)
+                }
+                postcopy::SourceError::DestinationLost { .. } => Phase::Postcopy.to_string(),
+                _ => "postcopy-switch".into(),
+            },
+            MigrateError::UnknownOutcome(_) => Phase::Postcopy.to_string(),
+        }
+    }
+
     /// Why the guest is paused on the source after this failure, when it is: the
     /// migration failed and resuming the guest failed too. `None`: the guest runs here,
     /// or is lost ([`guest_lost`](Self::guest_lost)).
@@ -381,7 +439,7 @@ impl VmControl for SourceVm<'_> {
         // leaves (the destination stops its exports when it reads the state).
         if let Some(c) = self.copy.as_mut() {
             c.complete()
-                .map_err(|e| VmError::new(VmOp::SaveState, chain(&e)).for_device("disk0"))?;
+                .map_err(|e| VmError::new(VmOp::SaveState, chain(&e)).for_device(STORAGE_DEVICE))?;
         }
         let mut states = self.vm.save_device_state()?;
         // At a switch to post-copy the destination cannot compare a hash (it lacks pages):
@@ -947,6 +1005,70 @@ mod tests {
         let why = switch.guest_left_paused().unwrap();
         assert!(why.contains("the destination failed") && why.contains("vCPU gone"));
         assert_eq!(switch.guest_lost(), None);
+    }
+
+    #[test]
+    fn a_failure_names_the_phase_it_happened_in() {
+        let to: Address = "tcp:127.0.0.1:1".parse().unwrap();
+        let engine = |e: SourceError| MigrateError::Engine {
+            to: to.clone(),
+            source: Box::new(e),
+        };
+        let post = |e: postcopy::SourceError| MigrateError::Postcopy {
+            to: to.clone(),
+            source: Box::new(e),
+        };
+        let complete =
+            || VmError::new(VmOp::SaveState, "mirror target gone").for_device(STORAGE_DEVICE);
+        let cases = [
+            (
+                MigrateError::Copy(CopyError::Refused("no room".into())),
+                "storage-prepare",
+            ),
+            (MigrateError::Copy(CopyError::Cancelled), "storage-mirror"),
+            (MigrateError::Options("x".into()), "setup"),
+            (
+                engine(SourceError::Connection {
+                    phase: Phase::Iterating,
+                    source: io::Error::other("reset"),
+                }),
+                "iterating",
+            ),
+            (engine(SourceError::Vm(complete())), "storage-complete"),
+            (
+                engine(SourceError::Vm(VmError::new(VmOp::SaveState, "vcpu"))),
+                "stop-and-copy",
+            ),
+            (
+                engine(SourceError::ResumeFailed {
+                    error: Box::new(SourceError::VerdictTimeout(Duration::from_secs(1))),
+                    resume: VmError::new(VmOp::Resume, "gone"),
+                }),
+                "awaiting-verdict",
+            ),
+            (
+                post(postcopy::SourceError::Vm(complete())),
+                "storage-complete",
+            ),
+            (
+                post(postcopy::SourceError::Switch {
+                    why: "refused".into(),
+                    resume: None,
+                }),
+                "postcopy-switch",
+            ),
+            (
+                post(postcopy::SourceError::DestinationLost {
+                    why: "reset".into(),
+                    window: Duration::from_secs(1),
+                    missing: 1,
+                }),
+                "postcopy",
+            ),
+        ];
+        for (e, phase) in cases {
+            assert_eq!(e.failed_phase(), phase, "{e:?}");
+        }
     }
 
     #[test]
