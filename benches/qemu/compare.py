@@ -16,9 +16,29 @@ Both report page requests, vCPU blocktime, the guest's pause and the time in pos
 loopback round trip of a 16-byte request answered by 4 KiB (scripts/rtt.py, the floor our
 post-copy's fault latency is stated against) is measured in every run.
 
-Every guest is the 512-byte boot sector in bootblock.s (assembled here with binutils), so no
-image is downloaded. The harness waits on what the guest prints on its serial port, never on
-a sleep, and checks the outcome:
+The reference half of issue 12 (storage migration), not run unless asked (by name or `all`):
+  storage-idle     live migration with a non-shared 1 GiB raw disk (half of it written: every
+                   other 1 MiB piece pseudo-random), the disk copied by blockdev-mirror to an
+                   NBD export of the destination, driven as libvirt drives `virsh migrate --live
+                   --copy-storage-all` (see run_storage); the guest boots from that disk and
+                   idles (timer interrupts, no RAM or disk writes);
+  storage-writing  the same with a guest that writes 256 sectors of its disk (through BIOS
+                   int 13h) and walks 16 MiB of its RAM, every pass.
+Both report total time (mirror start to the mirror's completion after the migration), mirror
+time to READY, QEMU's downtime, the guest's pause, RAM bytes and the NBD connection's bytes.
+
+For scripts/bench-storage.py (one run of one storage workload between its own rounds), the
+interface is the command line, which prints a table and writes JSON:
+  python3 benches/qemu/compare.py --workloads storage-writing --reps 1 --no-loopback --json F
+F then holds {"environment", "params", "runs": [one run dict], "summary": {...}}; the run dict
+has "ok", "verified", "total_ms", "mirror_ms", "downtime_ms", "pause_ms", "ram_transferred",
+"disk_wire_bytes" (and the rest documented in README.md). The exit status is 0 only if the
+run completed and verified, 2 if QEMU or binutils are missing.
+
+Every guest is the boot sector in bootblock.s (assembled here with binutils; the storage
+guest is its second sector, which the first loads from the disk), so no image is downloaded.
+The harness waits on what the guest prints on its serial port, never on a sleep, and checks
+the outcome:
   idle, random  the destination runs, and RAM above 1 MiB hashes the same on both sides;
   busy          the destination keeps printing passes, its counters are N+1...N+1 N...N
                 (one walk in progress), and the passes it reports continue the source's.
@@ -26,6 +46,11 @@ a sleep, and checks the outcome:
                 equal on both sides except the first word of pages touched on the destination,
                 which holds touch numbers the destination made; the touches both sides report
                 add up to the destination's touch count.
+  storage-*     with both sides paused after the migration (NBD server stopped): qemu-img
+                compare says the two images are identical, and guest RAM [0, 256 MiB) hashes
+                the same on both; after `cont` the destination keeps printing; writing: the
+                disk working set and RAM counters of each side read N+1..N+1 N..N, and the
+                destination's continue the source's passes; idle: RAM above 1 MiB over 90 % zero.
 
 Only processes this script starts are ended, by their PID, always (try/finally).
 
@@ -35,10 +60,14 @@ Run: bash benches/qemu/setup.sh && python3 benches/qemu/compare.py --json qemu.j
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
 import platform
+import random
+import re
+import select
 import shutil
 import socket
 import statistics
@@ -54,10 +83,14 @@ HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 PAGE = 4096
 FILL_START = 1 * MIB  # the guest fills and walks RAM from 1 MiB up
-MODES = {"idle": 0, "random": 1, "busy": 2, "postcopy": 3, "postcopy-preempt": 3}
+MODES = {"idle": 0, "random": 1, "busy": 2, "postcopy": 3, "postcopy-preempt": 3,
+         "storage-idle": 4, "storage-writing": 4}
 PRECOPY_WORKLOADS = ["idle", "random", "busy"]  # the default run, as before issue 10
 # Post-copy workloads: the capabilities each one turns on (on both sides) besides postcopy-ram.
 POSTCOPY = {"postcopy": [], "postcopy-preempt": ["postcopy-preempt"]}
+# Storage workloads (issue 12): live migration with a non-shared disk, copied by blockdev-mirror
+# to the destination's NBD export, the way libvirt does --copy-storage-all.
+STORAGE = ["storage-idle", "storage-writing"]
 TOUCH_COUNT_ADDR = 0x10000  # bootblock.s: touch_count, the scatter guest's touches so far
 RTT_TOOL = HERE.parent.parent / "scripts" / "rtt.py"
 
@@ -71,7 +104,8 @@ class BenchError(Exception):
 
 
 def build_bootblock(workdir: Path) -> bytes:
-    """Assembles bootblock.s with GNU as/ld into the 512-byte boot sector."""
+    """Assembles bootblock.s with GNU as/ld: the boot sector and the sector after it (1024 bytes;
+    the second sector is the real-mode storage guest, which the first loads in mode 4)."""
     obj = workdir / "bootblock.o"
     binary = workdir / "bootblock.bin"
     for cmd in (
@@ -82,20 +116,21 @@ def build_bootblock(workdir: Path) -> bytes:
         if res.returncode != 0:
             raise BenchError(f"{cmd[0]} failed ({res.returncode}): {res.stderr.strip()}")
     data = binary.read_bytes()
-    if len(data) != 512 or data[510:] != b"\x55\xaa":
-        raise BenchError(f"bootblock.bin is {len(data)} bytes without a boot signature where 512 with one were expected")
+    if len(data) != 1024 or data[510:512] != b"\x55\xaa":
+        raise BenchError(f"bootblock.bin is {len(data)} bytes, {data[510:512]!r} at 510, where 1024 bytes "
+                         f"with the boot signature 55 aa at 510 were expected")
     return data
 
 
 def patch_params(block: bytes, mode: int, busy_fill: bool, report_shift: int, ram_end: int,
-                 ws_bytes: int, seed: int) -> bytes:
+                 ws_bytes: int, seed: int, disk_ws: int = 0, disk_chunk: int = 128) -> bytes:
     """Writes the workload parameters into the block after its "QMB1" magic (see bootblock.s)."""
     at = block.find(b"QMB1")
     if at < 0 or block.find(b"QMB1", at + 1) >= 0:
         raise BenchError("bootblock.bin must hold exactly one QMB1 parameter block")
     out = bytearray(block)
-    struct.pack_into("<BBBBIII", out, at + 4, mode, int(busy_fill), report_shift, 0, ram_end,
-                     ws_bytes, seed)
+    struct.pack_into("<BBBBIIIHH", out, at + 4, mode, int(busy_fill), report_shift, 0, ram_end,
+                     ws_bytes, seed, disk_ws, disk_chunk)
     return bytes(out)
 
 
@@ -104,7 +139,8 @@ def patch_params(block: bytes, mode: int, busy_fill: bool, report_shift: int, ra
 
 
 class Qmp:
-    """A minimal QMP client over a unix socket: one command at a time, events kept aside."""
+    """A minimal QMP client over a unix socket: one command at a time, events kept aside (and
+    waited for with a deadline by wait_event)."""
 
     def __init__(self, path: Path, deadline: float, proc: subprocess.Popen):
         self.events: list[dict] = []
@@ -121,21 +157,56 @@ class Qmp:
                 if time.monotonic() > deadline:
                     raise BenchError(f"QMP socket {path} did not accept within the deadline")
                 time.sleep(0.02)
-        sock.settimeout(30)
         self._sock = sock
-        self._file = sock.makefile("rb")
+        self._buf = b""
         greeting = self._read()
         if "QMP" not in greeting:
             raise BenchError(f"QMP greeting expected on {path}, got {greeting!r}")
         self.cmd("qmp_capabilities")
 
-    def _read(self) -> dict:
-        line = self._file.readline()
-        if not line:
-            raise BenchError("QMP connection closed by QEMU")
+    def _read(self, deadline: float | None = None) -> dict | None:
+        """The next message; None if `deadline` (monotonic) passes first. Without a deadline,
+        QEMU saying nothing for 30 s is an error."""
+        while b"\n" not in self._buf:
+            timeout = 30.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self._sock], [], [], timeout)
+            if not ready:
+                if deadline is None:
+                    raise BenchError("QMP: QEMU sent nothing for 30 s")
+                return None
+            chunk = self._sock.recv(1 << 16)
+            if not chunk:
+                raise BenchError("QMP connection closed by QEMU")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
         return json.loads(line)
 
-    def cmd(self, name: str, **arguments) -> object:
+    def find_event(self, names, pred=None) -> dict | None:
+        """The first event received so far named in `names` (and satisfying pred)."""
+        for e in self.events:
+            if e.get("event") in names and (pred is None or pred(e)):
+                return e
+        return None
+
+    def wait_event(self, what: str, names, deadline: float, pred=None, procs=()) -> dict:
+        """Reads events until one named in `names` (and satisfying pred) has arrived; fails at the
+        deadline (monotonic) or if one of `procs` exited."""
+        names = {names} if isinstance(names, str) else set(names)
+        while True:
+            e = self.find_event(names, pred)
+            if e is not None:
+                return e
+            for p in procs:
+                if p.poll() is not None:
+                    raise BenchError(f"{what}: process {p.pid} exited ({p.returncode}) while waiting")
+            msg = self._read(min(deadline, time.monotonic() + 0.5))
+            if msg is None:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{what}: not reached within the deadline")
+            elif "event" in msg:
+                self.events.append(msg)
+
+    def cmd(self, name: str, /, **arguments) -> object:
         self._next_id += 1
         msg = {"execute": name, "id": self._next_id}
         if arguments:
@@ -154,7 +225,6 @@ class Qmp:
 
     def close(self) -> None:
         try:
-            self._file.close()
             self._sock.close()
         except OSError:
             pass
@@ -707,6 +777,430 @@ def run_one(args, workload: str, rep: int, block: bytes, workdir: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# Storage migration (issue 12): a non-shared disk copied with blockdev-mirror to the
+# destination's NBD export, driven as libvirt drives `virsh migrate --live --copy-storage-all`
+
+
+SECTOR = 512
+DISK_FIRST_LBA = 2  # bootblock.s: sector 0 is the boot sector, 1 the storage guest, then the working set
+DISK_NODE = "libvirt-1-format"  # node names, device and export names as libvirt gives them
+DISK_STORAGE_NODE = "libvirt-1-storage"
+MIRROR_TARGET_NODE = "migration-vda-format"
+MIRROR_TARGET_STORAGE_NODE = "migration-vda-storage"
+
+
+def make_base_disk(path: Path, size: int, piece: int, seed: int) -> None:
+    """The disk of the storage workloads, without its boot sectors: `size` bytes of raw image,
+    pieces 1, 3, 5, ... of `piece` bytes filled with pseudo-random bytes (Python's Mersenne
+    Twister seeded with `seed`, so the same every time), the others holes."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i in range(1, size // piece, 2):
+            f.seek(i * piece)
+            f.write(rng.randbytes(piece))
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copies a file keeping its holes (SEEK_DATA/SEEK_HOLE), data by copy_file_range."""
+    size = src.stat().st_size
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        fo.truncate(size)
+        off = 0
+        while off < size:
+            try:
+                data = os.lseek(fi.fileno(), off, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but a hole from here on
+                    break
+                raise
+            hole = os.lseek(fi.fileno(), data, os.SEEK_HOLE)
+            pos = data
+            while pos < hole:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), hole - pos, pos, pos)
+                if n <= 0:
+                    raise BenchError(f"copy_file_range of {src} stopped at {pos} of {hole}")
+                pos += n
+            off = hole
+
+
+def allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def storage_qemu_cmd(qemu: str, mem_mib: int, image: Path, serial: Path, qmp: Path, incoming: bool,
+                     bus: str, discard: str) -> list[str]:
+    """A guest booting from a raw image through -blockdev (a file node under a raw format node,
+    node names and properties as libvirt gives them), on virtio-blk or IDE. The destination
+    waits paused (-S) for `migrate-incoming` and then for `cont`, as libvirt starts it.
+
+    libvirt puts discard=unmap on the file node always and on the format node only for a disk
+    with <driver discard='unmap'/>; `discard` is the format node's. Without it the block layer
+    drops the may-unmap flag of the mirror's zero writes at the format node, and on a file system
+    without FALLOC_FL_ZERO_RANGE (tmpfs) QEMU then writes the destination's holes as zeroes."""
+    dev = ("virtio-blk-pci,drive={n},id=virtio-disk0,bootindex=1" if bus == "virtio"
+           else "ide-hd,bus=ide.0,unit=0,drive={n},id=ide0-0-0,bootindex=1").format(n=DISK_NODE)
+    cmd = [qemu, "-accel", "tcg", "-machine", "pc", "-m", str(mem_mib), "-smp", "1",
+           "-nodefaults", "-vga", "none", "-display", "none", "-monitor", "none",
+           "-serial", f"file:{serial}",
+           "-qmp", f"unix:{qmp},server=on,wait=off",
+           "-blockdev", json.dumps({"driver": "file", "filename": str(image), "node-name": DISK_STORAGE_NODE,
+                                    "auto-read-only": True, "discard": "unmap"}),
+           "-blockdev", json.dumps({"node-name": DISK_NODE, "read-only": False, "driver": "raw",
+                                    "file": DISK_STORAGE_NODE, **({"discard": "unmap"} if discard == "unmap" else {})}),
+           "-device", dev]
+    if incoming:
+        cmd += ["-incoming", "defer", "-S"]
+    return cmd
+
+
+def tcp_counters(port: int) -> list[dict]:
+    """bytes_received / bytes_sent / bytes_acked of the established TCP sockets whose local port
+    is `port` (the server's end of each connection to it), from the kernel's tcp_info (ss -i)."""
+    res = subprocess.run(["ss", "-tinH", "state", "established", "sport", "=", f":{port}"],
+                         capture_output=True, text=True, timeout=10)
+    if res.returncode != 0:
+        raise BenchError(f"ss failed ({res.returncode}): {res.stderr.strip()}")
+    out = []
+    for m in re.finditer(r"bytes_sent:(\d+).*?bytes_received:(\d+)", res.stdout, re.S):
+        acked = re.search(r"bytes_acked:(\d+)", res.stdout[m.start():m.end()])
+        out.append({"bytes_sent": int(m.group(1)), "bytes_received": int(m.group(2)),
+                    "bytes_acked": int(acked.group(1)) if acked else None})
+    return out
+
+
+def step_form(values: list[int]) -> tuple[bool, int, int, str]:
+    """Whether values read h..h l..l with h - l in {0, 1} (a pass over them in progress or
+    done): (ok, h, l, what was found)."""
+    hi, lo = values[0], values[-1]
+    if all(v == hi for v in values):
+        return True, hi, lo, f"all {len(values)} at {hi}"
+    if hi - lo not in (0, 1):
+        return False, hi, lo, f"first {hi}, last {lo}: more than one pass apart"
+    step = next((i for i, v in enumerate(values) if v != hi), len(values))
+    if any(v != lo for v in values[step:]):
+        return False, hi, lo, f"not of the form N+1..N+1 N..N (first break at {step})"
+    return True, hi, lo, f"{step} at {hi}, {len(values) - step} at {lo}"
+
+
+def disk_ws_values(image: Path, sectors: int) -> tuple[list[int], str | None]:
+    """The word each sector of the writer's working set holds; an error if a sector is not one
+    word repeated (every pass writes its number into every word of every sector)."""
+    with open(image, "rb") as f:
+        f.seek(DISK_FIRST_LBA * SECTOR)
+        data = f.read(sectors * SECTOR)
+    vals = []
+    for k in range(sectors):
+        sec = data[k * SECTOR:(k + 1) * SECTOR]
+        v = struct.unpack_from("<I", sec)[0]
+        if sec != struct.pack("<I", v) * (SECTOR // 4):
+            return vals, f"sector {DISK_FIRST_LBA + k} is not one word repeated"
+        vals.append(v)
+    return vals, None
+
+
+def writer_state(image: Path, qmp: Qmp, args, path: Path) -> dict:
+    """The writing guest's progress as a stopped side holds it: its disk working set and, when
+    it walks RAM, its page counters. Pass p writes p into the disk working set, then makes every
+    counter p, so a consistent state is (disk p..p p-1..p-1, RAM all p-1), (disk all p, RAM
+    p..p p-1..p-1) or (all p)."""
+    vals, bad = disk_ws_values(image, args.disk_ws_sectors)
+    if bad:
+        return {"ok": False, "why": bad, "passes": 0}
+    ok_d, d_hi, d_lo, why_d = step_form(vals)
+    st = {"ok": ok_d, "disk_hi": d_hi, "disk_lo": d_lo, "why": f"disk working set: {why_d}"}
+    ws = args.storage_ram_ws_mib * MIB
+    if ws:
+        qmp.cmd("pmemsave", val=FILL_START, size=ws, filename=str(path))
+        data = path.read_bytes()
+        path.unlink()
+        counters = [struct.unpack_from("<I", data, off)[0] for off in range(0, ws, PAGE)]
+        ok_r, r_hi, r_lo, why_r = step_form(counters)
+        cross = (d_hi == r_lo + 1 and (r_hi == r_lo or d_lo == d_hi)) or (d_hi == d_lo == r_hi == r_lo)
+        st.update({"ok": ok_d and ok_r and cross, "ram_hi": r_hi, "ram_lo": r_lo,
+                   "why": f"disk working set: {why_d}; RAM counters: {why_r}"
+                          + ("" if cross else "; disk and RAM not at the same pass")})
+        st["passes"] = r_lo  # passes whose RAM walk is done
+    else:
+        st["passes"] = d_lo
+    return st
+
+
+def ram_compare(src_qmp: Qmp, dst_qmp: Qmp, size: int, run_dir: Path) -> tuple[bool, int, str]:
+    """Guest RAM [0, size) of both (paused) sides: equal? And the source's zero pages above 1 MiB."""
+    digests, z_high = [], 0
+    for side, q in (("src", src_qmp), ("dst", dst_qmp)):
+        path = run_dir / f"{side}.ram"
+        q.cmd("pmemsave", val=0, size=size, filename=str(path))
+        data = path.read_bytes()
+        path.unlink()
+        if len(data) != size:
+            raise BenchError(f"pmemsave wrote {len(data)} bytes where {size} were asked")
+        digests.append(hashlib.sha256(data).digest())
+        if side == "src":
+            zero = bytes(PAGE)
+            z_high = sum(1 for off in range(FILL_START, size, PAGE) if data[off:off + PAGE] == zero)
+        del data
+    h_src, h_dst = digests
+    return h_src == h_dst, z_high, (f"RAM [0, {size // MIB} MiB) sha256 {'equal' if h_src == h_dst else 'DIFFERS'} "
+                                    f"on the paused source and destination; zero pages above 1 MiB: {z_high}")
+
+
+def run_storage(args, workload: str, rep: int, block: bytes, base: Path, workdir: Path) -> dict:
+    """One live migration with a non-shared disk, as libvirt (>= 6 with QEMU >= 6) does it:
+
+    destination (libvirt's Prepare): started paused with -incoming defer; migration capabilities
+    and parameters; nbd-server-start; block-export-add (nbd, writable) of the disk's node;
+    migrate-incoming.
+    source (Perform): blockdev-add of an NBD client node on the export (and a raw node on top);
+    blockdev-mirror sync=full to it; wait for BLOCK_JOB_READY; migrate; wait for the MIGRATION
+    event `completed`; block-job-cancel of the READY job (without force: it finishes the copy
+    without pivoting, with the source paused) and wait for BLOCK_JOB_COMPLETED; job-dismiss;
+    blockdev-del of the client nodes.
+    destination (Finish): wait for its MIGRATION `completed`; nbd-server-stop; cont.
+
+    Between nbd-server-stop and cont, both sides paused, the harness verifies: qemu-img compare
+    of the two images, RAM of both sides. That time (and the few ms of reading the NBD socket's
+    counters before the client node is deleted) is taken out of the pause it reports.
+    """
+    mem = args.mem_mib * MIB
+    writing = workload == "storage-writing"
+    run_dir = workdir / f"{workload}-{rep}"
+    run_dir.mkdir()
+    shift = args.storage_report_shift if writing else args.idle_tick_shift
+    marker = "W" if writing else "T"
+    blob = patch_params(block, MODES[workload], False, shift, mem,
+                        args.storage_ram_ws_mib * MIB if writing else 0, args.seed + rep,
+                        disk_ws=args.disk_ws_sectors if writing else 0, disk_chunk=args.disk_chunk_sectors)
+    src_img, dst_img = run_dir / "src.img", run_dir / "dst.img"
+    copy_sparse(base, src_img)
+    with open(src_img, "r+b") as f:
+        f.write(blob)  # sector 0, the boot sector, and 1, the storage guest, in piece 0
+    with open(dst_img, "wb") as f:
+        f.truncate(args.disk_size)  # libvirt pre-creates the destination's volume: same size, empty
+    src_ser, dst_ser = run_dir / "src-serial.txt", run_dir / "dst-serial.txt"
+    src_qmp_path, dst_qmp_path = run_dir / "src.qmp", run_dir / "dst.qmp"
+    export = "drive-virtio-disk0" if args.disk_bus == "virtio" else "drive-ide0-0-0"
+    job = export  # libvirt names the job after the disk's drive alias
+
+    started = Started()
+    result: dict = {"workload": workload, "rep": rep, "ok": False, "disk_allocated_bytes": allocated_bytes(src_img)}
+    src_qmp = dst_qmp = None
+    try:
+        deadline = time.monotonic() + 30
+        dst = started.popen(storage_qemu_cmd(args.qemu, args.mem_mib, dst_img, dst_ser, dst_qmp_path, True,
+                                             args.disk_bus, args.disk_discard), run_dir / "dst.log")
+        src = started.popen(storage_qemu_cmd(args.qemu, args.mem_mib, src_img, src_ser, src_qmp_path, False,
+                                             args.disk_bus, args.disk_discard), run_dir / "src.log")
+        dst_qmp = Qmp(dst_qmp_path, deadline, dst)
+        src_qmp = Qmp(src_qmp_path, deadline, src)
+        procs = [src, dst]
+
+        def guest_error(text: str) -> str | None:
+            if "E" not in text:
+                return None
+            after = text.split("E", 1)[1]
+            return f"the guest's int 13h write failed with status {ord(after[0]):#04x}" if after else \
+                "the guest failed to load its second sector or to write (E on serial)"
+
+        def ready():
+            text = serial_text(src_ser)
+            if (err := guest_error(text)):
+                raise BenchError(err)
+            return "D" in text and text.split("D", 1)[1].count(marker) >= 3
+        t_boot = time.monotonic()
+        wait_for(f"{workload} guest ready on serial ('D' and three '{marker}')", ready,
+                 time.monotonic() + args.ready_timeout, procs)
+        result["guest_ready_s"] = round(time.monotonic() - t_boot, 3)
+
+        # Destination, libvirt's Prepare: parameters, NBD server and export, then migrate-incoming.
+        set_migration_options(dst_qmp, args.max_bandwidth, args.downtime_limit)
+        set_migration_options(src_qmp, args.max_bandwidth, args.downtime_limit)
+        nbd_port = free_port()
+        dst_qmp.cmd("nbd-server-start", addr={"type": "inet", "data": {"host": "127.0.0.1", "port": str(nbd_port)}})
+        dst_qmp.cmd("block-export-add", type="nbd", id=f"libvirt-nbd-{DISK_NODE}", **{"node-name": DISK_NODE},
+                    name=export, writable=True)
+        port = free_port()
+        uri = f"tcp:127.0.0.1:{port}"
+        dst_qmp.cmd("migrate-incoming", uri=uri)
+        wait_for("destination listening", lambda: port_listening(port), time.monotonic() + 10, procs)
+
+        # Source, libvirt's Perform: the mirror to the export, READY, then the migration.
+        cpu_before = {"src": proc_cpu_seconds(src.pid), "dst": proc_cpu_seconds(dst.pid)}
+        machine_before = machine_cpu_ticks()
+        t0 = time.time()  # host wall clock, as QMP's event timestamps
+        src_qmp.cmd("blockdev-add", driver="nbd", **{"node-name": MIRROR_TARGET_STORAGE_NODE},
+                    server={"type": "inet", "host": "127.0.0.1", "port": str(nbd_port)}, export=export,
+                    **{"auto-read-only": True, "discard": "unmap"})
+        src_qmp.cmd("blockdev-add", driver="raw", **{"node-name": MIRROR_TARGET_NODE, "read-only": False},
+                    file=MIRROR_TARGET_STORAGE_NODE,
+                    **({"discard": "unmap"} if args.disk_discard == "unmap" else {}))
+        t_mirror = time.time()
+        src_qmp.cmd("blockdev-mirror", **{"job-id": job, "device": DISK_NODE, "target": MIRROR_TARGET_NODE,
+                                          "sync": "full", "auto-finalize": True, "auto-dismiss": False})
+        of_job = lambda e: e.get("data", {}).get("device") == job  # noqa: E731
+        ev = src_qmp.wait_event("mirror READY", {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"},
+                                time.monotonic() + args.mirror_timeout, of_job, procs)
+        if ev["event"] != "BLOCK_JOB_READY":
+            raise BenchError(f"the mirror ended before READY: {ev}")
+        t_ready = ev_time(ev)
+        jobs_at_ready = src_qmp.cmd("query-block-jobs")
+        ready_job = next((j for j in jobs_at_ready if j.get("device") == job), {})
+        t_migrate = time.time()
+        src_qmp.cmd("migrate", uri=uri)
+        ev = src_qmp.wait_event("migration end", "MIGRATION", time.monotonic() + args.migration_timeout,
+                                lambda e: e["data"]["status"] in ("completed", "failed", "cancelled"), procs)
+        if ev["data"]["status"] != "completed":
+            info = src_qmp.cmd("query-migrate")
+            raise BenchError(f"migration {ev['data']['status']}: {info.get('error-desc', info)}")
+        t_completed = ev_time(ev)
+        # libvirt, right after: cancel the READY mirror (no force) and wait for it to finish.
+        src_qmp.cmd("block-job-cancel", device=job)
+        ev = src_qmp.wait_event("mirror completion", {"BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"},
+                                time.monotonic() + 60, of_job, procs)
+        t_mirror_done = ev_time(ev)
+        mirror_end_event = ev["event"]
+        if ev["event"] == "BLOCK_JOB_COMPLETED" and ev["data"].get("error"):
+            raise BenchError(f"the mirror failed at its completion: {ev['data']['error']}")
+        machine_after = machine_cpu_ticks()
+        cpu_after = {"src": proc_cpu_seconds(src.pid), "dst": proc_cpu_seconds(dst.pid)}
+        # Harness time inside the pause, taken out of it below: the job's last figures and the
+        # NBD connection's byte counters, read before the client node (and connection) goes.
+        x0 = time.time()
+        final_job = next((j for j in src_qmp.cmd("query-block-jobs") if j.get("device") == job), {})
+        nbd_tcp = tcp_counters(nbd_port)
+        x1 = time.time()
+        src_qmp.cmd("job-dismiss", id=job)
+        src_qmp.cmd("blockdev-del", **{"node-name": MIRROR_TARGET_NODE})
+        src_qmp.cmd("blockdev-del", **{"node-name": MIRROR_TARGET_STORAGE_NODE})
+        # Destination, libvirt's Finish: its side completed, NBD server stopped, then cont.
+        dst_qmp.wait_event("destination's side completed", "MIGRATION", time.monotonic() + 30,
+                           lambda e: e["data"]["status"] in ("completed", "failed"), procs)
+        if dst_qmp.find_event({"MIGRATION"}, lambda e: e["data"]["status"] == "failed"):
+            raise BenchError("the destination's side of the migration failed")
+        dst_qmp.cmd("nbd-server-stop")
+
+        # Both paused: the disk and RAM must be equal on both sides (harness time, not pause).
+        v0 = time.time()
+        cmp = subprocess.run(["qemu-img", "compare", "-U", "-f", "raw", "-F", "raw", str(src_img), str(dst_img)],
+                             capture_output=True, text=True, timeout=300)
+        disk_equal = cmp.returncode == 0
+        disk_why = (cmp.stdout + cmp.stderr).strip()
+        src_status = src_qmp.cmd("query-status").get("status")
+        dst_paused = dst_qmp.cmd("query-status").get("status")
+        ram_equal, zero_high, ram_why = ram_compare(src_qmp, dst_qmp, mem, run_dir)
+        src_state = writer_state(src_img, src_qmp, args, run_dir / "src-ws.bin") if writing else None
+        v1 = time.time()
+        dst_qmp.cmd("cont")
+        ev = dst_qmp.wait_event("destination RESUME", "RESUME", time.monotonic() + 30, None, procs)
+        t_resume = ev_time(ev)
+        t_stop = event_time(src_qmp, "STOP")
+        if not disk_equal:
+            raise BenchError(f"VERIFICATION FAILED: qemu-img compare of the images: {disk_why}")
+        if not ram_equal:
+            raise BenchError(f"VERIFICATION FAILED: {ram_why}")
+
+        # Statistics (after cont: nothing here is in the pause).
+        info = wait_for("completed migration's statistics",
+                        lambda: (i := src_qmp.cmd("query-migrate")).get("total-time", 0) > 0 and i,
+                        time.monotonic() + 10, procs)
+        ram = info.get("ram", {})
+        excluded = (x1 - x0) + (v1 - v0)
+        tick = os.sysconf("SC_CLK_TCK")
+        busy = (machine_after[0] - machine_before[0]) / tick
+        window = (machine_after[1] - machine_before[1]) / tick
+        ours = sum(cpu_after[k][i] - cpu_before[k][i] for k in ("src", "dst") for i in (0, 1))
+        to_dst = sum(c["bytes_received"] for c in nbd_tcp)
+        from_dst = sum(c["bytes_sent"] for c in nbd_tcp)
+        result.update({
+            "disk_size": args.disk_size, "disk_bus": args.disk_bus, "disk_discard": args.disk_discard,
+            "nbd_transport": "tcp 127.0.0.1",
+            "total_ms": round((t_mirror_done - t0) * 1000, 1),
+            "mirror_ms": round((t_ready - t0) * 1000, 1),
+            "mirror_cmd_to_ready_ms": round((t_ready - t_mirror) * 1000, 1),
+            "ready_to_migrate_ms": round((t_migrate - t_ready) * 1000, 1),
+            "migration_ms": round((t_completed - t_migrate) * 1000, 1),
+            "qemu_total_ms": info.get("total-time"),
+            "downtime_ms": info.get("downtime"),
+            "setup_ms": info.get("setup-time"),
+            "cancel_ms": round((t_mirror_done - t_completed) * 1000, 1),
+            "pause_ms": ms_between(t_stop, t_resume - excluded) if t_stop else None,
+            "pause_raw_ms": ms_between(t_stop, t_resume),
+            "pause_excluded_ms": round(excluded * 1000, 1),
+            "mirror_end_event": mirror_end_event,
+            "ram_transferred": ram.get("transferred"),
+            "ram_total": ram.get("total"),
+            "pages_normal": ram.get("normal"),
+            "pages_duplicate_zero": ram.get("duplicate"),
+            "downtime_bytes": ram.get("downtime-bytes"),
+            "dirty_sync_count": ram.get("dirty-sync-count"),
+            "mirror_len_at_ready": ready_job.get("len"),
+            "mirror_offset": final_job.get("offset"),
+            "mirror_len": final_job.get("len"),
+            "nbd_connections": len(nbd_tcp),
+            "disk_wire_to_dst": to_dst,
+            "disk_wire_from_dst": from_dst,
+            "disk_wire_bytes": to_dst + from_dst,
+            "dst_disk_allocated_bytes": allocated_bytes(dst_img),
+            "src_vmhwm_kib": proc_status(src.pid).get("VmHWM"),
+            "dst_vmhwm_kib": proc_status(dst.pid).get("VmHWM"),
+            "src_cpu_s": round(sum(cpu_after["src"]) - sum(cpu_before["src"]), 3),
+            "dst_cpu_s": round(sum(cpu_after["dst"]) - sum(cpu_before["dst"]), 3),
+            "others_cpu_pct": round(100 * max(0.0, busy - ours) / window, 1) if window > 0 else None,
+            "src_status_paused": src_status, "dst_status_paused": dst_paused,
+        })
+        if len(nbd_tcp) != 1:
+            raise BenchError(f"{len(nbd_tcp)} NBD connections on port {nbd_port} where one was expected")
+
+        # The destination goes on: more markers after cont.
+        n_dst = serial_text(dst_ser).count(marker)
+        wait_for(f"destination printing '{marker}' after cont",
+                 lambda: serial_text(dst_ser).count(marker) >= n_dst + 2, time.monotonic() + 30, procs)
+        if (err := guest_error(serial_text(dst_ser))):
+            raise BenchError(f"on the destination: {err}")
+        dst_status = dst_qmp.cmd("query-status").get("status")
+        checks = [disk_equal, ram_equal, dst_status == "running", src_status == "postmigrate",
+                  dst_paused == "paused"]
+        verify = [f"qemu-img compare: {disk_why}", ram_why,
+                  f"source {src_status} and destination {dst_paused} while compared, destination {dst_status} after cont"]
+        if writing:
+            # Stopped, the destination's disk and counters continue the source's passes.
+            dst_qmp.cmd("stop")
+            dst_state = writer_state(dst_img, dst_qmp, args, run_dir / "dst-ws.bin")
+            src_w, dst_w = serial_text(src_ser).count("W"), serial_text(dst_ser).count("W")
+            c_src, c_dst = src_state["passes"], dst_state["passes"]
+            src_ok = src_w in (c_src >> shift, (c_src - 1) >> shift)
+            cont_ok = src_w + dst_w in (c_dst >> shift, (c_dst - 1) >> shift) and c_dst > c_src
+            checks += [src_state["ok"], dst_state["ok"], src_ok, cont_ok]
+            verify += [f"source at the switch: {src_state['why']}", f"destination stopped later: {dst_state['why']}",
+                       f"'W' reports: source {src_w} for {c_src} passes, source+destination {src_w + dst_w} for "
+                       f"{c_dst} (one per {1 << shift})"]
+            result.update({"passes_at_switch": c_src, "passes_at_stop": c_dst})
+        else:
+            plausible = zero_high > ((mem - FILL_START) // PAGE) * 9 // 10
+            checks.append(plausible)
+            verify.append(f"'T' reports on the destination after cont: {serial_text(dst_ser).count('T') - n_dst}")
+        result["verify"] = "; ".join(verify)
+        result["verified"] = all(checks)
+        result["ok"] = True
+    except BenchError as e:
+        result["error"] = str(e)
+    finally:
+        for q in (src_qmp, dst_qmp):
+            if q is not None:
+                q.close()
+        started.stop()
+        if not args.keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def ev_time(e: dict) -> float:
+    ts = e["timestamp"]
+    return ts["seconds"] + ts["microseconds"] / 1e6
+
+
+# --------------------------------------------------------------------------------------------
 # Report
 
 
@@ -721,10 +1215,11 @@ def print_table(report: dict) -> None:
     print(f"guest {report['params']['mem_mib']} MiB, TCG, single channel, no compression, "
           f"max-bandwidth {report['params']['max_bandwidth']} B/s, downtime-limit {report['params']['downtime_limit_ms']} ms")
     lbs = report["loopback"]
-    print(f"loopback TCP, one stream of {lbs[0]['bytes'] / (1 << 30):.1f} GiB each, MiB/s: "
-          + ", ".join(f"{lb['tool']} {lb['when']} {lb['mib_per_s']:.0f}" for lb in lbs))
-    print(f"loopback TCP limit: best {report['loopback_best_mib_per_s']:.0f} MiB/s, "
-          f"median {report['loopback_median_mib_per_s']:.0f} MiB/s")
+    if lbs:
+        print(f"loopback TCP, one stream of {lbs[0]['bytes'] / (1 << 30):.1f} GiB each, MiB/s: "
+              + ", ".join(f"{lb['tool']} {lb['when']} {lb['mib_per_s']:.0f}" for lb in lbs))
+        print(f"loopback TCP limit: best {report['loopback_best_mib_per_s']:.0f} MiB/s, "
+              f"median {report['loopback_median_mib_per_s']:.0f} MiB/s")
     for rt in report["rtt"]:
         print(f"loopback round trip ({rt['when']}), {rt['request_bytes']} B request / {rt['reply_bytes']} B reply, "
               f"TCP_NODELAY, {rt['count']} round trips: p50 {rt['p50_us']:.1f} us, p99 {rt['p99_us']:.1f} us, "
@@ -735,11 +1230,13 @@ def print_table(report: dict) -> None:
               f"p99 {rs['p99_us']:.1f} us, max {rs['max_us']:.0f} us; our post-copy's targets against it: "
               f"fault p50 <= {2 * rs['p50_us']:.1f} us (2x), p99 <= 1000 us")
     ww = max([8] + [len(r["workload"]) for r in report["runs"]])
-    hdr = (f"{'workload':{ww}} {'rep':>3} {'total ms':>8} {'down ms':>7} {'setup':>5} {'xfer MiB':>8} {'MiB/s':>7} "
-           f"{'normal pg':>9} {'zero pg':>7} {'syncs':>5} {'srcHWM':>7} {'dstHWM':>7} {'others':>6}  verified")
-    print(hdr)
-    print("-" * len(hdr))
-    for r in report["runs"]:
+    ram_runs = [r for r in report["runs"] if r["workload"] not in STORAGE]
+    if ram_runs:
+        hdr = (f"{'workload':{ww}} {'rep':>3} {'total ms':>8} {'down ms':>7} {'setup':>5} {'xfer MiB':>8} {'MiB/s':>7} "
+               f"{'normal pg':>9} {'zero pg':>7} {'syncs':>5} {'srcHWM':>7} {'dstHWM':>7} {'others':>6}  verified")
+        print(hdr)
+        print("-" * len(hdr))
+    for r in ram_runs:
         if not r["ok"]:
             print(f"{r['workload']:{ww}} {r['rep']:>3}  FAILED: {r.get('error')}")
             continue
@@ -751,6 +1248,8 @@ def print_table(report: dict) -> None:
     print("(MiB/s: RAM bytes transferred / (total - setup) time; srcHWM/dstHWM: VmHWM of each QEMU "
           "right after completion;\n others: share of the machine's CPUs busy with other work during "
           "the migration)")
+    if any(r["workload"] in STORAGE for r in report["runs"]):
+        print_storage_table(report, ww)
     pc_runs = [r for r in report["runs"] if r["ok"] and r["workload"] in POSTCOPY]
     if pc_runs:
         print(f"\npost-copy (scatter guest, migrate-start-postcopy right after migrate; "
@@ -780,6 +1279,8 @@ def print_table(report: dict) -> None:
                   f"non-vCPU {fmt(r['non_vcpu_latency_ns'])} ns, postcopy-latency-dist (faults per [2^N, 2^N+1) us) "
                   f"{r['latency_dist']}")
     for w, s in report["summary"].items():
+        if w in STORAGE:
+            continue
         tot, down, rate = s["total_ms"], s["downtime_ms"], s["mib_per_s"]
         print(f"{w:{ww}} over {s['runs']} run(s), median [min-max]: total {tot['median']} [{tot['min']}-{tot['max']}] ms, "
               f"downtime {down['median']} [{down['min']}-{down['max']}] ms, "
@@ -793,6 +1294,49 @@ def print_table(report: dict) -> None:
                   f"in post-copy {mm('postcopy_ms')} ms")
 
 
+STORAGE_SUMMARY_KEYS = ["total_ms", "mirror_ms", "migration_ms", "downtime_ms", "cancel_ms", "pause_ms",
+                        "ram_transferred", "disk_wire_bytes", "disk_wire_to_dst", "disk_wire_from_dst",
+                        "mirror_offset", "dst_disk_allocated_bytes", "src_cpu_s", "dst_cpu_s", "others_cpu_pct"]
+
+
+def print_storage_table(report: dict, ww: int) -> None:
+    st = report["params"]["storage"]
+    print(f"\nstorage: {st['disk_size'] / MIB:.0f} MiB raw disk ({st['disk_layout']}; in {st['disk_dir_fs']}), "
+          f"{st['disk_bus']}, mirror to an NBD export over {st['nbd_transport']}; writer: {st['disk_ws_sectors']} "
+          f"sectors from LBA {st['disk_first_lba']} and {st['ram_ws_mib']} MiB of RAM per pass")
+    hdr = (f"{'workload':{ww}} {'rep':>3} {'total ms':>8} {'mirror':>7} {'migr':>6} {'down':>5} {'cancel':>6} "
+           f"{'pause':>6} {'RAM MiB':>7} {'NBD MiB':>8} {'to dst B':>10} {'from dst':>8} {'job off':>10} "
+           f"{'others':>6}  verified")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in report["runs"]:
+        if r["workload"] not in STORAGE:
+            continue
+        if not r["ok"]:
+            print(f"{r['workload']:{ww}} {r['rep']:>3}  FAILED: {r.get('error')}")
+            continue
+        print(f"{r['workload']:{ww}} {r['rep']:>3} {r['total_ms']:>8.0f} {r['mirror_ms']:>7.0f} {r['migration_ms']:>6.0f} "
+              f"{fmt(r['downtime_ms']):>5} {r['cancel_ms']:>6.1f} {fmt(r['pause_ms'], '.1f'):>6} "
+              f"{r['ram_transferred'] / MIB:>7.1f} {r['disk_wire_bytes'] / MIB:>8.1f} {r['disk_wire_to_dst']:>10} "
+              f"{r['disk_wire_from_dst']:>8} {fmt(r['mirror_offset']):>10} {fmt(r['others_cpu_pct']):>5}%  {r['verified']}")
+    print("(total: first blockdev-add to BLOCK_JOB_COMPLETED after the migration; mirror: to BLOCK_JOB_READY; "
+          "migr: migrate to the\n MIGRATION completed event; down: QEMU's downtime; cancel: completed event to the "
+          "mirror's BLOCK_JOB_COMPLETED;\n pause: source STOP to destination RESUME, less the harness's verification; "
+          "RAM: ram.transferred; NBD: TCP payload\n bytes of the NBD connection both ways (to dst / from dst, "
+          "tcp_info of the server's socket); job off: the mirror job's offset)")
+    for w, s in report["summary"].items():
+        if w not in STORAGE:
+            continue
+        def mm(key, scale=1.0, spec=".0f"):
+            v = s[key]
+            if v["median"] is None:
+                return "-"
+            return f"{v['median'] / scale:{spec}} [{v['min'] / scale:{spec}}-{v['max'] / scale:{spec}}]"
+        print(f"{w:{ww}} over {s['runs']} run(s), median [min-max]: total {mm('total_ms')} ms, mirror {mm('mirror_ms')} ms, "
+              f"downtime {mm('downtime_ms')} ms, pause {mm('pause_ms', spec='.1f')} ms, RAM {mm('ram_transferred', MIB, '.1f')} MiB, "
+              f"disk on the wire {mm('disk_wire_bytes', MIB, '.1f')} MiB")
+
+
 def summarize(runs: list[dict]) -> dict:
     out = {}
     for w in MODES:
@@ -804,6 +1348,13 @@ def summarize(runs: list[dict]) -> dict:
             if not vals:
                 return {"median": None, "min": None, "max": None}
             return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+        if w in STORAGE:
+            out[w] = {"runs": len(ok), **{k: spread(k) for k in STORAGE_SUMMARY_KEYS},
+                      "src_vmhwm_kib": max(r["src_vmhwm_kib"] for r in ok),
+                      "dst_vmhwm_kib": max(r["dst_vmhwm_kib"] for r in ok),
+                      "all_verified": all(r["verified"] for r in ok)}
+            continue
 
         out[w] = {
             "runs": len(ok),
@@ -822,6 +1373,21 @@ def summarize(runs: list[dict]) -> dict:
             out[w]["vcpu_blocktime_ms"] = spread(None, lambda r: sum(r["vcpu_blocktime_ms"])
                                                  if r["vcpu_blocktime_ms"] else None)
     return out
+
+
+def fs_type(path: Path) -> str:
+    """The file system holding `path` (type and mount point), from /proc/mounts."""
+    best = ("?", "")
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt, fstype = parts[1], parts[2]
+                if (str(path) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[1]):
+                    best = (fstype, mnt)
+    except OSError:
+        pass
+    return f"{best[0]} at {best[1]}"
 
 
 def parse_size(text: str) -> int:
@@ -864,6 +1430,31 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=60, help="seconds for a guest to boot and fill RAM")
     ap.add_argument("--migration-timeout", type=float, default=120, help="seconds for one migration")
     ap.add_argument("--poll-interval", type=float, default=0.02, help="query-migrate poll interval, seconds")
+    ap.add_argument("--disk-size", type=parse_size, default=1 << 30,
+                    help="storage workloads: size of the raw disk (default 1G)")
+    ap.add_argument("--disk-piece", type=parse_size, default=1 * MIB,
+                    help="storage workloads: pieces 1, 3, 5, ... of this size hold pseudo-random data, the "
+                         "others are holes (default 1M; piece 0 holds the boot sectors and the working set)")
+    ap.add_argument("--disk-ws-sectors", type=int, default=256,
+                    help="storage-writing: sectors each pass writes, from sector 2 (default 256)")
+    ap.add_argument("--disk-chunk-sectors", type=int, default=128,
+                    help="storage-writing: sectors per int 13h write (at most 128; default 128)")
+    ap.add_argument("--storage-ram-ws-mib", type=int, default=16,
+                    help="storage-writing: RAM working set walked each pass, from 1 MiB up (0: disk only)")
+    ap.add_argument("--storage-report-shift", type=int, default=4,
+                    help="storage-writing: the guest prints 'W' every 2^N passes")
+    ap.add_argument("--idle-tick-shift", type=int, default=2,
+                    help="storage-idle: the guest prints 'T' every 2^N timer wake-ups (18.2 a second)")
+    ap.add_argument("--disk-bus", choices=["virtio", "ide"], default="virtio",
+                    help="storage workloads: the guest's disk controller (default virtio: virtio-blk-pci)")
+    ap.add_argument("--disk-discard", choices=["unmap", "ignore"], default="unmap",
+                    help="storage workloads: discard= of the disks' raw format nodes (libvirt's <driver "
+                         "discard=...>; default unmap, so the destination keeps the holes; ignore is "
+                         "libvirt's default, under which QEMU writes the holes as zeroes on tmpfs)")
+    ap.add_argument("--mirror-timeout", type=float, default=300, help="seconds for the mirror to be READY")
+    ap.add_argument("--no-loopback", action="store_true",
+                    help="skip the loopback TCP and round-trip measures (e.g. one storage run for "
+                         "scripts/bench-storage.py)")
     ap.add_argument("--json", type=Path, help="write the full report here")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, serial output)")
     args = ap.parse_args()
@@ -881,6 +1472,20 @@ def main() -> int:
                  "destination's RAM not populated")
     if not 0 <= args.report_shift <= 31 or not 0 <= args.scatter_report_shift <= 31:
         ap.error("--report-shift and --scatter-report-shift must be within 0..31")
+    if not 0 <= args.storage_report_shift <= 15 or not 0 <= args.idle_tick_shift <= 15:
+        ap.error("--storage-report-shift and --idle-tick-shift must be within 0..15 (a 16-bit mask)")
+    if any(w in STORAGE for w in workloads):
+        if args.disk_piece % PAGE or args.disk_size % (2 * args.disk_piece) or args.disk_size < 2 * args.disk_piece:
+            ap.error("--disk-size must be a multiple of twice --disk-piece, itself a multiple of 4096")
+        if not 1 <= args.disk_chunk_sectors <= 128 or args.disk_ws_sectors < 1 or \
+                args.disk_ws_sectors % args.disk_chunk_sectors:
+            ap.error("--disk-ws-sectors must be a positive multiple of --disk-chunk-sectors (1..128)")
+        if (DISK_FIRST_LBA + args.disk_ws_sectors) * SECTOR > args.disk_piece or args.disk_ws_sectors > 0xFFFF - 2:
+            ap.error("the disk working set (sectors 2 .. 2 + --disk-ws-sectors) must lie in piece 0")
+        if args.storage_ram_ws_mib < 0 or args.mem_mib < 2 + args.storage_ram_ws_mib:
+            ap.error("--storage-ram-ws-mib must leave room above 1 MiB")
+        if args.dst_prealloc:
+            ap.error("--dst-prealloc is not implemented for the storage workloads")
     qemu = shutil.which(args.qemu)
     if qemu is None:
         print(f"skipped: {args.qemu} not found; run benches/qemu/setup.sh first", file=sys.stderr)
@@ -915,12 +1520,31 @@ def main() -> int:
         "rtt": [],
         "runs": [],
     }
+    if any(w in STORAGE for w in workloads):
+        report["params"]["storage"] = {
+            "disk_size": args.disk_size, "disk_piece": args.disk_piece, "disk_format": "raw",
+            "disk_layout": "pieces 1, 3, 5, ... pseudo-random (random.Random(seed)), the others holes; "
+                           "sectors 0-1 the guest",
+            "disk_dir": str(workdir), "disk_dir_fs": fs_type(workdir),
+            "disk_bus": args.disk_bus, "disk_discard": args.disk_discard, "nbd_transport": "tcp 127.0.0.1", "mirror": "blockdev-mirror sync=full",
+            "disk_ws_sectors": args.disk_ws_sectors, "disk_first_lba": DISK_FIRST_LBA,
+            "disk_chunk_sectors": args.disk_chunk_sectors, "ram_ws_mib": args.storage_ram_ws_mib,
+            "storage_report_shift": args.storage_report_shift, "idle_tick_shift": args.idle_tick_shift,
+        }
     started = Started()
     try:
         block = build_bootblock(workdir)
-        print(f"{version}; work dir {workdir}", flush=True)
-        # Unreported warm-up: the first stream of a run was repeatedly the slowest here.
-        measure_loopback_python(min(args.loopback_bytes, 512 * MIB), started, workdir)
+        print(f"{version}; work dir {workdir} ({fs_type(workdir)})", flush=True)
+        base = None
+        if any(w in STORAGE for w in workloads):
+            base = workdir / "base.img"
+            t = time.monotonic()
+            make_base_disk(base, args.disk_size, args.disk_piece, args.seed)
+            print(f"base disk: {args.disk_size / MIB:.0f} MiB raw, {allocated_bytes(base) / MIB:.0f} MiB allocated, "
+                  f"made in {time.monotonic() - t:.1f} s", flush=True)
+        if not args.no_loopback:
+            # Unreported warm-up: the first stream of a run was repeatedly the slowest here.
+            measure_loopback_python(min(args.loopback_bytes, 512 * MIB), started, workdir)
 
         def loopback_round(when: str) -> None:
             print(f"loopback TCP and round trip ({when}) ...", flush=True)
@@ -933,25 +1557,30 @@ def main() -> int:
             if args.rtt_count > 0:
                 report["rtt"].append(measure_rtt(args.rtt_count, started, workdir) | {"when": when})
 
-        for _ in range(args.loopback_rounds):
+        for _ in range(0 if args.no_loopback else args.loopback_rounds):
             loopback_round("before")
         # Interleave workloads so slow drift in the machine's load spreads over all of them.
         for rep in range(args.reps):
             for w in workloads:
                 print(f"{w} #{rep} ...", flush=True)
-                r = run_one(args, w, rep, block, workdir)
+                if w in STORAGE:
+                    r = run_storage(args, w, rep, block, base, workdir)
+                else:
+                    r = run_one(args, w, rep, block, workdir)
                 report["runs"].append(r)
                 if not r["ok"]:
                     print(f"  failed: {r['error']}", flush=True)
-        loopback_round("after")
+        if not args.no_loopback:
+            loopback_round("after")
     finally:
         started.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     report["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     report["summary"] = summarize(report["runs"])
-    report["loopback_best_mib_per_s"] = max(lb["mib_per_s"] for lb in report["loopback"])
-    report["loopback_median_mib_per_s"] = statistics.median(lb["mib_per_s"] for lb in report["loopback"])
+    if report["loopback"]:
+        report["loopback_best_mib_per_s"] = max(lb["mib_per_s"] for lb in report["loopback"])
+        report["loopback_median_mib_per_s"] = statistics.median(lb["mib_per_s"] for lb in report["loopback"])
     if report["rtt"]:
         # Median of each measure's percentile; max over all of them.
         report["rtt_summary"] = {
