@@ -1157,6 +1157,22 @@ impl fmt::Display for DemoReport {
                 }
             )?;
         }
+        if let Some(s) = &self.storage {
+            writeln!(
+                f,
+                "storage copy ({}): in sync after {:.0} ms, completed in the pause in {:.1} ms; {} bytes copied, {} skipped as holes, {} zeroed, {} copied again after guest writes; {} switches to write-blocking, {} reconnects; the destination's disk verified: {}",
+                s.kind,
+                s.mirror_ms,
+                s.complete_ms,
+                s.bytes_copied,
+                s.bytes_skipped,
+                s.bytes_zeroed,
+                s.bytes_recopied,
+                s.mode_switches,
+                s.reconnects,
+                s.disk_verified
+            )?;
+        }
         let d = self.destination.as_ref();
         if self.postcopy.is_some() {
             return write!(
