@@ -3,12 +3,33 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+
+/// A directory of its own holding `disk.img`, sparse with `DATA` in `SIZE` bytes, and the
+/// path of a socket for our server in it. The directory goes when the `TempDir` is
+/// dropped: keep it bound for as long as the test uses the files.
+fn sparse_disk() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    make_sparse(&disk, SIZE, DATA);
+    let sock = dir.path().join("s.sock");
+    (dir, disk, sock)
+}
+
+/// `qemu-img convert` of the raw image at `from` (a file or an NBD URI) into the file `to`.
+fn qemu_img_convert(from: impl AsRef<OsStr>, to: &Path) {
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(from)
+        .arg(to));
+}
 
 #[test]
 fn qemu_img_convert_and_compare_from_our_server() {
@@ -18,16 +39,10 @@ fn qemu_img_convert_and_compare_from_our_server() {
     ) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (dir, disk, sock) = sparse_disk();
     let _server = serve_ours(&disk, &sock, &[]);
     let out = dir.path().join("out.img");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(unix_uri(&sock, ""))
-        .arg(&out));
+    qemu_img_convert(unix_uri(&sock, ""), &out);
     assert_same(&disk, &out);
     assert_sparse(&out, data_bytes());
     let cmp = run(Command::new("qemu-img")
@@ -57,10 +72,7 @@ fn qemu_io_writes_and_reads_through_our_server() {
     if !require("qemu_io_writes_and_reads_through_our_server", &["qemu-io"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (_dir, disk, sock) = sparse_disk();
     let _server = serve_ours(&disk, &sock, &["--workers", "2"]);
     let uri = unix_uri(&sock, "");
     let cmds = [
@@ -119,10 +131,7 @@ fn nbdinfo_reports_export_and_map_of_a_sparse_file() {
     ) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (dir, disk, sock) = sparse_disk();
     let _server = serve_ours(&disk, &sock, &[]);
     let uri = unix_uri(&sock, "");
     let info = run(Command::new("nbdinfo").arg("--json").arg(&uri));
@@ -190,10 +199,7 @@ fn nbdcopy_both_ways_keeps_data_and_holes() {
     if !require("nbdcopy_both_ways_keeps_data_and_holes", &["nbdcopy"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (dir, disk, sock) = sparse_disk();
     {
         let _server = serve_ours(&disk, &sock, &["--read-only"]);
         let out = dir.path().join("out.img");
@@ -226,15 +232,10 @@ fn tcp_listener_serves_qemu_img() {
     if !require("tcp_listener_serves_qemu_img", &["qemu-img"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
+    let (dir, disk, _) = sparse_disk();
     let (_server, port) = serve_ours_tcp(&disk, &["--export", "disk"]);
     let out = dir.path().join("out.img");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(format!("nbd://127.0.0.1:{port}/disk"))
-        .arg(&out));
+    qemu_img_convert(format!("nbd://127.0.0.1:{port}/disk"), &out);
     assert_same(&disk, &out);
 }
 
@@ -246,18 +247,12 @@ fn direct_io_export_round_trips_with_qemu_img() {
     ) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (dir, disk, sock) = sparse_disk();
     let _server = serve_ours(&disk, &sock, &["--direct"]);
     let info = run(Command::new("nbdinfo").arg(unix_uri(&sock, "")));
     assert!(info.contains("block_size_minimum: 4096"), "{info}");
     let out = dir.path().join("out.img");
-    run(Command::new("qemu-img")
-        .args(["convert", "-f", "raw", "-O", "raw"])
-        .arg(unix_uri(&sock, ""))
-        .arg(&out));
+    qemu_img_convert(unix_uri(&sock, ""), &out);
     assert_same(&disk, &out);
     let back = dir.path().join("back.img");
     create_empty(&back, SIZE);
@@ -353,12 +348,9 @@ fn forbidden_requests_get_the_protocol_errors_and_the_connection_survives() {
     if !have_nbdsh("forbidden_requests_get_the_protocol_errors_and_the_connection_survives") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
+    let (dir, disk, sock) = sparse_disk();
     let ro = dir.path().join("ro.img");
     make_sparse(&ro, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
     let ro_sock = dir.path().join("ro.sock");
     let _server = serve_ours(&disk, &sock, &["--workers", "2"]);
     let _ro_server = serve_ours(&ro, &ro_sock, &["--read-only"]);
@@ -384,10 +376,7 @@ fn forbidden_requests_get_the_protocol_errors_and_the_connection_survives() {
 /// A client that sends garbage is dropped; another client of the same server goes on.
 #[test]
 fn garbage_disconnects_only_the_sender() {
-    let dir = tempfile::tempdir().unwrap();
-    let disk = dir.path().join("disk.img");
-    make_sparse(&disk, SIZE, DATA);
-    let sock = dir.path().join("s.sock");
+    let (_dir, disk, sock) = sparse_disk();
     let _server = serve_ours(&disk, &sock, &[]);
     let good = migration_nbd::Client::connect(
         &migration_nbd::Address::Unix(sock.clone()),

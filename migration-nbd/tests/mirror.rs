@@ -65,6 +65,13 @@ fn opts(mode: CopyMode) -> MirrorOptions {
     }
 }
 
+/// An empty target file of the disk's size, for a peer that serves a file.
+fn empty_target(dir: &Path) -> PathBuf {
+    let t = dir.join("target.img");
+    create_empty(&t, DISK);
+    t
+}
+
 fn our_server(dir: &Path, size: u64, sock: &Path) -> (migration_nbd::ServerHandle, PathBuf) {
     let t = dir.join("target.img");
     if !t.exists() {
@@ -129,6 +136,31 @@ impl Writers {
     }
 }
 
+/// Starts a mirror of `src` to `target` and `writers` guest writers that pause `pause`
+/// between writes.
+fn start_with_writers(
+    src: &Path,
+    target: &Address,
+    o: MirrorOptions,
+    writers: u64,
+    pause: Duration,
+) -> (MirrorJob, Writers) {
+    let source = open(src);
+    let job = Mirror::start(source.clone(), target, o).unwrap();
+    let w = Writers::start(&job, source, writers, pause);
+    (job, w)
+}
+
+/// Polls `done` until it holds; fails with `stuck` if it does not within `within`.
+#[track_caller]
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool, stuck: impl Fn() -> String) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", stuck());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Holes of the source's second half are holes of the target file too.
 fn assert_holes_kept(src: &Path, dst: &Path) {
     let s = FileBackend::open(src, true, false).unwrap();
@@ -176,11 +208,9 @@ fn mirror_with_writers(
     writers: u64,
 ) -> (migration_nbd::mirror::MirrorStats, Vec<MirrorEvent>) {
     let ev = events(&mut o);
-    let source = open(src);
-    let job = Mirror::start(source.clone(), target, o).unwrap();
     // A guest that writes all the time never lets a background mirror find the disk
     // clean: these write about 500 times a second each.
-    let w = Writers::start(&job, source, writers, Duration::from_millis(2));
+    let (job, w) = start_with_writers(src, target, o, writers, Duration::from_millis(2));
     job.wait_ready(Duration::from_secs(20)).unwrap();
     // Mirrored after ready too.
     std::thread::sleep(Duration::from_millis(100));
@@ -230,8 +260,7 @@ fn mirror_into_qemu_nbd_with_writers() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = source_file(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
+    let tgt = empty_target(dir.path());
     let sock = dir.path().join("q.sock");
     let q = serve_qemu_nbd(&tgt, &sock, &["--cache=none", "--discard=unmap"]);
     let (stats, _) = mirror_with_writers(
@@ -279,8 +308,7 @@ fn mirror_into_nbdkit_memory_and_file_with_writers() {
     // File.
     let dir = tempfile::tempdir().unwrap();
     let src = source_file(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
+    let tgt = empty_target(dir.path());
     let sock = dir.path().join("f.sock");
     let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
     mirror_with_writers(&src, &Address::Unix(sock), opts(CopyMode::Auto), 2);
@@ -289,17 +317,30 @@ fn mirror_into_nbdkit_memory_and_file_with_writers() {
     assert_holes_kept(&src, &tgt);
 }
 
-/// nbdkit with the rate filter in front of a file: a link capped at `bits` per second.
-fn capped_nbdkit(sock: &Path, tgt: &Path, bits: &str) -> ChildGuard {
-    serve_nbdkit(
-        sock,
+/// nbdkit with the rate filter in front of an empty target file: a link capped at `bits`
+/// per second. Returns nbdkit, its socket and the target file.
+fn capped_nbdkit(dir: &Path, bits: &str) -> (ChildGuard, PathBuf, PathBuf) {
+    let tgt = empty_target(dir);
+    let sock = dir.join("r.sock");
+    let k = serve_nbdkit(
+        &sock,
         &[
             "--filter=rate",
             "file",
             tgt.to_str().unwrap(),
             &format!("rate={bits}"),
         ],
-    )
+    );
+    (k, sock, tgt)
+}
+
+/// Kills nbdkit serving `tgt` and brings it back on the same socket.
+fn restart_nbdkit(k: ChildGuard, sock: &Path, tgt: &Path) -> ChildGuard {
+    drop(k);
+    std::thread::sleep(Duration::from_millis(150));
+    // A killed nbdkit leaves its socket file behind.
+    let _ = std::fs::remove_file(sock);
+    serve_nbdkit(sock, &["file", tgt.to_str().unwrap()])
 }
 
 #[test]
@@ -309,16 +350,11 @@ fn auto_mode_switches_to_write_blocking_under_a_writer_faster_than_a_capped_link
     }
     let dir = tempfile::tempdir().unwrap();
     let src = source_file(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
-    let sock = dir.path().join("r.sock");
     // 4 MiB/s.
-    let k = capped_nbdkit(&sock, &tgt, "32M");
+    let (k, sock, tgt) = capped_nbdkit(dir.path(), "32M");
     let mut o = opts(CopyMode::Auto);
     let ev = events(&mut o);
-    let source = open(&src);
-    let job = Mirror::start(source.clone(), &Address::Unix(sock), o).unwrap();
-    let w = Writers::start(&job, source, 3, Duration::ZERO);
+    let (job, w) = start_with_writers(&src, &Address::Unix(sock), o, 3, Duration::ZERO);
     job.wait_ready(Duration::from_secs(20)).unwrap();
     // The rate filter lets a first burst through at full speed, and a loaded machine may
     // run the writers late: the bulk copy can be ready before they outrun the link. They
@@ -366,19 +402,15 @@ fn the_ready_deadline_says_the_dirty_rate_and_the_copy_rate() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = dense_source(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
-    let sock = dir.path().join("r.sock");
     // 1 MiB/s: the 3 MiB of data take far more than the deadline.
-    let _k = capped_nbdkit(&sock, &tgt, "8M");
-    let source = open(&src);
-    let job = Mirror::start(
-        source.clone(),
+    let (_k, sock, _) = capped_nbdkit(dir.path(), "8M");
+    let (job, w) = start_with_writers(
+        &src,
         &Address::Unix(sock),
         slow(opts(CopyMode::Background)),
-    )
-    .unwrap();
-    let w = Writers::start(&job, source, 1, Duration::from_millis(1));
+        1,
+        Duration::from_millis(1),
+    );
     let e = job.wait_ready(Duration::from_millis(400)).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, MirrorError::ReadyDeadline { .. }), "{e:?}");
@@ -401,21 +433,18 @@ fn cancel_in_bulk_when_ready_and_while_reconnecting_leaves_the_source_untouched(
     let src = dense_source(dir.path());
     let before = read_all(&src);
     // Bulk, on a slow link.
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
-    let sock = dir.path().join("r.sock");
-    let k = capped_nbdkit(&sock, &tgt, "8M");
+    let (k, sock, _) = capped_nbdkit(dir.path(), "8M");
     let job = Mirror::start(
         open(&src),
         &Address::Unix(sock.clone()),
         slow(opts(CopyMode::Background)),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job.stats().bytes_copied == 0 {
-        assert!(Instant::now() < deadline, "nothing copied in 10 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || job.stats().bytes_copied > 0,
+        || "nothing copied in 10 s".into(),
+    );
     let c = job.cancel().unwrap();
     assert_eq!(c.phase, Phase::Bulk);
     drop(k);
@@ -441,15 +470,11 @@ fn cancel_in_bulk_when_ready_and_while_reconnecting_leaves_the_source_untouched(
     job.wait_ready(Duration::from_secs(10)).unwrap();
     h.shutdown();
     job.handle().note_write(0, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !matches!(job.phase(), Phase::Reconnecting { .. }) {
-        assert!(
-            Instant::now() < deadline,
-            "never reconnecting: {}",
-            job.phase()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        || matches!(job.phase(), Phase::Reconnecting { .. }),
+        || format!("never reconnecting: {}", job.phase()),
+    );
     let c = job.cancel().unwrap();
     assert!(matches!(c.phase, Phase::Reconnecting { .. }), "{}", c.phase);
     assert!(read_all(&src) == before, "the source was changed");
@@ -462,43 +487,32 @@ fn a_cut_mid_copy_and_after_ready_is_reconnected_and_ends_equal() {
     }
     let dir = tempfile::tempdir().unwrap();
     let src = dense_source(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
-    let sock = dir.path().join("r.sock");
-    let k = capped_nbdkit(&sock, &tgt, "16M");
+    let (k, sock, tgt) = capped_nbdkit(dir.path(), "16M");
     let mut o = slow(opts(CopyMode::Background));
     let ev = events(&mut o);
-    let source = open(&src);
-    let job = Mirror::start(source.clone(), &Address::Unix(sock.clone()), o).unwrap();
-    let w = Writers::start(&job, source, 2, Duration::from_millis(1));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job.stats().bytes_copied < 256 << 10 {
-        assert!(Instant::now() < deadline, "nothing copied in 10 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let (job, w) = start_with_writers(
+        &src,
+        &Address::Unix(sock.clone()),
+        o,
+        2,
+        Duration::from_millis(1),
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || job.stats().bytes_copied >= 256 << 10,
+        || "nothing copied in 10 s".into(),
+    );
     assert_eq!(job.phase(), Phase::Bulk, "the cut must come mid-copy");
     // Kill the target and bring it back on the same socket.
-    drop(k);
-    std::thread::sleep(Duration::from_millis(150));
-    // A killed nbdkit leaves its socket file behind.
-    let _ = std::fs::remove_file(&sock);
-    let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
+    let k = restart_nbdkit(k, &sock, &tgt);
     job.wait_ready(Duration::from_secs(20)).unwrap();
     // And once more after ready, with the writers still going.
-    drop(k);
-    std::thread::sleep(Duration::from_millis(150));
-    // A killed nbdkit leaves its socket file behind.
-    let _ = std::fs::remove_file(&sock);
-    let k = serve_nbdkit(&sock, &["file", tgt.to_str().unwrap()]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while job.stats().reconnects < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no second reconnection: {}",
-            job.phase()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let k = restart_nbdkit(k, &sock, &tgt);
+    wait_until(
+        Duration::from_secs(10),
+        || job.stats().reconnects >= 2,
+        || format!("no second reconnection: {}", job.phase()),
+    );
     w.stop();
     let stats = job.complete().unwrap();
     drop(k);
@@ -549,18 +563,21 @@ fn a_target_that_stops_answering_is_hung_up_after_the_reply_timeout_and_reconnec
 fn stopped_target_case(name: &str, serve: impl Fn(&Path, &Path) -> ChildGuard) {
     let dir = tempfile::tempdir().unwrap();
     let src = dense_source(dir.path());
-    let tgt = dir.path().join("target.img");
-    create_empty(&tgt, DISK);
+    let tgt = empty_target(dir.path());
     let sock = dir.path().join("h.sock");
     let q = serve(&tgt, &sock);
     let mut o = slow(opts(CopyMode::WriteBlocking));
     o.config.reply_timeout = Duration::from_millis(300);
     let ev = events(&mut o);
-    let source = open(&src);
-    let job = Mirror::start(source.clone(), &Address::Unix(sock.clone()), o).unwrap();
     // Write-blocking writers: whether the stop catches bulk copies or only guest writes,
     // something waits on the target.
-    let w = Writers::start(&job, source, 2, Duration::from_millis(1));
+    let (job, w) = start_with_writers(
+        &src,
+        &Address::Unix(sock.clone()),
+        o,
+        2,
+        Duration::from_millis(1),
+    );
     signal(q.pid(), "-STOP");
     let resume = Resume(q.pid());
     let stalled = || {
@@ -569,15 +586,12 @@ fn stopped_target_case(name: &str, serve: impl Fn(&Path, &Path) -> ChildGuard) {
             .iter()
             .any(|e| matches!(e, MirrorEvent::TargetStalled(_)))
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !stalled() {
-        assert!(
-            Instant::now() < deadline,
+    wait_until(Duration::from_secs(10), stalled, || {
+        format!(
             "{name}: a stopped target was never timed out: {}",
             job.phase()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        )
+    });
     assert!(
         matches!(job.phase(), Phase::Reconnecting { .. }),
         "{name}: {}",

@@ -15,7 +15,7 @@ use migration_core::vm::{VmControl, VmError};
 use migration_core::{GuestRam, RamLayout};
 use migration_postcopy::destination::{self, DestinationOptions};
 use migration_postcopy::source::{self, Mode, Outcome, SourceOptions, Switch};
-use migration_precopy::{CancelToken, Incoming, Received};
+use migration_precopy::{CancelToken, Incoming, PostcopySwitch, Received};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -93,6 +93,43 @@ impl VmControl for Vm {
     }
 }
 
+/// Accepts the source's connection, maps RAM in the layout the source announces and
+/// receives pre-copy into it until the source switches: what post-copy takes over (the
+/// switch, that RAM, its layout and the VM).
+fn accept_until_switch(
+    listener: &Listener,
+) -> (PostcopySwitch<Stream>, Arc<GuestMemoryMmap>, RamLayout, Vm) {
+    let conn = listener.accept().unwrap();
+    let inc = Incoming::accept(
+        conn,
+        &migration_precopy::DestinationOptions {
+            postcopy: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let layout = inc.config().layout().unwrap();
+    let ranges: Vec<_> = layout
+        .regions()
+        .iter()
+        .map(|r| (GuestAddress(r.guest_base), r.size as usize))
+        .collect();
+    let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+    let mut vm = Vm::default();
+    // Only a view of `mem`: post-copy's own view of it sees what pre-copy wrote here.
+    let ram = GuestRam::with_layout(&*mem, layout.clone());
+    let switch = match inc
+        .receive_or_switch(&ram, &mut vm, &mut |_| Ok(()), &mut |_| {})
+        .unwrap()
+    {
+        Received::Postcopy(s) => *s,
+        Received::Completed(_) => panic!("pre-copy completed; a switch was expected"),
+        _ => panic!("a switch was expected"),
+    };
+    drop(ram);
+    (switch, mem, layout, vm)
+}
+
 struct Dest {
     report: Result<destination::DestinationReport, String>,
     /// What `receive_with_progress` told, in order.
@@ -115,32 +152,8 @@ fn destination_with(
     touch: bool,
 ) -> std::thread::JoinHandle<Dest> {
     std::thread::spawn(move || {
-        let conn = listener.accept().unwrap();
-        let inc = Incoming::accept(
-            conn,
-            &migration_precopy::DestinationOptions {
-                postcopy: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let layout = inc.config().layout().unwrap();
-        let ranges: Vec<_> = layout
-            .regions()
-            .iter()
-            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
-            .collect();
-        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+        let (switch, mem, layout, mut vm) = accept_until_switch(&listener);
         let ram = GuestRam::with_layout(&*mem, layout.clone());
-        let mut vm = Vm::default();
-        let switch = match inc
-            .receive_or_switch(&ram, &mut vm, &mut |_| Ok(()), &mut |_| {})
-            .unwrap()
-        {
-            Received::Postcopy(s) => *s,
-            Received::Completed(_) => panic!("pre-copy completed; a switch was expected"),
-            _ => unreachable!(),
-        };
         // The guest: touches pages as soon as it runs, until told to stop.
         let stop = Arc::new(AtomicBool::new(false));
         let touched = Arc::new(AtomicU64::new(0));
@@ -263,6 +276,73 @@ fn check_events(
     }
 }
 
+/// A source VM that runs until the migration pauses it.
+fn running_vm() -> Vm {
+    let vm = Vm::default();
+    vm.running.store(true, Ordering::SeqCst);
+    vm
+}
+
+/// Pure post-copy, as the migration of a VM `vm_id`.
+fn pure(vm_id: u8) -> SourceOptions {
+    SourceOptions {
+        mode: Mode::Pure,
+        vm_id: [vm_id; 16],
+        ..SourceOptions::default()
+    }
+}
+
+/// As [`migrate_watching`], with nothing to cancel it and nobody watching its progress.
+fn migrate(
+    mem: &Mem,
+    vm: &mut Vm,
+    addr: &Address,
+    opts: &SourceOptions,
+) -> Result<Outcome, source::SourceError> {
+    migrate_watching(mem, vm, addr, opts, &CancelToken::new(), &mut |_| {})
+}
+
+/// Migrates `mem` over a connection to `addr` (retried while the destination starts
+/// listening), reconnecting to `addr` after a break.
+fn migrate_watching(
+    mem: &Mem,
+    vm: &mut Vm,
+    addr: &Address,
+    opts: &SourceOptions,
+    control: &CancelToken,
+    progress: &mut dyn FnMut(&migration_core::stats::ProgressEvent),
+) -> Result<Outcome, source::SourceError> {
+    let ram = GuestRam::new(mem).unwrap();
+    let tracker = VmmBitmapTracker::new(mem, ram.layout()).unwrap();
+    let conn = transport::connect_retry(addr, Duration::from_secs(10)).unwrap();
+    let mut connect = || transport::connect(addr);
+    source::migrate(
+        &ram,
+        vm,
+        tracker,
+        conn,
+        &mut connect,
+        opts,
+        control,
+        progress,
+    )
+}
+
+/// The source's and the destination's reports of a post-copy that both saw complete; a
+/// failure on one side shows what the other said.
+#[track_caller]
+fn completed(
+    source: Result<Outcome, source::SourceError>,
+    destination: Result<destination::DestinationReport, String>,
+) -> (source::SourceReport, destination::DestinationReport) {
+    let report = match source {
+        Ok(Outcome::Postcopy(rep)) => rep,
+        other => panic!("{other:?}; destination: {destination:?}"),
+    };
+    let dr = destination.expect("the destination completed");
+    (report, dr)
+}
+
 fn ram_equal(a: &Mem, b: &GuestMemoryMmap) {
     let layout = RamLayout::of_memory(a).unwrap();
     let (mut x, mut y) = (vec![0u8; PAGE], vec![0u8; PAGE]);
@@ -308,33 +388,10 @@ fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
     let (addr, listener, _dir) = socket("pure");
     let dest = destination(listener, DestinationOptions::default());
     let mem = source_mem(16);
-    let ram = GuestRam::new(&*mem).unwrap();
-    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
-    let mut vm = Vm::default();
-    vm.running.store(true, Ordering::SeqCst);
-    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
-    let mut connect = || transport::connect(&addr);
-    let opts = SourceOptions {
-        mode: Mode::Pure,
-        vm_id: [3; 16],
-        ..SourceOptions::default()
-    };
-    let r = source::migrate(
-        &ram,
-        &mut vm,
-        tracker,
-        conn,
-        &mut connect,
-        &opts,
-        &CancelToken::new(),
-        &mut |_| {},
-    );
+    let mut vm = running_vm();
+    let r = migrate(&mem, &mut vm, &addr, &pure(3));
     let d = dest.join().unwrap();
-    let report = match r {
-        Ok(Outcome::Postcopy(rep)) => rep,
-        other => panic!("{other:?}; destination: {:?}", d.report),
-    };
-    let dr = d.report.expect("the destination completed");
+    let (report, dr) = completed(r, d.report);
     assert!(
         !vm.running.load(Ordering::SeqCst),
         "the source never resumes"
@@ -343,7 +400,7 @@ fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
     check_events(&d.events, 0, &dr.postcopy);
     ram_equal(&mem, &d.mem);
     assert!(d.touched > 0, "the guest ran on the destination");
-    let pages = ram.layout().page_count() as u64;
+    let pages = RamLayout::of_memory(&*mem).unwrap().page_count() as u64;
     assert!(
         report.pages_pushed + report.pages_requested >= pages,
         "{report:?}"
@@ -369,10 +426,7 @@ fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_f
     let (addr, listener, _dir) = socket("hybrid");
     let dest = destination(listener, DestinationOptions::default());
     let mem = source_mem(16);
-    let ram = GuestRam::new(&*mem).unwrap();
-    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
-    let mut vm = Vm::default();
-    vm.running.store(true, Ordering::SeqCst);
+    let mut vm = running_vm();
     // A writer that keeps changing a working set while pre-copy runs.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -391,8 +445,6 @@ fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_f
         })
     };
     let control = CancelToken::new();
-    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
-    let mut connect = || transport::connect(&addr);
     let opts = SourceOptions {
         mode: Mode::Hybrid {
             precopy: Box::new(migration_precopy::SourceOptions {
@@ -407,31 +459,18 @@ fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_f
     };
     let c = control.clone();
     let mut passes = 0;
-    let r = source::migrate(
-        &ram,
-        &mut vm,
-        tracker,
-        conn,
-        &mut connect,
-        &opts,
-        &control,
-        &mut |e| {
-            if let migration_core::stats::ProgressEvent::IterationDone(_) = e {
-                passes += 1;
-                if passes == 3 {
-                    c.request_handover();
-                }
+    let r = migrate_watching(&mem, &mut vm, &addr, &opts, &control, &mut |e| {
+        if let migration_core::stats::ProgressEvent::IterationDone(_) = e {
+            passes += 1;
+            if passes == 3 {
+                c.request_handover();
             }
-        },
-    );
+        }
+    });
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap();
     let d = dest.join().unwrap();
-    let report = match r {
-        Ok(Outcome::Postcopy(rep)) => rep,
-        other => panic!("{other:?}; destination: {:?}", d.report),
-    };
-    let dr = d.report.expect("the destination completed");
+    let (report, dr) = completed(r, d.report);
     assert_eq!(report.switch_reason, "a switch on command");
     assert!(report.precopy.iterations.len() >= 3);
     assert!(
@@ -468,8 +507,7 @@ fn cut_and_recover(name: &str, cuts: usize) {
     let mem = source_mem(32);
     let ram = GuestRam::new(&*mem).unwrap();
     let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
-    let mut vm = Vm::default();
-    vm.running.store(true, Ordering::SeqCst);
+    let mut vm = running_vm();
     // Every connection the source makes, so that the test can cut them.
     let made: Arc<Mutex<Vec<Stream>>> = Arc::default();
     let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
@@ -481,10 +519,8 @@ fn cut_and_recover(name: &str, cuts: usize) {
         Ok(c)
     };
     let opts = SourceOptions {
-        mode: Mode::Pure,
-        vm_id: [5; 16],
         batch_pages: 16,
-        ..SourceOptions::default()
+        ..pure(5)
     };
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (m3, cut) = (made.clone(), done.clone());
@@ -511,11 +547,7 @@ fn cut_and_recover(name: &str, cuts: usize) {
         },
     );
     let d = dest.join().unwrap();
-    let report = match r {
-        Ok(Outcome::Postcopy(rep)) => rep,
-        other => panic!("{other:?}; destination: {:?}", d.report),
-    };
-    let dr = d.report.expect("the destination completed");
+    let (report, dr) = completed(r, d.report);
     assert_eq!(report.recoveries.len(), cuts, "{report:?}");
     assert_eq!(dr.postcopy.recoveries.len(), cuts, "{:?}", dr.postcopy);
     check_events(&d.events, cuts, &dr.postcopy);
@@ -537,12 +569,7 @@ fn a_hybrid_completes_when_the_guest_touches_nothing() {
     let (tx, rx) = std::sync::mpsc::channel();
     let m = mem.clone();
     std::thread::spawn(move || {
-        let ram = GuestRam::new(&*m).unwrap();
-        let tracker = VmmBitmapTracker::new(&m, ram.layout()).unwrap();
-        let mut vm = Vm::default();
-        vm.running.store(true, Ordering::SeqCst);
-        let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
-        let mut connect = || transport::connect(&addr);
+        let mut vm = running_vm();
         let opts = SourceOptions {
             mode: Mode::Hybrid {
                 precopy: Box::new(migration_precopy::SourceOptions {
@@ -557,22 +584,13 @@ fn a_hybrid_completes_when_the_guest_touches_nothing() {
         };
         // Dirty a few pages after the bulk pass, so that there is something to discard.
         let mm = m.clone();
-        let r = source::migrate(
-            &ram,
-            &mut vm,
-            tracker,
-            conn,
-            &mut connect,
-            &opts,
-            &CancelToken::new(),
-            &mut |e| {
-                if let migration_core::stats::ProgressEvent::IterationDone(_) = e {
-                    for p in 0..16u64 {
-                        mm.write_obj(p, GuestAddress(p * PAGE as u64)).unwrap();
-                    }
+        let r = migrate_watching(&m, &mut vm, &addr, &opts, &CancelToken::new(), &mut |e| {
+            if let migration_core::stats::ProgressEvent::IterationDone(_) = e {
+                for p in 0..16u64 {
+                    mm.write_obj(p, GuestAddress(p * PAGE as u64)).unwrap();
                 }
-            },
-        );
+            }
+        });
         let _ = tx.send(
             r.map(|o| matches!(o, Outcome::Postcopy(_)))
                 .map_err(|e| e.to_string()),
@@ -602,39 +620,15 @@ fn a_device_thread_touching_missing_pages_waits_for_them_and_its_writes_stay() {
     }
     let (addr, listener, _dir) = socket("device");
     let mem = source_mem(16);
-    let ram = GuestRam::new(&*mem).unwrap();
-    let layout = ram.layout().clone();
+    let layout = RamLayout::of_memory(&*mem).unwrap();
     // Near the end of each region (the last pages are zero on the source): the
     // background push, in page order from the start, reaches them late.
     let read_page = layout.page_count() - 2;
     let write_page = layout.page_count() / 2 - 2;
     const WORD: u64 = 0xdead_beef_0bad_cafe;
     let dest = std::thread::spawn(move || {
-        let conn = listener.accept().unwrap();
-        let inc = Incoming::accept(
-            conn,
-            &migration_precopy::DestinationOptions {
-                postcopy: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let layout = inc.config().layout().unwrap();
-        let ranges: Vec<_> = layout
-            .regions()
-            .iter()
-            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
-            .collect();
-        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+        let (switch, mem, layout, mut vm) = accept_until_switch(&listener);
         let ram = GuestRam::with_layout(&*mem, layout.clone());
-        let mut vm = Vm::default();
-        let switch = match inc
-            .receive_or_switch(&ram, &mut vm, &mut |_| Ok(()), &mut |_| {})
-            .unwrap()
-        {
-            Received::Postcopy(s) => *s,
-            _ => panic!("a switch was expected"),
-        };
         // The device thread: waits for the guest to run, then reads a word of one page
         // and writes a word into another, through vm-memory as a device model does.
         let device = {
@@ -670,26 +664,8 @@ fn a_device_thread_touching_missing_pages_waits_for_them_and_its_writes_stay() {
         drop(ram);
         (report, mem, tid, read)
     });
-    let tracker = VmmBitmapTracker::new(&mem, ram.layout()).unwrap();
-    let mut vm = Vm::default();
-    vm.running.store(true, Ordering::SeqCst);
-    let conn = transport::connect_retry(&addr, Duration::from_secs(10)).unwrap();
-    let mut connect = || transport::connect(&addr);
-    let opts = SourceOptions {
-        mode: Mode::Pure,
-        vm_id: [5; 16],
-        ..SourceOptions::default()
-    };
-    let r = source::migrate(
-        &ram,
-        &mut vm,
-        tracker,
-        conn,
-        &mut connect,
-        &opts,
-        &CancelToken::new(),
-        &mut |_| {},
-    );
+    let mut vm = running_vm();
+    let r = migrate(&mem, &mut vm, &addr, &pure(5));
     let (report, dmem, tid, read) = dest.join().unwrap();
     assert!(matches!(r, Ok(Outcome::Postcopy(_))), "{r:?}; {report:?}");
     let dr = report.expect("the destination completed");

@@ -17,6 +17,7 @@ use migration_core::stream::{
     DecoderOptions, DeviceState, Frame, RecordType, ReturnDecoder, ReturnRecord,
 };
 use migration_core::vm::{VmError, VmOp};
+use migration_precopy::policy::NotConverged;
 use migration_precopy::{
     DestinationAction, DestinationError, DestinationEvent, DestinationMachine, DestinationOptions,
     LimitPolicy, ProtocolViolation, ReturnPathError, SourceAction, SourceError, SourceEvent,
@@ -536,6 +537,19 @@ impl World {
         }
     }
 
+    /// Why pre-copy handed over, and the pages it left dirty.
+    #[track_caller]
+    fn handed_over(&mut self) -> (NotConverged, DirtyBitmap) {
+        match self.src_result.take() {
+            Some(SourceResult::HandOver {
+                not_converged,
+                dirty,
+                ..
+            }) => (not_converged, dirty),
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn completed(&mut self) -> migration_core::stats::MigrationStats {
         match self.src_result.take() {
             Some(SourceResult::Completed(s)) => s,
@@ -558,6 +572,14 @@ fn shrinking() -> Vec<Step> {
         (0..3).map(|p| (p * 7, 100, vec![0x5a; 4])).collect(),
         vec![(9, 0, vec![1])],
     ]
+}
+
+/// A guest that rewrites the first 8 bytes of pages 0 to 39 with `byte` in each of
+/// `periods` periods.
+fn rewriting_40_pages(periods: usize, byte: u8) -> Vec<Step> {
+    (0..periods)
+        .map(|_| (0..40).map(|p| (p, 0, vec![byte; 8])).collect())
+        .collect()
 }
 
 #[test]
@@ -780,9 +802,7 @@ fn a_failed_verdict_resumes_the_source_with_the_destinations_reason() {
 fn not_converging_fails_at_the_limit_and_tells_the_destination() {
     // The guest rewrites 40 pages every period; the link is measured at 1 byte/s of busy
     // time, so nothing ever fits the downtime limit.
-    let steps: Vec<Step> = (0..50)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
-        .collect();
+    let steps = rewriting_40_pages(50, 0x11);
     let o = SourceOptions {
         max_iterations: Some(3),
         downtime_limit: Duration::from_nanos(1),
@@ -806,9 +826,7 @@ fn not_converging_fails_at_the_limit_and_tells_the_destination() {
 
 #[test]
 fn hand_over_at_the_limit_returns_the_dirty_pages_with_the_tracker_running() {
-    let steps: Vec<Step> = (0..50)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
-        .collect();
+    let steps = rewriting_40_pages(50, 0x11);
     let o = SourceOptions {
         max_iterations: Some(2),
         downtime_limit: Duration::from_nanos(1),
@@ -818,17 +836,9 @@ fn hand_over_at_the_limit_returns_the_dirty_pages_with_the_tracker_running() {
     let mut w = World::new(o, steps);
     // The destination does not finish: the hand-over keeps the connection open.
     w.run_until_stalled_then_finish_source();
-    match w.src_result.take() {
-        Some(SourceResult::HandOver {
-            not_converged,
-            dirty,
-            ..
-        }) => {
-            assert_eq!(not_converged.iterations, 2);
-            assert_eq!(dirty.count(), 40);
-        }
-        other => panic!("{other:?}"),
-    }
+    let (not_converged, dirty) = w.handed_over();
+    assert_eq!(not_converged.iterations, 2);
+    assert_eq!(dirty.count(), 40);
     assert!(
         w.tracker.started && !w.tracker.stopped,
         "the tracker stays on"
@@ -841,9 +851,7 @@ fn hand_over_at_the_limit_returns_the_dirty_pages_with_the_tracker_running() {
 
 #[test]
 fn a_switch_on_command_hands_over_at_the_next_decision_whatever_the_policy() {
-    let steps: Vec<Step> = (0..50)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
-        .collect();
+    let steps = rewriting_40_pages(50, 0x11);
     let o = SourceOptions {
         downtime_limit: Duration::from_nanos(1),
         ..opts()
@@ -851,26 +859,16 @@ fn a_switch_on_command_hands_over_at_the_next_decision_whatever_the_policy() {
     let mut w = World::new(o, steps);
     w.faults.handover_at = Some(Phase::Iterating);
     w.run_until_stalled_then_finish_source();
-    match w.src_result.take() {
-        Some(SourceResult::HandOver {
-            not_converged,
-            dirty,
-            ..
-        }) => {
-            assert_eq!(not_converged.limit, "a switch on command");
-            assert_eq!(not_converged.iterations, 0, "right after the bulk pass");
-            assert_eq!(dirty.count(), 40);
-        }
-        other => panic!("{other:?}"),
-    }
+    let (not_converged, dirty) = w.handed_over();
+    assert_eq!(not_converged.limit, "a switch on command");
+    assert_eq!(not_converged.iterations, 0, "right after the bulk pass");
+    assert_eq!(dirty.count(), 40);
     assert!(!w.svm.paused && !w.tracker.stopped);
 }
 
 #[test]
 fn a_guest_as_fast_as_the_link_hands_over_at_the_stall_limit() {
-    let steps: Vec<Step> = (0..50)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
-        .collect();
+    let steps = rewriting_40_pages(50, 0x11);
     let o = SourceOptions {
         downtime_limit: Duration::from_nanos(1),
         give_up_after_stalled: Some(3),
@@ -879,25 +877,19 @@ fn a_guest_as_fast_as_the_link_hands_over_at_the_stall_limit() {
     };
     let mut w = World::new(o, steps);
     w.run_until_stalled_then_finish_source();
-    match w.src_result.take() {
-        Some(SourceResult::HandOver { not_converged, .. }) => {
-            assert!(
-                not_converged.limit.contains("does not converge"),
-                "{}",
-                not_converged.limit
-            );
-            assert!(not_converged.iterations >= 3);
-        }
-        other => panic!("{other:?}"),
-    }
+    let (not_converged, _) = w.handed_over();
+    assert!(
+        not_converged.limit.contains("does not converge"),
+        "{}",
+        not_converged.limit
+    );
+    assert!(not_converged.iterations >= 3);
 }
 
 #[test]
 fn auto_converge_throttles_and_the_pause_lifts_the_throttle() {
     // Dirtying stays high for a few periods, then calms down.
-    let mut steps: Vec<Step> = (0..4)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x22; 8])).collect())
-        .collect();
+    let mut steps = rewriting_40_pages(4, 0x22);
     steps.push(vec![(3, 0, vec![1])]);
     let o = SourceOptions {
         auto_converge: true,
@@ -939,9 +931,7 @@ fn a_resume_that_fails_is_reported_with_the_guest_paused() {
 
 #[test]
 fn a_throttle_that_cannot_be_lifted_is_reported_with_the_guest_running() {
-    let steps: Vec<Step> = (0..50)
-        .map(|_| (0..40).map(|p| (p, 0, vec![0x11; 8])).collect())
-        .collect();
+    let steps = rewriting_40_pages(50, 0x11);
     let o = SourceOptions {
         auto_converge: true,
         max_iterations: Some(6),

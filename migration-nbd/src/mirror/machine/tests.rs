@@ -37,16 +37,21 @@ fn copies(m: &mut MirrorMachine, now: Instant) -> Vec<(OpId, u64, u64)> {
     out
 }
 
+/// The copy `op` lands: its `len` bytes written as data.
+fn land(m: &mut MirrorMachine, op: OpId, len: u64, now: Instant) {
+    m.handle_copied(
+        op,
+        CopyOutcome {
+            data: len,
+            ..CopyOutcome::default()
+        },
+        now,
+    );
+}
+
 fn land_all(m: &mut MirrorMachine, ops: &[(OpId, u64, u64)], now: Instant) {
     for &(op, _, len) in ops {
-        m.handle_copied(
-            op,
-            CopyOutcome {
-                data: len,
-                ..CopyOutcome::default()
-            },
-            now,
-        );
+        land(m, op, len, now);
     }
 }
 
@@ -61,20 +66,34 @@ fn expect_flush(m: &mut MirrorMachine, now: Instant) -> OpId {
 fn run_to_ready(m: &mut MirrorMachine, now: Instant) {
     for _ in 0..1000 {
         match m.poll_action(now) {
-            Some(Action::Copy { op, len, .. }) => m.handle_copied(
-                op,
-                CopyOutcome {
-                    data: len,
-                    ..CopyOutcome::default()
-                },
-                now,
-            ),
+            Some(Action::Copy { op, len, .. }) => land(m, op, len, now),
             Some(Action::Flush { op }) => m.handle_flushed(op, now),
             None if *m.phase() == Phase::Ready => return,
             other => panic!("unexpected {other:?} in {}", m.phase()),
         }
     }
     panic!("never ready: {}", m.phase());
+}
+
+/// A machine in auto mode over 64 clusters.
+fn auto(t0: Instant) -> MirrorMachine {
+    let c = MirrorConfig {
+        mode: CopyMode::Auto,
+        ..cfg()
+    };
+    MirrorMachine::new(64 * G, c, t0).unwrap()
+}
+
+/// A write-blocking machine over two clusters whose write to cluster 0 waits for the
+/// bulk copies handed out, which are returned unlanded.
+fn write_waiting_on_a_copy(now: Instant) -> (MirrorMachine, Vec<(OpId, u64, u64)>, WriteId) {
+    let mut m = MirrorMachine::new(2 * G, cfg(), now).unwrap();
+    m.set_mode(CopyMode::WriteBlocking, now);
+    let ops = copies(&mut m, now);
+    let WriteStart::Wait(id) = m.begin_write(0, 1, now) else {
+        panic!("cluster 0 is being copied")
+    };
+    (m, ops, id)
 }
 
 #[test]
@@ -307,12 +326,7 @@ fn a_write_blocking_write_waits_for_the_bulk_copy_of_its_cluster_and_is_not_over
 #[test]
 fn a_waiting_write_is_not_starved_by_new_copies_of_its_cluster() {
     let now = Instant::now();
-    let mut m = MirrorMachine::new(2 * G, cfg(), now).unwrap();
-    m.set_mode(CopyMode::WriteBlocking, now);
-    let ops = copies(&mut m, now);
-    let WriteStart::Wait(id) = m.begin_write(0, 1, now) else {
-        panic!("cluster 0 is being copied")
-    };
+    let (mut m, ops, id) = write_waiting_on_a_copy(now);
     m.note_write(0, 1, now); // a background write from elsewhere dirties it too
     land_all(&mut m, &ops, now);
     assert!(
@@ -327,12 +341,7 @@ fn a_waiting_write_is_not_starved_by_new_copies_of_its_cluster() {
 #[test]
 fn switching_to_background_releases_waiting_writes_and_marks_them_dirty() {
     let now = Instant::now();
-    let mut m = MirrorMachine::new(2 * G, cfg(), now).unwrap();
-    m.set_mode(CopyMode::WriteBlocking, now);
-    let ops = copies(&mut m, now);
-    let WriteStart::Wait(id) = m.begin_write(0, 1, now) else {
-        panic!()
-    };
+    let (mut m, ops, id) = write_waiting_on_a_copy(now);
     m.set_mode(CopyMode::Background, now);
     assert!(
         m.write_claimed(id),
@@ -361,11 +370,7 @@ fn switching_to_background_releases_waiting_writes_and_marks_them_dirty() {
 #[test]
 fn auto_mode_switches_when_the_guest_dirties_faster_than_the_copy_cleans() {
     let t0 = Instant::now();
-    let c = MirrorConfig {
-        mode: CopyMode::Auto,
-        ..cfg()
-    };
-    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    let mut m = auto(t0);
     run_to_ready(&mut m, t0);
     let mut now = t0;
     // Then a slow link: one copy of 2 clusters lands every 100 ms (80 KiB/s), while the
@@ -374,14 +379,7 @@ fn auto_mode_switches_when_the_guest_dirties_faster_than_the_copy_cleans() {
     for step in 1..40u64 {
         now = t0 + Duration::from_millis(100 * step);
         if let Some(Action::Copy { op, len, .. }) = m.poll_action(now) {
-            m.handle_copied(
-                op,
-                CopyOutcome {
-                    data: len,
-                    ..Default::default()
-                },
-                now,
-            );
+            land(&mut m, op, len, now);
         }
         for k in 0..4 {
             m.note_write(((step * 4 + k) % 64) * G, 1, now);
@@ -412,38 +410,19 @@ fn auto_mode_switches_when_the_guest_dirties_faster_than_the_copy_cleans() {
 #[test]
 fn auto_mode_stays_background_when_the_copy_keeps_up() {
     let t0 = Instant::now();
-    let c = MirrorConfig {
-        mode: CopyMode::Auto,
-        ..cfg()
-    };
-    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    let mut m = auto(t0);
     for step in 0..40u64 {
         let now = t0 + Duration::from_millis(100 * step);
         // Fast copies, one rare write.
-        for (op, _, len) in copies(&mut m, now) {
-            m.handle_copied(
-                op,
-                CopyOutcome {
-                    data: len,
-                    ..Default::default()
-                },
-                now,
-            );
-        }
+        let ops = copies(&mut m, now);
+        land_all(&mut m, &ops, now);
         if step % 10 == 0 {
             m.note_write(0, 1, now);
         }
         while let Some(a) = m.poll_action(now) {
             match a {
                 Action::Flush { op } => m.handle_flushed(op, now),
-                Action::Copy { op, len, .. } => m.handle_copied(
-                    op,
-                    CopyOutcome {
-                        data: len,
-                        ..Default::default()
-                    },
-                    now,
-                ),
+                Action::Copy { op, len, .. } => land(&mut m, op, len, now),
                 other => panic!("{other:?}"),
             }
         }
@@ -454,11 +433,7 @@ fn auto_mode_stays_background_when_the_copy_keeps_up() {
 #[test]
 fn auto_mode_switches_when_one_hot_cluster_is_rewritten_faster_than_it_is_copied() {
     let t0 = Instant::now();
-    let c = MirrorConfig {
-        mode: CopyMode::Auto,
-        ..cfg()
-    };
-    let mut m = MirrorMachine::new(64 * G, c, t0).unwrap();
+    let mut m = auto(t0);
     // The bulk pass goes through; then one cluster is written again while each copy of
     // it is on the wire (a slow link), so the mirror is never clean.
     let mut now = t0;
