@@ -154,6 +154,10 @@ fn hybrid_switches_by_itself_over_tcp() {
             "--postcopy-after",
             "--downtime-limit",
             "1ms",
+            // A capped link: a guest slowed by a loaded machine (or nested KVM) dirties
+            // too little to keep an uncapped pre-copy from converging in its first pass.
+            "--bandwidth",
+            "100M",
             "--transport",
             "tcp",
             "--run-after",
@@ -180,6 +184,9 @@ fn hybrid_after_two_passes_over_a_unix_socket() {
             "2",
             "--downtime-limit",
             "1ms",
+            // Capped, so that a slowed guest's pre-copy cannot converge before its passes.
+            "--bandwidth",
+            "100M",
             "--transport",
             "unix",
             "--run-after",

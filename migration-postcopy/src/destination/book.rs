@@ -214,9 +214,12 @@ impl PageBook {
         self.attempts += 1;
     }
 
-    /// A new connection serves pages from `now`: returns the pages to request again
-    /// (waited for, or requested and lost in flight).
+    /// A new connection serves pages from `now`: returns the pages to request (again):
+    /// after a break, those waited for or requested and lost in flight, each a new
+    /// request; on the first connection, those faulted on before it could carry requests,
+    /// counted already when they faulted.
     pub fn resumed(&mut self, now: Instant) -> Vec<usize> {
+        let again: Vec<usize> = self.requested.iter_ones().collect();
         if !self.connected {
             self.connected = true;
             if let Some(lost) = self.lost_at.take() {
@@ -225,9 +228,8 @@ impl PageBook {
                     attempts: self.attempts.max(1),
                 });
             }
+            self.stats.requests += again.len() as u64;
         }
-        let again: Vec<usize> = self.requested.iter_ones().collect();
-        self.stats.requests += again.len() as u64;
         again
     }
 
@@ -391,10 +393,32 @@ mod tests {
                 attempts: 2
             }]
         );
+        // One request before the cut, two again after it.
+        assert_eq!(s.requests, 3);
         // A second cut, during the recovery's page service.
         b.connection_lost(at(t0, 60));
         assert_eq!(b.resumed(at(t0, 70)), vec![1, 4]);
         assert_eq!(b.stats(at(t0, 70)).recoveries.len(), 2);
+        assert_eq!(b.stats(at(t0, 70)).requests, 5);
+    }
+
+    #[test]
+    fn a_fault_before_the_first_connection_is_sent_on_it_and_counted_once() {
+        let t0 = Instant::now();
+        let mut b = PageBook::new(DirtyBitmap::new(8), t0);
+        let (mut req, mut wake) = (Vec::new(), Vec::new());
+        // The fault thread runs before page service has a channel to send on.
+        b.on_faults(&[fault(3, 1)], t0, &mut req, &mut wake);
+        assert_eq!(req, vec![3]);
+        assert_eq!(
+            b.resumed(at(t0, 1)),
+            vec![3],
+            "sent on the first connection"
+        );
+        let s = b.stats(at(t0, 1));
+        assert_eq!((s.requests, s.recoveries.len()), (1, 0), "{s:?}");
+        b.placed(3, Origin::Requested, at(t0, 2));
+        assert_eq!(b.stats(at(t0, 2)).fault_latency.count(), 1);
     }
 
     proptest! {

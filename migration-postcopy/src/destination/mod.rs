@@ -825,15 +825,19 @@ fn run_connections<C: Connection>(
     conns: &mut Conns<C>,
     progress: &mut dyn FnMut(&ProgressEvent),
 ) -> Result<Service, DestinationError> {
-    let pending = shared.lock().resumed(Instant::now());
-    {
-        let w = conns
-            .urgent
-            .conn
-            .try_clone()
-            .map_err(DestinationError::Connection)?;
+    let w = conns
+        .urgent
+        .conn
+        .try_clone()
+        .map_err(DestinationError::Connection)?;
+    // The channel is put in place under the book's lock: a fault the fault thread takes
+    // before is in `pending`, one after is sent by that thread on this channel, so none
+    // is left unsent.
+    let pending = {
+        let mut book = shared.lock();
         *shared.requests.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-    }
+        book.resumed(Instant::now())
+    };
     shared.request(&pending);
     // Set before this side closes the urgent channel itself, once done.
     let closing = Arc::new(AtomicBool::new(false));

@@ -397,7 +397,7 @@ where
         }
         let event = match m.poll(Instant::now()) {
             SourceAction::OpenUrgent => SourceEvent::UrgentOpened(
-                open_urgent(connect, opts.vm_id, HeaderFlags::URGENT)
+                open_urgent(connect, opts.vm_id, pages as u64, HeaderFlags::URGENT)
                     .map(|u| {
                         if let Some(c) = conns.as_mut() {
                             c.urgent = Some(u);
@@ -499,14 +499,53 @@ fn send<C: Connection>(conns: &mut Option<Conns<C>>, out: &[u8]) -> Result<(), S
         .map_err(|e| e.to_string())
 }
 
-/// The urgent channel.
+/// The urgent channel, with what was read of its return side so far (the destination's
+/// header, when a resume waited for it).
 struct Urgent<C> {
     conn: C,
+    dec: ReturnDecoder,
+    input: BytesMut,
+}
+
+impl<C: Connection> Urgent<C> {
+    /// Waits until `deadline` for the destination's answer on this channel (its return
+    /// header): until then the destination may still drop the channel, and a source that
+    /// took the resume as done would push into a main stream nobody reads.
+    fn await_answer(&mut self, deadline: Instant) -> Result<(), String> {
+        let mut read = self.conn.try_clone().map_err(|e| e.to_string())?;
+        loop {
+            match self.dec.decode(&mut self.input) {
+                Ok(Some(Frame::Header(_))) => break,
+                Ok(Some(Frame::Record(r))) => {
+                    return Err(format!(
+                        "the urgent channel's answer began with a {} record",
+                        r.record_type()
+                    ));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("the urgent channel's answer: {e}")),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err("no answer on the urgent channel".into());
+            }
+            read.set_read_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            match read.read_into(&mut self.input, 4096) {
+                Ok(0) => return Err("the destination closed the urgent channel".into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("the urgent channel's answer: {e}")),
+            }
+        }
+        read.set_read_timeout(None).map_err(|e| e.to_string())
+    }
 }
 
 fn open_urgent<C: Connection>(
     connect: &mut Connect<'_, C>,
     vm_id: [u8; 16],
+    pages: u64,
     flags: HeaderFlags,
 ) -> io::Result<Urgent<C>> {
     let mut conn = connect()?;
@@ -518,7 +557,15 @@ fn open_urgent<C: Connection>(
     }
     .encode(Direction::Migration, &mut out);
     conn.write_all(&out)?;
-    Ok(Urgent { conn })
+    Ok(Urgent {
+        conn,
+        dec: ReturnDecoder::new(DecoderOptions {
+            expected_vm: Some(vm_id),
+            page_count: Some(pages),
+            ..DecoderOptions::default()
+        }),
+        input: BytesMut::with_capacity(4096),
+    })
 }
 
 #[allow(clippy::type_complexity)]
@@ -540,9 +587,10 @@ fn try_resume<C: Connection>(
         ReturnPath::start(conn.try_clone()?, opts.vm_id, pages as u64)
     })();
     let mut returns = setup.map_err(|e| format!("resuming the main stream: {e}"))?;
-    let urgent = open_urgent(
+    let mut urgent = open_urgent(
         connect,
         opts.vm_id,
+        pages as u64,
         HeaderFlags::URGENT | HeaderFlags::POSTCOPY_RESUME,
     )
     .map_err(|e| {
@@ -570,6 +618,13 @@ fn try_resume<C: Connection>(
             }
         }
     };
+    // The destination answers the urgent channel after the main stream: once it has, it
+    // holds the pair and takes the commit below.
+    if let Err(e) = urgent.await_answer(deadline) {
+        let _ = conn.shutdown(Shutdown::Both);
+        let _ = urgent.conn.shutdown(Shutdown::Both);
+        return Err(e);
+    }
     // The commit again: one lost with the old connection is taken up.
     let mut out = BytesMut::new();
     Record::PostcopyCommit.encode(&mut out);
@@ -744,17 +799,16 @@ where
 fn serve_requests<M: GuestMemoryBackend, C: Connection>(
     ram: &GuestRam<'_, M>,
     plan: &Mutex<PushPlan>,
-    mut urgent: Urgent<C>,
+    urgent: Urgent<C>,
     served: &mut Served,
 ) -> Result<(), String> {
-    let pages = ram.layout().page_count() as u64;
-    let mut dec = ReturnDecoder::new(DecoderOptions {
-        page_count: Some(pages),
-        ..DecoderOptions::default()
-    });
-    let mut input = BytesMut::with_capacity(4096);
+    let Urgent {
+        conn: mut urgent,
+        mut dec,
+        mut input,
+    } = urgent;
     let mut out = BytesMut::with_capacity(64 << 10);
-    let mut read = urgent.conn.try_clone().map_err(|e| e.to_string())?;
+    let mut read = urgent.try_clone().map_err(|e| e.to_string())?;
     loop {
         loop {
             match dec.decode(&mut input) {
@@ -767,7 +821,6 @@ fn serve_requests<M: GuestMemoryBackend, C: Connection>(
                     encode_pages(ram, run.clone(), None, &mut out)
                         .map_err(|e| format!("reading guest RAM: {e}"))?;
                     urgent
-                        .conn
                         .write_all(&out)
                         .map_err(|e| format!("answering a page request: {e}"))?;
                     served.requests += 1;
