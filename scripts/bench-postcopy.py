@@ -219,12 +219,15 @@ def ours_recovery(mem: str) -> float | None:
 
 
 def main():
+    global BIN
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--mem", default="256M")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--bin", type=Path, default=BIN, help="the vmm-demo binary (another build, to compare)")
     a = ap.parse_args()
+    BIN = a.bin
     if not BIN.exists():
         raise SystemExit(f"{BIN} is missing: cargo build --release -p vmm-demo")
     report: dict = {}
