@@ -276,7 +276,8 @@ fn copy_options(inc: bool) -> MigrateOptions {
 /// A: `run` on its image; B: a destination that creates its own image and then serves a
 /// control socket. A -> B copies the disk whole. Then C, a destination on A's image (the
 /// disk as it was at that switch): B -> C copies only what B's guest wrote since, from the
-/// bitmap B kept. C's image, taken at the switch, equals B's (`qemu-img compare`).
+/// bitmap B kept. B's image taken at the first switch equals A's, and C's taken at the
+/// second equals B's (`qemu-img compare`).
 #[test]
 fn copy_storage_inc_after_a_migration_back_copies_only_what_was_written_since() {
     let guest =
@@ -285,6 +286,7 @@ fn copy_storage_inc_after_a_migration_back_copies_only_what_was_written_since() 
     let a_img = dir.path().join("a.raw");
     let b_img = dir.path().join("b.raw");
     let at_switch = dir.path().join("c-at-switch.raw");
+    let b_at_switch = dir.path().join("b-at-switch.raw");
     DiskImage::create_sparse(&a_img, DISK).unwrap();
     let vm = vm_with_disk(guest, &a_img);
     let vm: Vec<&str> = vm.iter().map(String::as_str).collect();
@@ -295,6 +297,8 @@ fn copy_storage_inc_after_a_migration_back_copies_only_what_was_written_since() 
         &b_img.display().to_string(),
         "--control",
         &b_ctl.display().to_string(),
+        "--snapshot-disk-at-switch",
+        &b_at_switch.display().to_string(),
     ]);
     let first = a
         .migrate(&b.addr, copy_options(false), &mut |_| {})
@@ -306,6 +310,9 @@ fn copy_storage_inc_after_a_migration_back_copies_only_what_was_written_since() 
     assert!(d.bytes_copied + d.bytes_holes >= DISK, "{all:#?}");
     let (ar, _) = a.quit_status();
     assert!(ar.migrated, "{ar:#?}");
+    // A's image is the disk at the switch (its guest stopped there): B's whole copy of it,
+    // taken then, is the same as qemu-img sees it.
+    qemu_img_identical(&a_img, &b_at_switch);
     // B runs the guest, which writes its working set, recorded against the new base.
     let mut b_client = vmm_demo::ControlClient::connect(&b_ctl, Duration::from_secs(30)).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
