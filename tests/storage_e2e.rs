@@ -55,26 +55,41 @@ fn assert_copied(r: &DemoReport, v: &Value, mode: MigrationMode) {
     );
 }
 
+/// A demo of `guest` whose 4 MiB disk (made by the demo) is copied whole, with `options`
+/// (the VM's and the migration's) over `transport`; the destination runs 3 more passes.
+fn copy_demo(guest: GuestKind, options: &[&str], transport: &str) -> (DemoReport, Value) {
+    let mut a = options.to_vec();
+    a.extend([
+        "--disk-size",
+        "4M",
+        "--copy-storage-all",
+        "--transport",
+        transport,
+        "--passes-after",
+        "3",
+    ]);
+    demo_with(guest, &a)
+}
+
+/// A hybrid that switches after its first pass over dirty pages, on a capped link: pre-copy
+/// cannot finish in its first pass on a loaded machine either (a slowed guest dirtied too
+/// little to keep it iterating).
+const HYBRID_AFTER_ONE_PASS: [&str; 6] = [
+    "--postcopy-after",
+    "1",
+    "--bandwidth",
+    "50M",
+    "--downtime-limit",
+    "1ms",
+];
+
 #[test]
 fn copy_storage_all_by_precopy_over_tcp() {
     let guest = guest_for("copy_storage_all_by_precopy_over_tcp");
-    let (r, v) = demo_with(
+    let (r, v) = copy_demo(
         guest,
-        &[
-            "--mem",
-            "32M",
-            "--working-set",
-            "1M",
-            "--vcpus",
-            "2",
-            "--disk-size",
-            "4M",
-            "--copy-storage-all",
-            "--transport",
-            "tcp",
-            "--passes-after",
-            "3",
-        ],
+        &["--mem", "32M", "--working-set", "1M", "--vcpus", "2"],
+        "tcp",
     );
     assert_copied(&r, &v, MigrationMode::Precopy);
 }
@@ -83,7 +98,7 @@ fn copy_storage_all_by_precopy_over_tcp() {
 fn copy_storage_all_by_pure_postcopy_in_write_blocking_mode_over_a_unix_socket() {
     let guest =
         guest_for("copy_storage_all_by_pure_postcopy_in_write_blocking_mode_over_a_unix_socket");
-    let (r, v) = demo_with(
+    let (r, v) = copy_demo(
         guest,
         &[
             "--mem",
@@ -92,17 +107,11 @@ fn copy_storage_all_by_pure_postcopy_in_write_blocking_mode_over_a_unix_socket()
             "16M",
             "--order",
             "scattered",
-            "--disk-size",
-            "4M",
-            "--copy-storage-all",
             "--mirror-mode",
             "write-blocking",
             "--postcopy",
-            "--transport",
-            "unix",
-            "--passes-after",
-            "3",
         ],
+        "unix",
     );
     assert_copied(&r, &v, MigrationMode::Postcopy);
 }
@@ -110,32 +119,35 @@ fn copy_storage_all_by_pure_postcopy_in_write_blocking_mode_over_a_unix_socket()
 #[test]
 fn copy_storage_all_by_hybrid_over_tcp() {
     let guest = guest_for("copy_storage_all_by_hybrid_over_tcp");
-    let (r, v) = demo_with(
-        guest,
-        &[
-            "--mem",
-            "32M",
-            "--working-set",
-            "4M",
-            "--order",
-            "scattered",
-            "--disk-size",
-            "4M",
-            "--copy-storage-all",
-            "--postcopy-after",
-            "1",
-            // A capped link: pre-copy cannot finish in its first pass on a loaded
-            // machine either (a slowed guest dirtied too little to keep it iterating).
-            "--bandwidth",
-            "50M",
-            "--downtime-limit",
-            "1ms",
-            "--transport",
-            "tcp",
-            "--passes-after",
-            "3",
-        ],
-    );
+    let mut o = vec![
+        "--mem",
+        "32M",
+        "--working-set",
+        "4M",
+        "--order",
+        "scattered",
+    ];
+    o.extend(HYBRID_AFTER_ONE_PASS);
+    let (r, v) = copy_demo(guest, &o, "tcp");
+    assert_copied(&r, &v, MigrationMode::Hybrid);
+}
+
+/// Hybrid over a unix socket with the mirror in auto mode.
+#[test]
+fn copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket() {
+    let guest = guest_for("copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket");
+    let mut o = vec![
+        "--mem",
+        "32M",
+        "--working-set",
+        "4M",
+        "--order",
+        "scattered",
+        "--mirror-mode",
+        "auto",
+    ];
+    o.extend(HYBRID_AFTER_ONE_PASS);
+    let (r, v) = copy_demo(guest, &o, "unix");
     assert_copied(&r, &v, MigrationMode::Hybrid);
 }
 
@@ -144,23 +156,17 @@ fn copy_storage_all_by_hybrid_over_tcp() {
 /// over a unix socket: the oracle on the destination finds both pieces and the holes.
 #[test]
 fn copy_storage_all_of_a_prefilled_disk_by_precopy_over_a_unix_socket_with_the_software_guest() {
-    let (r, v) = demo_with(
+    let (r, v) = copy_demo(
         GuestKind::Software,
         &[
             "--mem",
             "32M",
             "--working-set",
             "1M",
-            "--disk-size",
-            "4M",
             "--disk-prefill",
             "50",
-            "--copy-storage-all",
-            "--transport",
-            "unix",
-            "--passes-after",
-            "3",
         ],
+        "unix",
     );
     assert_eq!(r.guest, Some(GuestKind::Software), "{r:#?}");
     assert_copied(&r, &v, MigrationMode::Precopy);
@@ -181,7 +187,7 @@ fn copy_storage_all_of_a_prefilled_disk_by_precopy_over_a_unix_socket_with_the_s
 #[test]
 fn copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp() {
     let guest = guest_for("copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp");
-    let (r, v) = demo_with(
+    let (r, v) = copy_demo(
         guest,
         &[
             "--mem",
@@ -190,17 +196,11 @@ fn copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp() {
             "8M",
             "--order",
             "scattered",
-            "--disk-size",
-            "4M",
             "--disk-prefill",
             "100",
-            "--copy-storage-all",
             "--postcopy",
-            "--transport",
-            "tcp",
-            "--passes-after",
-            "3",
         ],
+        "tcp",
     );
     assert_copied(&r, &v, MigrationMode::Postcopy);
     let s = r.storage.as_ref().unwrap();
@@ -212,39 +212,6 @@ fn copy_storage_all_of_a_prefilled_disk_by_pure_postcopy_over_tcp() {
         DISK - DISK_WS * 512,
         "every byte outside the working set was checked: {k:#?}"
     );
-}
-
-/// Hybrid over a unix socket with the mirror in auto mode.
-#[test]
-fn copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket() {
-    let guest = guest_for("copy_storage_all_by_hybrid_in_auto_mode_over_a_unix_socket");
-    let (r, v) = demo_with(
-        guest,
-        &[
-            "--mem",
-            "32M",
-            "--working-set",
-            "4M",
-            "--order",
-            "scattered",
-            "--disk-size",
-            "4M",
-            "--copy-storage-all",
-            "--mirror-mode",
-            "auto",
-            "--postcopy-after",
-            "1",
-            "--bandwidth",
-            "50M",
-            "--downtime-limit",
-            "1ms",
-            "--transport",
-            "unix",
-            "--passes-after",
-            "3",
-        ],
-    );
-    assert_copied(&r, &v, MigrationMode::Hybrid);
 }
 
 fn vm_with_disk(guest: GuestKind, image: &Path) -> Vec<String> {
