@@ -418,6 +418,83 @@ fn a_pure_postcopy_moves_the_guest_first_and_every_page_follows() {
     assert_eq!(dr.device_states, 1);
 }
 
+/// The destination builds its VM from the configuration while the source's guest still
+/// runs: the source pauses only once the destination acknowledged it, so that the pause is
+/// the switch alone; a destination that goes away before leaves the guest running, never
+/// paused.
+#[test]
+fn a_pure_postcopy_pauses_the_guest_only_once_the_destination_has_its_vm() {
+    if !uffd_or_skip("a_pure_postcopy_pauses_the_guest_only_once_the_destination_has_its_vm") {
+        return;
+    }
+    let (addr, listener, _dir) = socket("configured");
+    let mem = source_mem(8);
+    let mut vm = running_vm();
+    let log = vm.log.clone();
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        let opts = migration_precopy::DestinationOptions {
+            postcopy: true,
+            ..Default::default()
+        };
+        let inc = Incoming::accept(conn, &opts).unwrap();
+        let layout = inc.config().layout().unwrap();
+        let ranges: Vec<_> = layout
+            .regions()
+            .iter()
+            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
+            .collect();
+        // Building the VM takes a while, as a real VMM's does.
+        std::thread::sleep(Duration::from_millis(100));
+        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+        log.lock().unwrap().push("destination has its VM".into());
+        let mut dvm = Vm::default();
+        let ram = GuestRam::with_layout(&*mem, layout.clone());
+        let Ok(Received::Postcopy(switch)) =
+            inc.receive_or_switch(&ram, &mut dvm, &mut |_| Ok(()), &mut |_| {})
+        else {
+            panic!("a switch was expected");
+        };
+        let mut accept = |t: Duration| listener.accept_timeout(t);
+        let r = destination::receive(
+            *switch,
+            &mut accept,
+            &ram,
+            &mut dvm,
+            &DestinationOptions::default(),
+        )
+        .map_err(|e| e.to_string());
+        drop(ram);
+        (r, mem)
+    });
+    let r = migrate(&mem, &mut vm, &addr, &pure(6));
+    let (d, dmem) = dest.join().unwrap();
+    completed(r, d);
+    assert_eq!(
+        vm.log.lock().unwrap()[..2],
+        ["destination has its VM", "pause"],
+        "the guest paused before the destination could take it"
+    );
+    ram_equal(&mem, &dmem);
+
+    // A destination that reads the configuration and goes away.
+    let (addr, listener, _dir) = socket("gone");
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        let opts = migration_precopy::DestinationOptions {
+            postcopy: true,
+            ..Default::default()
+        };
+        drop(Incoming::accept(conn, &opts).unwrap());
+    });
+    let mut vm = running_vm();
+    let e = migrate(&mem, &mut vm, &addr, &pure(7)).expect_err("nobody took the guest");
+    dest.join().unwrap();
+    assert!(e.to_string().contains("configuration"), "{e}");
+    assert!(vm.log.lock().unwrap().is_empty(), "{:?}", vm.log);
+    assert!(vm.running.load(Ordering::SeqCst));
+}
+
 #[test]
 fn a_hybrid_switches_on_command_and_the_pages_dirtied_since_they_were_sent_are_fetched_fresh() {
     if !uffd_or_skip("a_hybrid_switches_on_command") {

@@ -1344,3 +1344,51 @@ fn with_post_copy_allowed_the_destination_hands_the_stream_over_at_the_switch() 
         other => panic!("{other:?}"),
     }
 }
+
+/// Once the VMM has built its VM from the configuration (`begin`), the destination says
+/// how far it has applied the stream: a pure post-copy source pauses its guest only then.
+#[test]
+fn the_destination_acknowledges_the_configuration_once_it_has_its_vm() {
+    use migration_core::stream::{Ack, Config, Direction, Record, StreamHeader};
+    let t0 = Instant::now();
+    let layout = RamLayout::new(4096, &[(0, 16 * 4096)]).unwrap();
+    let mut s = BytesMut::new();
+    StreamHeader::new([3; 16]).encode(Direction::Migration, &mut s);
+    Record::Config(Config::from_layout(&layout, Default::default())).encode(&mut s);
+    let configured = s.len() as u64;
+    let mut m = DestinationMachine::new(&DestinationOptions::default(), t0);
+    let mut input = s.clone();
+    m.handle(DestinationEvent::Received(s.len()), t0);
+    let mut dec = ReturnDecoder::new(DecoderOptions::default());
+    let mut returned = BytesMut::new();
+    let mut records = |m: &mut DestinationMachine, returned: &mut BytesMut| {
+        returned.extend_from_slice(&m.take_transmit());
+        m.handle(DestinationEvent::Transmitted(Ok(())), t0);
+        let mut got = Vec::new();
+        while let Some(f) = dec.decode(returned).unwrap() {
+            if let Frame::Record(r) = f {
+                got.push(r);
+            }
+        }
+        got
+    };
+    // Before the VM exists: the return header alone.
+    loop {
+        match m.poll(&mut input, t0) {
+            DestinationAction::Transmit => {
+                assert_eq!(records(&mut m, &mut returned), []);
+            }
+            DestinationAction::Configured => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(m.begin(&layout));
+    assert!(matches!(
+        m.poll(&mut input, t0),
+        DestinationAction::Transmit
+    ));
+    assert_eq!(
+        records(&mut m, &mut returned),
+        [ReturnRecord::Ack(Ack::StreamOffset(configured))]
+    );
+}

@@ -41,8 +41,8 @@ use migration_core::geometry::GuestRam;
 use migration_core::pagemap::populated_pages;
 use migration_core::stats::{MigrationStats, Phase, ProgressEvent};
 use migration_core::stream::{
-    Config, DecoderOptions, Direction, Frame, HeaderFlags, PageBatchWriter, Record, ReturnDecoder,
-    ReturnRecord, StreamHeader, Verdict,
+    Ack, Config, DecoderOptions, Direction, Frame, HeaderFlags, PageBatchWriter, Record,
+    ReturnDecoder, ReturnRecord, StreamHeader, Verdict,
 };
 use migration_core::transport::Connection;
 use migration_core::vm::{VmControl, VmError};
@@ -246,12 +246,20 @@ where
                 StreamHeader::new(opts.vm_id).encode(Direction::Migration, &mut out);
                 Record::Config(Config::from_layout(layout, opts.vmm_blob.clone())).encode(&mut out);
                 conn.write_all(&out)?;
-                ReturnPath::start(conn.try_clone()?, opts.vm_id, pages as u64)
+                Ok::<_, io::Error>((
+                    ReturnPath::start(conn.try_clone()?, opts.vm_id, pages as u64)?,
+                    out.len() as u64,
+                ))
             })();
-            let returns = setup.map_err(|e| SourceError::Switch {
+            let (mut returns, configured) = setup.map_err(|e| SourceError::Switch {
                 why: format!("setting up the connection: {e}"),
                 resume: None,
             })?;
+            // The destination builds its VM from the configuration: the guest pauses only
+            // once it has (its acknowledgement of the configuration's end), so that the
+            // pause is the switch alone.
+            await_configured(&mut returns, configured, CONFIGURED_TIMEOUT)
+                .map_err(|why| SourceError::Switch { why, resume: None })?;
             // Every page goes in post-copy: what the kernel never backed goes as zero pages.
             let need = DirtyBitmap::new_full(pages);
             let sw = Switching {
@@ -497,6 +505,43 @@ fn send<C: Connection>(conns: &mut Option<Conns<C>>, out: &[u8]) -> Result<(), S
         .main
         .write_all(out)
         .map_err(|e| e.to_string())
+}
+
+/// How long a pure post-copy waits for the destination to build its VM from the
+/// configuration before it gives the migration up (the guest has not paused yet).
+pub const CONFIGURED_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits for the destination's acknowledgement that it applied the stream up to `offset`
+/// (its VM exists); why not, when it refused or went away.
+fn await_configured(
+    returns: &mut ReturnPath,
+    offset: u64,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "the destination did not take the configuration within {timeout:?}"
+            ));
+        }
+        match returns.next(Some(left)) {
+            Some(ReturnEvent::Record(ReturnRecord::Ack(Ack::StreamOffset(n)))) if n >= offset => {
+                return Ok(());
+            }
+            Some(ReturnEvent::Record(ReturnRecord::Verdict(Verdict::Failed { reason }))) => {
+                return Err(format!("the destination refused the migration: {reason}"));
+            }
+            Some(ReturnEvent::Closed(why)) => {
+                return Err(format!(
+                    "the destination closed the return path before taking the configuration{}",
+                    why.map(|w| format!(": {w}")).unwrap_or_default()
+                ));
+            }
+            Some(_) | None => {}
+        }
+    }
 }
 
 /// The urgent channel, with what was read of its return side so far (the destination's

@@ -239,6 +239,9 @@ impl DestinationMachine {
             return false;
         }
         self.state = State::Receiving;
+        // The VM exists: a source waiting to pause until it does (a pure post-copy) may
+        // go on.
+        ReturnRecord::Ack(Ack::StreamOffset(self.dec.offset())).encode(&mut self.out);
         true
     }
 
