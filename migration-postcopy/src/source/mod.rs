@@ -6,8 +6,10 @@
 //! operator's command ([`CancelToken::request_handover`], QEMU's `migrate_start_postcopy`),
 //! whichever comes first. A hybrid that converges finishes as a pre-copy.
 //!
-//! The switch: the urgent channel is opened (before the guest pauses, so that connecting
-//! is not downtime), the guest paused, the tracker synced a last time, the discard list
+//! The switch: in a pure post-copy, the destination's acknowledgement of the configuration
+//! is awaited (it builds its VM from it, which is not downtime either); the urgent channel
+//! is opened (before the guest pauses, so that connecting is not downtime), the guest
+//! paused, the tracker synced a last time, the discard list
 //! (pages dirtied since they were sent), the device state and `EndOfData` sent; then the
 //! source waits for the destination's `PostcopyReady`. Until it writes `PostcopyCommit`
 //! whole, any failure (or a cancel) resumes the guest here. From then on it never
