@@ -10,6 +10,9 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo doc"
+# Broken intra-doc links, and public docs pointing at private items, fail the run.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --workspace --all-features -q
 echo "== the pure layer"
 # migration-core without default features builds and tests alone, and migration-nbd stands
 # on it: no vm-memory, userfaultfd or bindgen (hence libclang) in its dependency tree.

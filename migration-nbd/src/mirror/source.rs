@@ -22,7 +22,7 @@ pub trait BlockBackend: Send + Sync {
     /// not once per copy, and keeps where a data run ends (see the driver), so a backend
     /// whose look-up costs the same however far the run goes (`SEEK_HOLE` walks to the
     /// run's end whatever range is asked) should answer with the whole run. The default
-    /// takes the first run of [`extents`](Self::extents) over at most [`RUN_WINDOW`] bytes.
+    /// takes the first run of [`extents`](Self::extents) over at most `RUN_WINDOW` (16 MiB).
     fn run_at(&self, offset: u64) -> io::Result<Extent> {
         let len = self.size().saturating_sub(offset).min(RUN_WINDOW);
         Ok(first_run(offset, len, self.extents(offset, len)?))

@@ -115,7 +115,7 @@ enum State {
     Done,
 }
 
-/// The destination of a pre-copy migration, without I/O. See the [module docs](self).
+/// The destination of a pre-copy migration, without I/O. See the [module docs](crate::destination).
 #[derive(Debug)]
 pub struct DestinationMachine {
     dec: StreamDecoder,

@@ -235,7 +235,7 @@ struct Pass {
     counts: PageCounts,
 }
 
-/// The source of a pre-copy migration, without I/O. See the [module docs](self).
+/// The source of a pre-copy migration, without I/O. See the [module docs](crate::source).
 #[derive(Debug)]
 pub struct SourceMachine {
     opts: SourceOptions,

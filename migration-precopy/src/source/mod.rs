@@ -9,7 +9,7 @@
 //!
 //! # Order of events
 //!
-//! 1. Setup: the stream header (with the VM's UUID) and the [`Config`] record (RAM layout
+//! 1. Setup: the stream header (with the VM's UUID) and the [`Config`](migration_core::stream::Config) record (RAM layout
 //!    and the VMM's blob) are sent; the dirty tracker starts **before** any page is read,
 //!    so that every write made after a page was copied is caught.
 //! 2. Bulk copy: every page; pages the kernel never backed with data are sent as zero

@@ -1,6 +1,6 @@
 //! The guest's virtio-blk driver in Rust: what `guest/program.rs` does, step for step,
 //! over the same guest RAM (the same rings, descriptors and buffers, at the addresses of
-//! [`abi::disk`]) and through the same registers. The software vCPU runs it, so that a
+//! [`crate::guest::abi::disk`]) and through the same registers. The software vCPU runs it, so that a
 //! software guest drives the very device model a KVM guest does; the unit tests drive the
 //! device with it too.
 //!

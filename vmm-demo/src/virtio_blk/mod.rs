@@ -5,7 +5,7 @@
 //!
 //! One model, two ways in:
 //! - **KVM**: the guest's write of `QueueNotify` is an ioeventfd the kernel signals without
-//!   leaving the guest; a device thread ([`thread`]) waits on it, processes the queue and
+//!   leaving the guest; a device thread (`thread.rs`) waits on it, processes the queue and
 //!   signals an irqfd on [`abi::disk::IRQ`](crate::guest::abi::disk::IRQ) of the in-kernel
 //!   irqchip. Every other register access is an MMIO exit the vCPU thread hands to
 //!   [`BlkDevice::mmio_read`] / [`BlkDevice::mmio_write`].
