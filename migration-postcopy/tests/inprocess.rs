@@ -99,6 +99,15 @@ impl VmControl for Vm {
 fn accept_until_switch(
     listener: &Listener,
 ) -> (PostcopySwitch<Stream>, Arc<GuestMemoryMmap>, RamLayout, Vm) {
+    accept_until_switch_with(listener, &mut || {})
+}
+
+/// As [`accept_until_switch`], calling `built` once RAM is mapped, before pre-copy begins
+/// (where a VMM finishes building its VM).
+fn accept_until_switch_with(
+    listener: &Listener,
+    built: &mut dyn FnMut(),
+) -> (PostcopySwitch<Stream>, Arc<GuestMemoryMmap>, RamLayout, Vm) {
     let conn = listener.accept().unwrap();
     let inc = Incoming::accept(
         conn,
@@ -115,6 +124,7 @@ fn accept_until_switch(
         .map(|r| (GuestAddress(r.guest_base), r.size as usize))
         .collect();
     let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+    built();
     let mut vm = Vm::default();
     // Only a view of `mem`: post-copy's own view of it sees what pre-copy wrote here.
     let ram = GuestRam::with_layout(&*mem, layout.clone());
@@ -432,32 +442,15 @@ fn a_pure_postcopy_pauses_the_guest_only_once_the_destination_has_its_vm() {
     let mut vm = running_vm();
     let log = vm.log.clone();
     let dest = std::thread::spawn(move || {
-        let conn = listener.accept().unwrap();
-        let opts = migration_precopy::DestinationOptions {
-            postcopy: true,
-            ..Default::default()
-        };
-        let inc = Incoming::accept(conn, &opts).unwrap();
-        let layout = inc.config().layout().unwrap();
-        let ranges: Vec<_> = layout
-            .regions()
-            .iter()
-            .map(|r| (GuestAddress(r.guest_base), r.size as usize))
-            .collect();
-        // Building the VM takes a while, as a real VMM's does.
-        std::thread::sleep(Duration::from_millis(100));
-        let mem = Arc::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
-        log.lock().unwrap().push("destination has its VM".into());
-        let mut dvm = Vm::default();
-        let ram = GuestRam::with_layout(&*mem, layout.clone());
-        let Ok(Received::Postcopy(switch)) =
-            inc.receive_or_switch(&ram, &mut dvm, &mut |_| Ok(()), &mut |_| {})
-        else {
-            panic!("a switch was expected");
-        };
+        let (switch, mem, layout, mut dvm) = accept_until_switch_with(&listener, &mut || {
+            // Building the VM takes a while, as a real VMM's does.
+            std::thread::sleep(Duration::from_millis(100));
+            log.lock().unwrap().push("destination has its VM".into());
+        });
+        let ram = GuestRam::with_layout(&*mem, layout);
         let mut accept = |t: Duration| listener.accept_timeout(t);
         let r = destination::receive(
-            *switch,
+            switch,
             &mut accept,
             &ram,
             &mut dvm,
