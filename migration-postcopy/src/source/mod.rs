@@ -581,7 +581,14 @@ impl<C: Connection> Urgent<C> {
             match read.read_into(&mut self.input, 4096) {
                 Ok(0) => return Err("the destination closed the urgent channel".into()),
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The deadline is checked above.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(e) => return Err(format!("the urgent channel's answer: {e}")),
             }
         }
