@@ -754,4 +754,28 @@ mod tests {
             Err(crate::layout::ConfigError::DiskPrefill(101))
         ));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Whatever the fill, one byte changed anywhere outside the working set is found,
+        /// at its sector and offset, and nothing else is.
+        #[test]
+        fn any_changed_byte_outside_the_working_set_is_found(
+            percent in 0u8..=100,
+            at in (10 * 512u64)..(PREFILL_DISK * 512),
+            flip in 1u8..=255,
+        ) {
+            let r = rig_with(PREFILL_DISK, percent);
+            proptest::prop_assert!(check(r.dev.disk(), &r.mem, &r.w, None).is_ok());
+            let mut b = [0u8];
+            r.dev.disk().read_at(&mut b, at).unwrap();
+            r.dev.disk().write_at(&[b[0] ^ flip], at).unwrap();
+            match check(r.dev.disk(), &r.mem, &r.w, None) {
+                Err(DiskOracleError::Untouched { sector, offset, .. }) => {
+                    proptest::prop_assert_eq!((sector, offset as u64), (at / 512, at % 512));
+                }
+                other => proptest::prop_assert!(false, "{:?}", other),
+            }
+        }
+    }
 }
