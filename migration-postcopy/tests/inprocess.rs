@@ -486,6 +486,32 @@ fn a_pure_postcopy_pauses_the_guest_only_once_the_destination_has_its_vm() {
     assert!(e.to_string().contains("configuration"), "{e}");
     assert!(vm.log.lock().unwrap().is_empty(), "{:?}", vm.log);
     assert!(vm.running.load(Ordering::SeqCst));
+
+    // One that never builds its VM, with a bound on the wait.
+    let (addr, listener, _dir) = socket("stuck");
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let dest = std::thread::spawn(move || {
+        let conn = listener.accept().unwrap();
+        let opts = migration_precopy::DestinationOptions {
+            postcopy: true,
+            ..Default::default()
+        };
+        let inc = Incoming::accept(conn, &opts).unwrap();
+        // Held, configured, until the source gave up.
+        let _ = held_rx.recv();
+        drop(inc);
+    });
+    let mut vm = running_vm();
+    let opts = SourceOptions {
+        configured_timeout: Some(Duration::from_millis(200)),
+        ..pure(8)
+    };
+    let e = migrate(&mem, &mut vm, &addr, &opts).expect_err("the destination never took it");
+    let _ = held_tx.send(());
+    dest.join().unwrap();
+    assert!(e.to_string().contains("within 200ms"), "{e}");
+    assert!(vm.log.lock().unwrap().is_empty(), "{:?}", vm.log);
+    assert!(vm.running.load(Ordering::SeqCst));
 }
 
 #[test]

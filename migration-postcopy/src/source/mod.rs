@@ -105,6 +105,10 @@ pub struct SourceOptions {
     /// How long to wait for the destination's `PostcopyReady` at the switch (`None`: as
     /// long as the connection stays up). On expiry the guest resumes here.
     pub ready_timeout: Option<Duration>,
+    /// How long a pure post-copy waits for the destination to build its VM from the
+    /// configuration (its acknowledgement) before the guest pauses (`None`: as long as the
+    /// connection stays up). On expiry the migration fails, the guest never paused.
+    pub configured_timeout: Option<Duration>,
     /// The destination's longest record (its `max_record_len`), to split the discard
     /// list by. Default 64 MiB.
     pub max_record_len: u32,
@@ -119,6 +123,7 @@ impl Default for SourceOptions {
             batch_pages: 256,
             recovery_window: Duration::from_secs(300),
             ready_timeout: None,
+            configured_timeout: None,
             max_record_len: migration_core::stream::DEFAULT_MAX_RECORD_LEN,
         }
     }
@@ -260,7 +265,7 @@ where
             // The destination builds its VM from the configuration: the guest pauses only
             // once it has (its acknowledgement of the configuration's end), so that the
             // pause is the switch alone.
-            await_configured(&mut returns, configured, CONFIGURED_TIMEOUT)
+            await_configured(&mut returns, configured, opts.configured_timeout)
                 .map_err(|why| SourceError::Switch { why, resume: None })?;
             // Every page goes in post-copy: what the kernel never backed goes as zero pages.
             let need = DirtyBitmap::new_full(pages);
@@ -509,26 +514,25 @@ fn send<C: Connection>(conns: &mut Option<Conns<C>>, out: &[u8]) -> Result<(), S
         .map_err(|e| e.to_string())
 }
 
-/// How long a pure post-copy waits for the destination to build its VM from the
-/// configuration before it gives the migration up (the guest has not paused yet).
-pub const CONFIGURED_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Waits for the destination's acknowledgement that it applied the stream up to `offset`
-/// (its VM exists); why not, when it refused or went away.
+/// Waits (for at most `timeout`, or as long as the return path lasts) for the
+/// destination's acknowledgement that it applied the stream up to `offset` (its VM
+/// exists); why not, when it refused or went away.
 fn await_configured(
     returns: &mut ReturnPath,
     offset: u64,
-    timeout: Duration,
+    timeout: Option<Duration>,
 ) -> Result<(), String> {
-    let deadline = Instant::now() + timeout;
+    let deadline = timeout.map(|t| Instant::now() + t);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if let (Some(t), Some(left)) = (timeout, left)
+            && left.is_zero()
+        {
             return Err(format!(
-                "the destination did not take the configuration within {timeout:?}"
+                "the destination did not take the configuration within {t:?}"
             ));
         }
-        match returns.next(Some(left)) {
+        match returns.next(left) {
             Some(ReturnEvent::Record(ReturnRecord::Ack(Ack::StreamOffset(n)))) if n >= offset => {
                 return Ok(());
             }
@@ -541,7 +545,14 @@ fn await_configured(
                     why.map(|w| format!(": {w}")).unwrap_or_default()
                 ));
             }
-            Some(_) | None => {}
+            Some(_) => {}
+            // Without a deadline the wait ends only with the return path.
+            None if timeout.is_none() => {
+                return Err(
+                    "the return path ended before the destination took the configuration".into(),
+                );
+            }
+            None => {}
         }
     }
 }

@@ -43,8 +43,9 @@ use crate::vm::{GuestKind, VmHandle};
 
 pub use migration_precopy::CancelToken;
 
-/// How long the source waits for the destination's readiness at a switch to post-copy
-/// before it resumes the guest here.
+/// How long the source waits for the destination's readiness: its VM built, before a pure
+/// post-copy pauses the guest; its `PostcopyReady` at a switch, before it resumes the
+/// guest here.
 pub const POSTCOPY_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a migration did not complete. Unless [`guest_left_paused`](Self::guest_left_paused)
@@ -920,6 +921,7 @@ fn migrate_ram(
         vmm_blob: Bytes::from(vm.machine_info().to_bytes()),
         recovery_window: Duration::from_millis(o.recovery_window_ms),
         ready_timeout: Some(POSTCOPY_READY_TIMEOUT),
+        configured_timeout: Some(POSTCOPY_READY_TIMEOUT),
         ..postcopy::SourceOptions::default()
     };
     let mut connect = || ctl.dial();
