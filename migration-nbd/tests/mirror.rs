@@ -617,6 +617,49 @@ fn stopped_target_case(name: &str, serve: impl Fn(&Path, &Path) -> ChildGuard) {
     );
 }
 
+/// The target stops while the mirror is idle in sync, then a guest write makes a copy
+/// larger than the socket's buffer: the thread that sends it blocks, and nothing waits on
+/// a reply yet, so the reply timeout must still be watched (by the thread that completes
+/// replies).
+#[test]
+fn a_target_that_stops_while_a_large_copy_is_being_sent_is_timed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let tgt = empty_target(dir.path());
+    let sock = dir.path().join("l.sock");
+    let q = serve_ours(&tgt, &sock, &[]);
+    let mut o = opts(CopyMode::Background);
+    o.config.reply_timeout = Duration::from_millis(300);
+    let ev = events(&mut o);
+    let job = Mirror::start(open(&src), &Address::Unix(sock), o).unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    signal(q.pid(), "-STOP");
+    let resume = Resume(q.pid());
+    // Whole default-size copies (1 MiB), each more than a unix socket buffers.
+    job.handle().note_write(0, 3 << 20);
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            ev.lock()
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, MirrorEvent::TargetStalled(_)))
+        },
+        || {
+            format!(
+                "a copy blocked in sending was never timed out: {}",
+                job.phase()
+            )
+        },
+    );
+    drop(resume);
+    job.wait_ready(Duration::from_secs(20)).unwrap();
+    let stats = job.complete().unwrap();
+    drop(q);
+    assert_same(&src, &tgt);
+    assert!(stats.reconnects >= 1, "{stats:?}");
+}
+
 #[test]
 fn a_target_that_never_comes_back_fails_after_the_window() {
     let dir = tempfile::tempdir().unwrap();

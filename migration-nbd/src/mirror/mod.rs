@@ -575,9 +575,31 @@ impl Mirror {
     }
 }
 
-/// Waits for replies in the order copies were submitted and reports them.
+/// Waits for replies in the order copies were submitted and reports them. Between them
+/// it keeps the reply timeout: the thread that submits may be blocked sending a copy to
+/// a target that stopped reading before anything reached this one to watch.
 fn complete_loop(s: &Shared, rx: mpsc::Receiver<Pending>) {
-    for p in rx {
+    loop {
+        let wait = {
+            let st = lock(&s.state);
+            // Without a deadline now, one may start any time (a copy being sent): look
+            // again after a reply timeout at the latest.
+            st.m.reply_deadline()
+                .map_or(st.m.config().reply_timeout, |d| {
+                    d.saturating_duration_since(Instant::now())
+                })
+        };
+        let p = match rx.recv_timeout(wait) {
+            Ok(p) => p,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let mut st = lock(&s.state);
+                if let Some(stall) = st.m.poll_timeout(Instant::now()) {
+                    s.stalled(&mut st, stall);
+                }
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
         match p {
             Pending::Copy {
                 generation,
