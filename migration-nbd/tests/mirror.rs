@@ -660,6 +660,43 @@ fn a_target_that_stops_while_a_large_copy_is_being_sent_is_timed_out() {
     assert!(stats.reconnects >= 1, "{stats:?}");
 }
 
+/// A guest's discard of megabytes, in write-blocking mode: the target is zeroed before
+/// the call returns, in requests it can take.
+#[test]
+fn a_large_zeroing_in_write_blocking_mode_reaches_the_target_before_it_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dense_source(dir.path());
+    let tgt = empty_target(dir.path());
+    let sock = dir.path().join("z.sock");
+    let q = serve_ours(&tgt, &sock, &[]);
+    let job = Mirror::start(
+        open(&src),
+        &Address::Unix(sock),
+        opts(CopyMode::WriteBlocking),
+    )
+    .unwrap();
+    job.wait_ready(Duration::from_secs(10)).unwrap();
+    let before = job.stats().blocking_writes;
+    // The source's first 3 MiB, all data, become a hole; the guest's device says so.
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    // SAFETY: fallocate on a descriptor this test owns, inside the file.
+    let rc = unsafe {
+        libc::fallocate(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            0,
+            3 << 20,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    job.handle().note_zeroes(0, 3 << 20);
+    assert_eq!(job.stats().blocking_writes, before + 1);
+    let stats = job.complete().unwrap();
+    drop(q);
+    assert_same(&src, &tgt);
+    assert_eq!(stats.reconnects, 0, "{stats:?}");
+}
+
 #[test]
 fn a_target_that_never_comes_back_fails_after_the_window() {
     let dir = tempfile::tempdir().unwrap();

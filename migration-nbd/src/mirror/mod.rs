@@ -1033,6 +1033,30 @@ impl Drop for MirrorJob {
 }
 
 /// What a guest write was, for the target in write-blocking mode.
+/// Bytes of one WRITE of a guest write mirrored in write-blocking mode (zeroes written as
+/// data, data read back from the source).
+const WRITE_PIECE: u64 = 1 << 20;
+/// Bytes of one WRITE_ZEROES of a guest's zeroing mirrored in write-blocking mode.
+const ZEROES_PIECE: u64 = 1 << 30;
+
+/// `f(offset, length)` over `offset..offset + len` in pieces of at most `piece`, stopping
+/// at the first error.
+fn in_pieces<E>(
+    offset: u64,
+    len: u64,
+    piece: u64,
+    mut f: impl FnMut(u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    while at < end {
+        let n = (end - at).min(piece);
+        f(at, n)?;
+        at += n;
+    }
+    Ok(())
+}
+
 enum TargetWrite<'a> {
     Data(&'a [u8]),
     Zeroes,
@@ -1061,6 +1085,13 @@ impl MirrorHandle {
     /// from the source and written to the target before this returns.
     pub fn note_write(&self, offset: u64, len: u64) {
         let _ = self.mirrored(offset, len, || Ok(()), TargetWrite::ReadBack);
+    }
+
+    /// As [`note_write`](Self::note_write) for a range the source now reads as zeroes (a
+    /// discard or write-zeroes): in write-blocking mode the target is zeroed too, without
+    /// reading the range back.
+    pub fn note_zeroes(&self, offset: u64, len: u64) {
+        let _ = self.mirrored(offset, len, || Ok(()), TargetWrite::Zeroes);
     }
 
     fn wake_if_idle(&self, st: &Inner) {
@@ -1109,21 +1140,34 @@ impl MirrorHandle {
                 let c = pool.pick();
                 let r = match target {
                     TargetWrite::Data(d) => c.write(offset, d),
+                    // A guest's discard may span gigabytes: in pieces a request can carry
+                    // (a WRITE_ZEROES length is 32 bits; written zeroes and data read
+                    // back go through a buffer of one piece).
                     TargetWrite::Zeroes if c.can_zero() => {
-                        u32::try_from(len).map_or(Ok(()), |n| c.write_zeroes(offset, n))
+                        in_pieces(offset, len, ZEROES_PIECE, |at, n| {
+                            c.write_zeroes(at, n as u32)
+                        })
                     }
-                    TargetWrite::Zeroes => c.write(offset, &vec![0; len as usize]),
+                    TargetWrite::Zeroes => {
+                        let zeros = vec![0; len.min(WRITE_PIECE) as usize];
+                        in_pieces(offset, len, WRITE_PIECE, |at, n| {
+                            c.write(at, &zeros[..n as usize])
+                        })
+                    }
                     TargetWrite::ReadBack => {
-                        let mut buf = vec![0; len as usize];
-                        match s.source.read_at(&mut buf, offset) {
-                            Ok(()) => c.write(offset, &buf),
-                            Err(_) => Err(ClientError::Invalid {
-                                command: "WRITE",
-                                offset,
-                                length: len as u32,
-                                reason: "the source could not be read back".into(),
-                            }),
-                        }
+                        let mut buf = vec![0; len.min(WRITE_PIECE) as usize];
+                        in_pieces(offset, len, WRITE_PIECE, |at, n| {
+                            let buf = &mut buf[..n as usize];
+                            match s.source.read_at(buf, at) {
+                                Ok(()) => c.write(at, buf),
+                                Err(_) => Err(ClientError::Invalid {
+                                    command: "WRITE",
+                                    offset: at,
+                                    length: n as u32,
+                                    reason: "the source could not be read back".into(),
+                                }),
+                            }
+                        })
                     }
                 };
                 r.map_err(|e| Some((generation, e)))
@@ -1199,5 +1243,43 @@ impl MirroredDisk {
     /// Flushes the source.
     pub fn flush(&self) -> io::Result<()> {
         self.source.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_pieces;
+
+    #[test]
+    fn pieces_cover_the_range_in_order_and_stop_at_an_error() {
+        let mut got = Vec::new();
+        in_pieces(10, 25, 10, |at, n| {
+            got.push((at, n));
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(got, [(10, 10), (20, 10), (30, 5)]);
+        // More than a 32-bit length in pieces that each fit one.
+        let mut total = 0u64;
+        in_pieces(0, 5 << 30, 1 << 30, |_, n| {
+            assert!(u32::try_from(n).is_ok());
+            total += n;
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+        assert_eq!(total, 5 << 30);
+        let mut calls = 0;
+        assert_eq!(
+            in_pieces(0, 100, 10, |at, _| {
+                calls += 1;
+                if at == 30 { Err(at) } else { Ok(()) }
+            }),
+            Err(30)
+        );
+        assert_eq!(calls, 4);
+        in_pieces(7, 0, 10, |_, _| -> Result<(), ()> {
+            panic!("nothing to do")
+        })
+        .unwrap();
     }
 }

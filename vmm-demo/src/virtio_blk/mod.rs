@@ -129,11 +129,21 @@ pub enum DiskError {
 pub trait WriteObserver: Send + Sync {
     /// `len` bytes at `offset` changed.
     fn wrote(&self, offset: u64, len: u64);
+
+    /// `len` bytes at `offset` read as zeroes now (a discard, write-zeroes); by default a
+    /// change like any other.
+    fn zeroed(&self, offset: u64, len: u64) {
+        self.wrote(offset, len);
+    }
 }
 
 impl WriteObserver for migration_nbd::mirror::MirrorHandle {
     fn wrote(&self, offset: u64, len: u64) {
         self.note_write(offset, len);
+    }
+
+    fn zeroed(&self, offset: u64, len: u64) {
+        self.note_zeroes(offset, len);
     }
 }
 
@@ -181,6 +191,12 @@ impl WriteObservers {
     fn wrote(&self, offset: u64, len: u64) {
         for o in self.read().iter() {
             o.wrote(offset, len);
+        }
+    }
+
+    fn zeroed(&self, offset: u64, len: u64) {
+        for o in self.read().iter() {
+            o.zeroed(offset, len);
         }
     }
 }
@@ -308,7 +324,7 @@ impl DiskImage {
         let rc =
             unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&self.file), mode, off, n) };
         if rc == 0 {
-            self.observers.wrote(offset, len);
+            self.observers.zeroed(offset, len);
             return Ok(());
         }
         let e = std::io::Error::last_os_error();

@@ -467,10 +467,13 @@ proptest! {
 #[test]
 fn observers_are_told_of_every_write_and_zeroing_after_it_reached_the_image() {
     use std::sync::Mutex;
-    struct Log(Mutex<Vec<(u64, u64)>>);
+    struct Log(Mutex<Vec<(&'static str, u64, u64)>>);
     impl WriteObserver for Log {
         fn wrote(&self, offset: u64, len: u64) {
-            self.0.lock().unwrap().push((offset, len));
+            self.0.lock().unwrap().push(("wrote", offset, len));
+        }
+        fn zeroed(&self, offset: u64, len: u64) {
+            self.0.lock().unwrap().push(("zeroed", offset, len));
         }
     }
     let dir = tempfile::tempdir().unwrap();
@@ -483,5 +486,8 @@ fn observers_are_told_of_every_write_and_zeroing_after_it_reached_the_image() {
     img.zero(8192, 512).unwrap();
     img.observers().remove(&key);
     img.write_at(&[1; 512], 0).unwrap();
-    assert_eq!(*log.0.lock().unwrap(), vec![(4096, 1024), (8192, 512)]);
+    assert_eq!(
+        *log.0.lock().unwrap(),
+        vec![("wrote", 4096, 1024), ("zeroed", 8192, 512)]
+    );
 }
