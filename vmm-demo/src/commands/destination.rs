@@ -149,22 +149,33 @@ fn prepare_storage(
     mut prep: Stream,
     rep: &mut DestinationReport,
 ) -> Result<(DestinationCopy, Stream), Error> {
-    let req = storage::read_request(&mut prep).map_err(Error::Copy)?;
-    let nbd_bind = match &a.nbd_listen {
-        Some(l) => l.parse().map_err(|source| Error::Address {
-            option: "--nbd-listen",
-            source,
-        })?,
+    // A request this side cannot take is answered too (best effort): the source then says
+    // why, not only that the connection ended.
+    let refuse = |prep: &mut Stream, e: crate::migration::storage::CopyError| {
+        let _ = storage::reply(prep, &PrepareReply::Refused { reason: chain(&e) });
+        Error::Copy(e)
+    };
+    let req = match storage::read_request(&mut prep) {
+        Ok(r) => r,
+        Err(e) => return Err(refuse(&mut prep, e)),
+    };
+    let nbd_bind = match a.nbd_listen.as_deref().map(str::parse) {
+        Some(Ok(l)) => l,
+        Some(Err(source)) => {
+            let e = Error::Address {
+                option: "--nbd-listen",
+                source,
+            };
+            let _ = storage::reply(&mut prep, &PrepareReply::Refused { reason: chain(&e) });
+            return Err(e);
+        }
         None => nbd_beside(local),
     };
     let scratch = std::env::temp_dir();
     let target =
         match StorageTarget::prepare(&req, std::slice::from_ref(&a.disk), &scratch, &nbd_bind) {
             Ok(t) => t,
-            Err(e) => {
-                let _ = storage::reply(&mut prep, &PrepareReply::Refused { reason: chain(&e) });
-                return Err(Error::Copy(e));
-            }
+            Err(e) => return Err(refuse(&mut prep, e)),
         };
     let mut reply = target.reply();
     if let (Some(adv), PrepareReply::Ready { nbd, .. }) = (&a.nbd_advertise, &mut reply) {
@@ -309,9 +320,24 @@ fn receive_rest(
         }
         Err(e) => return Err(accepted.refuse(e).into()),
     };
+    // The base the source leaves its image at, once the guest's writes here are recorded
+    // against it.
+    let mut recorded = None;
     let got = match copy.as_deref_mut() {
         Some(c) => {
-            let mut finish = || c.finish();
+            let mut finish = || {
+                c.finish()?;
+                // Recorded from before the guest runs here (a post-copy's guest runs
+                // inside the receive): a later incremental copy back moves every write.
+                if let Some(base) = c.new_base {
+                    let granularity = migration_nbd::mirror::MirrorConfig::default().granularity;
+                    match vm.handle().start_disk_bitmap(base, granularity) {
+                        Ok(()) => recorded = Some(base),
+                        Err(e) => tracing::warn!(%e, "no bitmap of the writes from here on"),
+                    }
+                }
+                Ok(())
+            };
             accepted.receive_with(&vm, listener, &opts, &mut finish)
         }
         None => accepted.receive(&vm, listener, &opts),
@@ -319,24 +345,17 @@ fn receive_rest(
     // A post-copy runs the guest at its commit: if it failed after that, the guest ran.
     if let Err(e) = &got {
         rep.ran_guest = e.paused_after_commit();
+        if !rep.ran_guest && recorded.is_some() {
+            // The guest never ran here: the image is not at that base.
+            vm.handle().close_disk_bitmap(true);
+        }
     }
     let got = got?;
     rep.ran_guest = true;
-    if let Some(c) = copy {
+    if copy.is_some() {
         if let Some(r) = rep.storage.as_mut() {
             r.finished = true;
-        }
-        // From now on the guest's writes are recorded against the base the source left
-        // its image at: a later incremental copy back moves only those.
-        if let Some(base) = c.new_base {
-            match vm.handle().start_disk_bitmap(base, 64 << 10) {
-                Ok(()) => {
-                    if let Some(r) = rep.storage.as_mut() {
-                        r.base = Some(crate::migration::storage::base_hex(base));
-                    }
-                }
-                Err(e) => tracing::warn!(%e, "no bitmap of the writes from here on"),
-            }
+            r.base = recorded.map(crate::migration::storage::base_hex);
         }
     }
     rep.migration_mode = Some(got.mode);

@@ -39,6 +39,9 @@ pub const PRELUDE: &[u8; 16] = b"vmm-demo-storage";
 /// Longest request or reply accepted.
 pub const MAX_MESSAGE: u32 = 64 << 10;
 
+/// How long either side of prepare waits for the other's message.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The source's request: the disks to receive, and how.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PrepareRequest {
@@ -209,11 +212,31 @@ fn read_message<T: for<'de> Deserialize<'de>>(r: &mut impl Read) -> Result<T, Co
 pub fn request(stream: &mut Stream, req: &PrepareRequest) -> Result<PrepareReply, CopyError> {
     stream.write_all(PRELUDE).map_err(CopyError::Connection)?;
     write_message(stream, req).map_err(CopyError::Connection)?;
-    read_message(stream)
+    read_within(stream, read_message)
+}
+
+/// `read` with [`MESSAGE_TIMEOUT`] on `stream`: a peer that stalls is an error, not a
+/// hang. The connection stays open afterwards without one (its end is what is watched).
+fn read_within<T>(
+    stream: &mut Stream,
+    read: impl FnOnce(&mut Stream) -> Result<T, CopyError>,
+) -> Result<T, CopyError> {
+    stream
+        .set_read_timeout(Some(MESSAGE_TIMEOUT))
+        .map_err(CopyError::Connection)?;
+    let r = read(stream);
+    stream
+        .set_read_timeout(None)
+        .map_err(CopyError::Connection)?;
+    r
 }
 
 /// The destination's side: reads the request after the prelude.
 pub fn read_request(stream: &mut Stream) -> Result<PrepareRequest, CopyError> {
+    read_within(stream, read_request_now)
+}
+
+fn read_request_now(stream: &mut Stream) -> Result<PrepareRequest, CopyError> {
     let mut magic = [0u8; PRELUDE.len()];
     stream
         .read_exact(&mut magic)
@@ -310,6 +333,13 @@ impl StorageTarget {
         scratch: &Path,
         nbd_bind: &Address,
     ) -> Result<StorageTarget, CopyError> {
+        if req.disks.len() != paths.len() {
+            return Err(CopyError::Refused(format!(
+                "{} disks asked for; this destination's VM has {}",
+                req.disks.len(),
+                paths.len()
+            )));
+        }
         let mut images: Vec<TargetImage> = Vec::new();
         let made = (|| {
             for (i, d) in req.disks.iter().enumerate() {

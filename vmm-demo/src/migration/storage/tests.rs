@@ -186,6 +186,28 @@ fn a_full_copy_never_overwrites_an_image_and_an_abort_deletes_what_it_created() 
     let said = t.abort(false);
     assert!(!made.exists(), "{said:?}");
     assert!(said[0].contains("deleted"), "{said:?}");
+    // More disks than the VM has, or an id that is not a plain name: refused, nothing
+    // made.
+    let mut two = disk_request(None);
+    two.disks.push(DiskRequest {
+        id: "disk1".into(),
+        ..two.disks[0].clone()
+    });
+    let e = StorageTarget::prepare(&two, &[None], dir.path(), &nbd)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("2 disks asked for") && e.contains("has 1"),
+        "{e}"
+    );
+    let mut bad = disk_request(None);
+    bad.disks[0].id = "../escape".into();
+    assert!(StorageTarget::prepare(&bad, &[None], dir.path(), &nbd).is_err());
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["there.img"], "nothing else made");
 }
 
 #[test]
