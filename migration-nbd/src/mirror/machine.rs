@@ -834,9 +834,10 @@ impl MirrorMachine {
         }
     }
 
+    /// Every claim is of a write that [`begin_write`](Self::begin_write) counted in
+    /// `touched` already.
     fn claim(&mut self, first: usize, count: usize) {
         self.busy.set_range(first..first + count);
-        self.touched.set_range(first..first + count);
     }
 
     /// Whether a write that had to wait holds its clusters now. A write that is no longer

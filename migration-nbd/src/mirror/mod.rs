@@ -409,16 +409,7 @@ impl Shared {
                 Some(e) => e,
                 None => {
                     let e = self.source.run_at(pos).map_err(src_err)?;
-                    // A backend's answer that does not start here or is empty: data.
-                    let e = if e.offset == pos && e.length > 0 {
-                        e
-                    } else {
-                        Extent {
-                            offset: pos,
-                            length: end - pos,
-                            hole: false,
-                        }
-                    };
+                    let e = source::run_or_data(pos, end - pos, Some(e));
                     known.remember(e);
                     e
                 }

@@ -39,15 +39,19 @@ pub trait BlockBackend: Send + Sync {
 /// call: 16 MiB, so that a look-up whose cost grows with the range stays bounded.
 pub const RUN_WINDOW: u64 = 16 << 20;
 
-/// The first run of `extents` as asked at `offset` over `len` bytes. An answer that does
-/// not start at `offset` or is empty says "data" for the range: copying data is always
-/// right, skipping it never is.
+/// The first run of `extents` as asked at `offset` over `len` bytes.
 fn first_run(offset: u64, len: u64, extents: Vec<Extent>) -> Extent {
-    match extents.first() {
-        Some(e) if e.offset == offset && e.length > 0 => *e,
+    run_or_data(offset, len.max(1), extents.first().copied())
+}
+
+/// `e` as the run at `offset` when it is one (it starts there and is not empty); else
+/// "data" for `fallback` bytes: copying data is always right, skipping it never is.
+pub(crate) fn run_or_data(offset: u64, fallback: u64, e: Option<Extent>) -> Extent {
+    match e {
+        Some(e) if e.offset == offset && e.length > 0 => e,
         _ => Extent {
             offset,
-            length: len.max(1),
+            length: fallback,
             hole: false,
         },
     }
