@@ -255,25 +255,16 @@ fn prepared(
     }
 }
 
-/// Whether the peer of `s` closed it (nothing more will come).
+/// Whether the peer of `s` closed it (nothing more will come); a connection that failed
+/// counts as closed.
 fn peer_closed(s: &Stream) -> bool {
-    use std::os::fd::{AsFd, AsRawFd};
-    let mut b = [0u8; 1];
-    // SAFETY: a one-byte peek into a stack buffer on a socket we hold, without waiting.
-    let n = unsafe {
-        libc::recv(
-            s.as_fd().as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    n == 0
-        || (n < 0 && {
-            let e = std::io::Error::last_os_error();
-            e.kind() != std::io::ErrorKind::WouldBlock
-                && e.kind() != std::io::ErrorKind::Interrupted
-        })
+    match storage::peek(s, &mut [0u8; 1]) {
+        Ok(n) => n == Some(0),
+        Err(e) => {
+            tracing::debug!(%e, "the prepare connection");
+            true
+        }
+    }
 }
 
 /// Receives the migration on `stream` and runs the guest.

@@ -55,12 +55,14 @@ impl Progress {
                 write_blocking,
                 ..
             } => {
-                b.set_message(format!("mirror {disk}"));
+                let mode = if *write_blocking {
+                    " (write-blocking)"
+                } else {
+                    ""
+                };
+                b.set_message(format!("mirror {disk}{mode}"));
                 b.set_length(bytes_total / 4096);
                 b.set_position(bytes_total.saturating_sub(*dirty_bytes) / 4096);
-                if *write_blocking {
-                    b.set_message(format!("mirror {disk} (write-blocking)"));
-                }
                 b.set_prefix(format!(
                     "{} MiB copied, {:.1} MB/s",
                     bytes_copied >> 20,

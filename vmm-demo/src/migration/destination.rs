@@ -329,7 +329,8 @@ impl VmControl for DestinationVm<'_> {
         self.vm.handle().save_device_state()
     }
     fn load_device_state(&mut self, states: &[DeviceState]) -> Result<(), VmError> {
-        (self.before_load)().map_err(|e| VmError::new(VmOp::LoadState, e).for_device("disk0"))?;
+        (self.before_load)()
+            .map_err(|e| VmError::new(VmOp::LoadState, e).for_device(super::storage::DISK_ID))?;
         let mut rest = Vec::with_capacity(states.len());
         for s in states {
             if s.id != ORACLE_ID {

@@ -104,7 +104,7 @@ pub enum MigrateError {
 }
 
 /// The device id under which the storage copy's completion fails in the pause.
-const STORAGE_DEVICE: &str = "disk0";
+const STORAGE_DEVICE: &str = storage::DISK_ID;
 
 impl MigrateError {
     /// The phase the migration failed in, as the reports name it: `storage-policy`,
@@ -552,7 +552,7 @@ impl StorageCopy {
                 })?;
             let req = PrepareRequest {
                 disks: vec![DiskRequest {
-                    id: "disk0".into(),
+                    id: storage::DISK_ID.into(),
                     size,
                     base: inc.as_ref().map(|(_, _, b)| storage::base_hex(*b)),
                 }],
@@ -573,7 +573,7 @@ impl StorageCopy {
                 reconnect_window: Duration::from_millis(o.mirror_reconnect_window_ms),
             };
             let disks = [SourceDisk {
-                id: "disk0".into(),
+                id: storage::DISK_ID.into(),
                 path: image.clone(),
                 incremental: inc.map(|(bits, _, b)| (bits, b)),
             }];

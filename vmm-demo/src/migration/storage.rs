@@ -141,30 +141,39 @@ pub enum CopyError {
     },
 }
 
+/// The id of the demo VM's one disk, in prepare requests and device errors.
+pub const DISK_ID: &str = "disk0";
+
+/// Copies what `stream` holds into `buf` without taking it and without waiting: the
+/// bytes, `Some(0)` when the peer closed it, `None` when nothing came yet.
+pub fn peek(stream: &Stream, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: recv into a buffer of its length on a socket we hold; MSG_PEEK leaves the
+    // bytes for whoever reads the stream next.
+    let n = unsafe {
+        libc::recv(
+            stream.as_fd().as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(n as usize))
+}
+
 /// Whether `stream`'s first bytes are [`PRELUDE`] (looked at, not taken): waits up to
 /// `timeout` for them.
 pub fn is_prelude(stream: &Stream, timeout: Duration) -> io::Result<bool> {
-    let fd = stream.as_fd().as_raw_fd();
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; PRELUDE.len()];
     loop {
-        // SAFETY: recv into a stack buffer of its length on a socket we hold; MSG_PEEK
-        // leaves the bytes for whoever reads the stream next.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        } else {
-            let n = n as usize;
+        if let Some(n) = peek(stream, &mut buf)? {
             // Fewer bytes than the prelude: it is one only if they agree so far and the
             // rest follows.
             if n == 0 || buf[..n] != PRELUDE[..n] {
@@ -557,7 +566,6 @@ pub type DiskStats = (String, MirrorStats);
 pub struct StorageSource {
     jobs: Vec<(String, MirrorJob)>,
     started: Instant,
-    ready_after: Option<Duration>,
 }
 
 impl std::fmt::Debug for StorageSource {
@@ -677,7 +685,6 @@ impl StorageSource {
         Ok(StorageSource {
             jobs,
             started: Instant::now(),
-            ready_after: None,
         })
     }
 
@@ -740,13 +747,7 @@ impl StorageSource {
                 }
             }
         }
-        self.ready_after = Some(self.started.elapsed());
         Ok(())
-    }
-
-    /// From the start to every mirror ready.
-    pub fn ready_after(&self) -> Option<Duration> {
-        self.ready_after
     }
 
     /// Inside the guest's pause: completes every mirror (the targets equal the sources).
