@@ -262,6 +262,20 @@ fn read_request_now(stream: &mut Stream) -> Result<PrepareRequest, CopyError> {
             req.disks.len()
         )));
     }
+    // A base that does not parse would be dropped later without a word, and the next
+    // incremental copy refused for no reason anyone could see.
+    let bases = req
+        .disks
+        .iter()
+        .filter_map(|d| d.base.as_deref().map(|b| (d.id.as_str(), b)))
+        .chain(req.new_base.as_deref().map(|b| ("the new base", b)));
+    for (what, b) in bases {
+        if parse_base(b).is_none() {
+            return Err(CopyError::Message(format!(
+                "{what}: base {b:?} is not 32 hex digits"
+            )));
+        }
+    }
     Ok(req)
 }
 
@@ -387,7 +401,7 @@ impl StorageTarget {
                             )));
                         }
                         match read_base(&path) {
-                            Some(b) if base_hex(b) == *base => {}
+                            Some(b) if Some(b) == parse_base(base) => {}
                             Some(b) => {
                                 return Err(img(format!(
                                     "is the disk as it was at {}, not at the source's base {base}: \

@@ -237,6 +237,21 @@ fn the_prelude_is_told_from_a_migration_stream_and_messages_are_bounded() {
     let mut s = l.accept().unwrap();
     let e = read_request(&mut s).unwrap_err().to_string();
     assert!(e.contains("more than"), "{e}");
+    // A base that is not one is refused, not dropped.
+    let mut c = transport::connect(&addr).unwrap();
+    let bad = PrepareRequest {
+        new_base: Some("not-a-base".into()),
+        ..disk_request(None)
+    };
+    let t = std::thread::spawn(move || super::request(&mut c, &bad));
+    let mut s = l.accept().unwrap();
+    let e = read_request(&mut s).unwrap_err().to_string();
+    assert!(
+        e.contains("the new base") && e.contains("not-a-base"),
+        "{e}"
+    );
+    drop(s);
+    assert!(t.join().unwrap().is_err());
 }
 
 #[test]
