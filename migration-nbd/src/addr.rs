@@ -75,8 +75,11 @@ pub fn connect_within(addr: &Address, timeout: Option<Duration>) -> io::Result<S
     };
     let deadline = Instant::now() + timeout;
     let mut last = None;
+    let mut tried = false;
     for sa in (host.as_str(), *port).to_socket_addrs()? {
+        tried = true;
         let left = deadline.saturating_duration_since(Instant::now());
+        // A zero timeout is refused by the OS: the time is up.
         if left.is_zero() {
             break;
         }
@@ -89,10 +92,17 @@ pub fn connect_within(addr: &Address, timeout: Option<Duration>) -> io::Result<S
         }
     }
     Err(last.unwrap_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connecting to {addr}: no answer within {timeout:?}"),
-        )
+        if tried {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {addr}: no answer within {timeout:?}"),
+            )
+        } else {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("connecting to {addr}: {host} resolves to no address"),
+            )
+        }
     }))
 }
 
