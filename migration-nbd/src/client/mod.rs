@@ -165,22 +165,14 @@ impl<T> Ticket<T> {
     /// returns at once). A caller that must notice a server that stopped answering (a
     /// mirror's reply timeout) waits in slices with this.
     pub fn wait_until(&self, deadline: Instant) -> bool {
-        let mut g = lock(&self.completion.result);
-        loop {
-            if g.is_some() {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            g = self
-                .completion
-                .ready
-                .wait_timeout(g, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let g = lock(&self.completion.result);
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.completion
+            .ready
+            .wait_timeout_while(g, left, |r| r.is_none())
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .is_some()
     }
 
     /// Whether the reply has arrived.
@@ -774,22 +766,14 @@ impl Client {
     /// it close, or the connection failed otherwise), for at most until `deadline`;
     /// whether it is closed.
     pub fn wait_closed(&self, deadline: Instant) -> bool {
-        let mut st = lock(&self.shared.state);
-        loop {
-            if st.reader_done {
-                return true;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return false;
-            }
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let st = lock(&self.shared.state);
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.shared
+            .changed
+            .wait_timeout_while(st, left, |s| !s.reader_done)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .reader_done
     }
 
     /// Whether the connection was lost (or aborted): every request on it fails.

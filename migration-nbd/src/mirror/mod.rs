@@ -806,7 +806,14 @@ fn drive(s: &Shared, tx: mpsc::Sender<Pending>) {
                     st.m.phase().clone()
                 {
                     let last = st.last_connect_error.clone();
-                    let hung_open = st.hung.iter().map(|p| p.clients().len()).sum();
+                    // Those still open now: a pool's other connections may have closed.
+                    let now = Instant::now();
+                    let hung_open = st
+                        .hung
+                        .iter()
+                        .flat_map(|p| p.clients())
+                        .filter(|c| !c.wait_closed(now))
+                        .count();
                     st.error.get_or_insert(MirrorError::TargetUnreachable {
                         target: s.name.clone(),
                         window,
